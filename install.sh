@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what mkv needs, only what is missing, and can be run again at any time:
+#   - nginx (Debian/Ubuntu package nginx-light: WebDAV, JSON autoindex)
+#   - a Python virtualenv in .venv with requirements.txt
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "install.sh: need root to run: $*" >&2; exit 1
+  fi
+}
+
+apt_install() {
+  echo "install.sh: installing $* with apt-get" >&2
+  as_root apt-get update -q >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+}
+
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  command -v apt-get >/dev/null || { echo "install.sh: install nginx (with the dav module) first" >&2; exit 1; }
+  apt_install nginx-light
+fi
+
+if [ ! -x .venv/bin/pip ]; then
+  rm -rf .venv
+  if ! "$PYTHON" -m venv .venv >/dev/null 2>&1; then
+    rm -rf .venv
+    apt_install python3-venv
+    "$PYTHON" -m venv .venv
+  fi
+fi
+
+# reinstall only when requirements.txt changed since the last install
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$want" ]; then
+  echo "install.sh: installing Python packages into .venv" >&2
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  echo "$want" > .venv/.requirements.sha256
+fi

@@ -1,0 +1,229 @@
+"""mkv master: a Falcon WSGI app that indexes keys and redirects reads to volumes.
+
+    MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003 MKV_DB=/tmp/mkv/index.sqlite3 \\
+        gunicorn -k gevent -w 4 -b :3000 mkv:app
+
+Settings are read once, here at the edge (see mkvlib.Settings); the storage
+logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
+one status in ERROR_STATUS, rendered as a one-line reason by one serializer.
+"""
+import json
+import logging
+import os
+import sys
+from urllib.parse import parse_qsl
+
+import falcon
+
+import mkvlib
+
+log = logging.getLogger("mkv")
+
+CLIENT_IDLE_TIMEOUT = 30.0   # seconds a client may pause mid-body before the PUT is dropped
+
+ERROR_STATUS = {
+    mkvlib.KeyMissing: falcon.HTTP_404,
+    mkvlib.KeyExists: falcon.HTTP_403,
+    mkvlib.KeyProtected: falcon.HTTP_403,
+    mkvlib.KeyBusy: falcon.HTTP_409,
+    mkvlib.KeyTooLong: falcon.HTTP_414,
+    mkvlib.BadKey: falcon.HTTP_400,
+    mkvlib.EmptyValue: falcon.HTTP_411,
+    mkvlib.ClientGone: falcon.HTTP_400,
+    mkvlib.VolumeDown: falcon.HTTP_503,
+    mkvlib.VolumeError: falcon.HTTP_502,
+    mkvlib.Unavailable: falcon.HTTP_503,
+    mkvlib.DeleteIncomplete: falcon.HTTP_500,
+}
+
+QUERIES = {"list", "unlinked", "start", "limit"}
+
+
+def request_key(req) -> bytes:
+    """The key: the decoded request path, leading '/' included, as bytes.
+    WSGI hands the path over as latin-1 text, so this is exactly the bytes
+    the client percent-encoded (what the original's r.URL.Path is)."""
+    return (req.env.get("PATH_INFO") or "/").encode("latin-1")
+
+
+def parse_query(query_string):
+    """The query as a dict; falcon.HTTPBadRequest for anything we do not know."""
+    pairs = parse_qsl(query_string, keep_blank_values=True)
+    query = {}
+    for name, value in pairs:
+        if name not in QUERIES:
+            raise falcon.HTTPBadRequest(title=f"unknown query parameter: {name[:100]}")
+        if name in query:
+            raise falcon.HTTPBadRequest(title=f"query parameter given twice: {name}")
+        query[name] = value
+    return query
+
+
+def parse_limit(value):
+    if value is None:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= mkvlib.LIST_MAX:
+        raise falcon.HTTPBadRequest(title=f"limit must be a whole number from 1 to {mkvlib.LIST_MAX}")
+    return int(value)
+
+
+def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
+    """The request body in chunks of up to CHUNK bytes. Raises ClientGone if
+    the client stops early (fewer bytes than Content-Length, a broken
+    connection, or a pause longer than idle_timeout)."""
+    import gevent   # the master runs under gevent; imported here so tests of logic need not
+    remaining = length
+    while remaining is None or remaining > 0:
+        want = mkvlib.CHUNK if remaining is None else min(mkvlib.CHUNK, remaining)
+        try:
+            with gevent.Timeout(idle_timeout, mkvlib.ClientGone(
+                    f"client sent nothing for {idle_timeout:.0f} s; value not stored")):
+                data = stream.read(want)
+        except mkvlib.ClientGone:
+            raise
+        except Exception as e:
+            raise mkvlib.ClientGone(f"client connection broke mid-body ({type(e).__name__}); "
+                                    "value not stored") from None
+        if not data:
+            if remaining is not None:
+                raise mkvlib.ClientGone(f"body ended {remaining} bytes short of its Content-Length; "
+                                        "value not stored")
+            return
+        if remaining is not None:
+            remaining -= len(data)
+        yield data
+
+
+class Master:
+    """The HTTP face of the store. One instance per process; the Store (SQLite
+    connection, HTTP pools) is opened on first use, i.e. after gunicorn forks."""
+
+    def __init__(self, settings: mkvlib.Settings):
+        self.settings = settings
+        self._store = None
+        self._pid = None
+
+    @property
+    def store(self) -> mkvlib.Store:
+        if self._pid != os.getpid():
+            self._store, self._pid = mkvlib.Store(self.settings), os.getpid()
+        return self._store
+
+    def __call__(self, req, resp, **kwargs):
+        """Sink for every path and method: the whole key space."""
+        handler = {
+            "GET": self.on_get, "HEAD": self.on_get, "PUT": self.on_put,
+            "DELETE": self.on_delete, "UNLINK": self.on_unlink,
+        }.get(req.method)
+        if handler is None:
+            raise falcon.HTTPMethodNotAllowed(["GET", "HEAD", "PUT", "DELETE", "UNLINK"],
+                                              title=f"method {req.method} not allowed")
+        key = request_key(req)
+        query = parse_query(req.query_string)
+        if query and req.method not in ("GET", "HEAD"):
+            raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
+        handler(req, resp, key, query)
+
+    def on_get(self, req, resp, key, query):
+        listing = [op for op in ("list", "unlinked") if op in query]
+        if listing:
+            return self.on_list(req, resp, key, query, listing)
+        if query:
+            raise falcon.HTTPBadRequest(title="start and limit go with ?list or ?unlinked")
+        url, rec = self.store.locate(key)
+        if rec is not None and rec.state == mkvlib.LIVE:
+            if rec.md5:
+                resp.set_header("Content-Md5", rec.md5)
+            resp.set_header("Key-Volumes", ",".join(rec.volumes))
+            balanced = rec.volumes == self.store.placement(key)
+            resp.set_header("Key-Balance", "balanced" if balanced else "unbalanced")
+        resp.status = falcon.HTTP_302
+        resp.location = url
+        resp.content_length = 0
+
+    def on_list(self, req, resp, key, query, listing):
+        if len(listing) > 1:
+            raise falcon.HTTPBadRequest(title="ask for ?list or ?unlinked, not both")
+        if query[listing[0]]:
+            raise falcon.HTTPBadRequest(title=f"?{listing[0]} takes no value")
+        limit = parse_limit(query.get("limit"))
+        start = query.get("start", "").encode("utf-8")
+        state = mkvlib.LIVE if listing[0] == "list" else mkvlib.UNLINKED
+        keys, nxt = self.store.index.list(key, start, limit, state)
+        if limit is None and nxt is not None:
+            raise falcon.HTTPPayloadTooLarge(
+                title=f"more than {mkvlib.LIST_MAX} keys: page with &limit=N&start=NEXT")
+        resp.content_type = falcon.MEDIA_JSON
+        resp.text = json.dumps({
+            "next": nxt.decode("utf-8", "replace") if nxt is not None else "",
+            "keys": [k.decode("utf-8", "replace") for k in keys],
+        })
+
+    def on_put(self, req, resp, key, query):
+        length = req.content_length   # None for a chunked body
+        if length == 0:
+            raise mkvlib.EmptyValue("empty value: a PUT needs a body")
+        md5, size = self.store.put(key, read_body(req.stream, length), length)
+        resp.status = falcon.HTTP_201
+        resp.set_header("Content-Md5", md5)
+        resp.content_length = 0
+
+    def on_delete(self, req, resp, key, query):
+        self.store.delete(key)
+        resp.status = falcon.HTTP_204
+
+    def on_unlink(self, req, resp, key, query):
+        self.store.unlink(key)
+        resp.status = falcon.HTTP_204
+
+
+def serialize_error(req, resp, exc):
+    """Every error is its status and one line of reason; a 404 has an empty
+    body (Content-Length: 0), as the original's clients expect."""
+    resp.content_type = falcon.MEDIA_TEXT
+    if exc.status == falcon.HTTP_404 or req.method == "HEAD":
+        resp.text = None
+        resp.content_length = 0
+    else:
+        resp.text = (exc.title or exc.status) + "\n"
+
+
+def handle_storage_error(req, resp, exc, params):
+    status = next(s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls))
+    raise falcon.HTTPError(status, title=str(exc))
+
+
+def handle_unexpected(req, resp, exc, params):
+    if isinstance(exc, falcon.HTTPError):
+        raise exc
+    log.exception("unexpected error on %s %r", req.method, req.env.get("PATH_INFO"))
+    raise falcon.HTTPInternalServerError(title=f"internal error ({type(exc).__name__}); see the master's log")
+
+
+def create_app(settings: mkvlib.Settings) -> falcon.App:
+    app = falcon.App(media_type=falcon.MEDIA_TEXT)
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_sink(Master(settings), prefix="/")
+    app.set_error_serializer(serialize_error)
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(mkvlib.MkvError, handle_storage_error)
+    return app
+
+
+def _app_from_env():
+    try:
+        return create_app(mkvlib.Settings.from_env())
+    except mkvlib.SettingsError as e:
+        # gunicorn.conf.py checks the settings before any worker starts; this is
+        # for a run without it: one line, and exit 3 so gunicorn stops retrying.
+        print(f"mkv: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def __getattr__(name):
+    """`mkv:app` is built on first access (gunicorn's import of it), so that
+    tests and tools can import this module without the MKV_* settings."""
+    if name == "app":
+        globals()["app"] = _app_from_env()
+        return globals()["app"]
+    raise AttributeError(f"module 'mkv' has no attribute {name!r}")

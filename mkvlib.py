@@ -1,0 +1,845 @@
+"""mkv's storage core: settings, placement and paths, the SQLite index, volume calls.
+
+The master (mkv.py) and the tools (rebuild.py, rebalance.py) import this
+module; it does not import Falcon or gevent. Under gunicorn's gevent worker the
+standard library is monkey-patched, so the threads and queues used here are
+greenlets there and real threads in the tools.
+"""
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import random
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from urllib.parse import quote
+
+import urllib3
+
+# ---------------------------------------------------------------- constants
+
+CHUNK = 1 << 20            # bytes read from a client and sent to volumes at once
+QUEUE_DEPTH = 2            # chunks buffered per replica: bounds a PUT's memory
+LOCK_LEASE = 30.0          # seconds a per-key lock lives unless renewed
+DOWN_RETRY = 5.0           # seconds a volume that failed is skipped before one retry
+TRANSFER_TIMEOUT = 30.0    # seconds of silence from a volume during a data transfer
+BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
+CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
+NAME_MAX = 255             # longest file name a volume's filesystem takes
+MAX_SUBVOLUMES = 256       # svXX: the subvolume folder name has two hex digits
+LIST_MAX = 1_000_000       # keys one listing may return
+
+WRITING, LIVE, UNLINKED, DELETING = "writing", "live", "unlinked", "deleting"
+
+
+# ---------------------------------------------------------------- errors
+# Storage errors carry a one-line reason; mkv.py maps each class to a status.
+
+class MkvError(Exception):
+    """Base of every error this module reports to a client."""
+
+
+class SettingsError(MkvError):
+    pass
+
+
+class BadKey(MkvError):
+    pass
+
+
+class KeyTooLong(BadKey):
+    pass
+
+
+class KeyMissing(MkvError):
+    pass
+
+
+class KeyExists(MkvError):
+    pass
+
+
+class KeyProtected(MkvError):
+    pass
+
+
+class KeyBusy(MkvError):
+    pass
+
+
+class EmptyValue(MkvError):
+    pass
+
+
+class ClientGone(MkvError):
+    pass
+
+
+class VolumeError(MkvError):
+    """A volume answered with an error, or not at all."""
+
+
+class VolumeDown(VolumeError):
+    """A volume could not be reached (refused, timed out, or known down)."""
+
+
+class Unavailable(MkvError):
+    """The key exists but no replica could be served."""
+
+
+class DeleteIncomplete(MkvError):
+    pass
+
+
+# ---------------------------------------------------------------- settings
+
+def _parse_hostport(name, value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
+        raise SettingsError(f"{name}: {value!r} is not host:port")
+    return value
+
+
+def _parse_int(name, value, low, high):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: {value!r} is not a whole number") from None
+    if not low <= n <= high:
+        raise SettingsError(f"{name}: {n} is out of range ({low} to {high})")
+    return n
+
+
+def _parse_bool(name, value):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: {value!r} is not on/off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    volumes: tuple
+    db: str
+    replicas: int = 3
+    subvolumes: int = 10
+    protect: bool = False
+    fallback: str = None
+    voltimeout: float = 1.0
+
+    @classmethod
+    def from_env(cls, env=None, **overrides):
+        """Read MKV_* from `env` (default os.environ); a non-None keyword
+        (volumes=, db=, replicas=, ...) wins over the environment."""
+        env = os.environ if env is None else env
+        raw = {
+            "volumes": env.get("MKV_VOLUMES", ""),
+            "db": env.get("MKV_DB", ""),
+            "replicas": env.get("MKV_REPLICAS", "3"),
+            "subvolumes": env.get("MKV_SUBVOLUMES", "10"),
+            "protect": env.get("MKV_PROTECT", ""),
+            "fallback": env.get("MKV_FALLBACK", ""),
+            "voltimeout": env.get("MKV_VOLTIMEOUT", "1"),
+        }
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        volumes = raw["volumes"]
+        if isinstance(volumes, str):
+            volumes = [v.strip() for v in volumes.split(",") if v.strip()]
+        if not volumes:
+            raise SettingsError("MKV_VOLUMES is empty: name the volume servers, "
+                                "e.g. MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003")
+        volumes = tuple(_parse_hostport("MKV_VOLUMES", v) for v in volumes)
+        if len(set(volumes)) != len(volumes):
+            raise SettingsError(f"MKV_VOLUMES names a volume twice: {','.join(volumes)}")
+        if not raw["db"]:
+            raise SettingsError("MKV_DB is empty: give the index file, e.g. MKV_DB=/var/lib/mkv/index.sqlite3")
+        replicas = _parse_int("MKV_REPLICAS", raw["replicas"], 1, 1000)
+        if replicas > len(volumes):
+            raise SettingsError(f"MKV_REPLICAS={replicas} but MKV_VOLUMES has only "
+                                f"{len(volumes)} volume(s): need at least as many volumes as replicas")
+        subvolumes = _parse_int("MKV_SUBVOLUMES", raw["subvolumes"], 1, MAX_SUBVOLUMES)
+        try:
+            voltimeout = float(raw["voltimeout"])
+        except (TypeError, ValueError):
+            raise SettingsError(f"MKV_VOLTIMEOUT: {raw['voltimeout']!r} is not a number of seconds") from None
+        if not 0 < voltimeout <= 600:
+            raise SettingsError(f"MKV_VOLTIMEOUT: {voltimeout} is out of range (0 to 600 seconds)")
+        fallback = raw["fallback"] or None
+        if fallback:
+            _parse_hostport("MKV_FALLBACK", fallback)
+        return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
+                   subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
+                   fallback=fallback, voltimeout=voltimeout)
+
+
+# ---------------------------------------------------------------- placement and paths
+# The on-disk format of the original Go minikeyvalue, bit for bit.
+
+def key2path(key: bytes) -> str:
+    """Path of a key's file inside a (sub)volume: /md5[0]/md5[1]/base64(key)."""
+    digest = hashlib.md5(key).digest()
+    return "/%02x/%02x/%s" % (digest[0], digest[1], base64.b64encode(key).decode("ascii"))
+
+
+def path2key(name: str) -> bytes:
+    """The key whose file is named `name` (the part after /xx/yy/); ValueError if none."""
+    return base64.b64decode(name.encode("ascii"), validate=True)
+
+
+def key2volume(key: bytes, volumes, replicas: int, subvolumes: int) -> list:
+    """The volumes (with their svXX folder) that hold a key, best first.
+
+    Each volume scores md5(key + volume); highest scores win. Adding a volume
+    moves only the keys it now wins, and the order does not depend on the
+    order of MKV_VOLUMES."""
+    scored = []
+    for v in volumes:
+        scored.append((hashlib.md5(key + v.encode()).digest(), v))
+    scored.sort(key=lambda sv: sv[0], reverse=True)   # stable, like Go's sort.Stable
+    chosen = []
+    for score, v in scored[:replicas]:
+        if subvolumes == 1:
+            chosen.append(v)
+        else:
+            # the low 32 bits of the score: a single byte would skew the spread
+            chosen.append("%s/sv%02X" % (v, int.from_bytes(score[12:16], "big") % subvolumes))
+    return chosen
+
+
+def volume_host(volume: str) -> str:
+    """host:port of a volume string such as 'localhost:3001/sv08'."""
+    return volume.split("/", 1)[0]
+
+
+def volume_url(volume: str, key: bytes) -> str:
+    return "http://" + volume + key2path(key)
+
+
+def check_storable(key: bytes) -> None:
+    """Raise BadKey if a key's file name cannot exist on a volume.
+
+    base64 may contain '/', which nginx turns into folders: an empty path
+    part ('//' or a trailing '/') cannot be stored, and no part may be longer
+    than a file name can be."""
+    if not key.startswith(b"/"):
+        raise BadKey("a key starts with /")
+    parts = base64.b64encode(key).split(b"/")
+    if any(len(p) > NAME_MAX for p in parts):
+        raise KeyTooLong(f"key too long: its file name would pass {NAME_MAX} bytes")
+    if not all(parts):
+        raise BadKey("key cannot be stored: its base64 file name has an empty path part")
+
+
+def prefix_end(prefix: bytes):
+    """Smallest byte string above every string that starts with prefix (None: no bound)."""
+    p = prefix.rstrip(b"\xff")
+    if not p:
+        return None
+    return p[:-1] + bytes([p[-1] + 1])
+
+
+def new_owner(tag="") -> str:
+    """A lock owner token; says who holds a lock when someone looks at the index."""
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------- the index
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key        BLOB PRIMARY KEY,      -- the key as bytes: ranges sort like bytes
+    state      TEXT NOT NULL CHECK (state IN ('writing', 'live', 'unlinked', 'deleting')),
+    volumes    TEXT NOT NULL,         -- replicas, comma-separated, placement order
+    md5        TEXT,                  -- hex md5 of the whole value; NULL if not known
+    size       INTEGER,               -- bytes; NULL if not known
+    lock_owner TEXT,                  -- who holds the per-key lock, if anyone
+    lock_until REAL                   -- unix time the lock expires unless renewed
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_unlinked ON keys (key) WHERE state = 'unlinked';
+"""
+COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
+# state meanings:
+#   writing   a PUT is streaming replicas; invisible; expired lock = a PUT that died
+#   live      every replica written; GET redirects to it
+#   unlinked  soft-deleted: invisible, bytes kept on the volumes
+#   deleting  invisible; replicas may remain on `volumes` until a DELETE finishes
+
+
+@dataclasses.dataclass
+class Record:
+    key: bytes
+    state: str
+    volumes: list
+    md5: str = None
+    size: int = None
+    lock_owner: str = None
+    lock_until: float = None
+
+    @classmethod
+    def from_row(cls, row):
+        key, state, volumes, md5, size, owner, until = row
+        return cls(bytes(key), state, volumes.split(",") if volumes else [], md5, size, owner, until)
+
+    def locked(self, now=None):
+        return self.lock_owner is not None and (self.lock_until or 0) > (now or time.time())
+
+
+class Index:
+    """The SQLite index. One per process (per gunicorn worker, opened after
+    the fork); safe to share between the threads or greenlets of that process.
+
+    Every write is a short BEGIN IMMEDIATE transaction and never waits on the
+    network while it holds the write lock."""
+
+    def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
+        self.path = path
+        self._mutex = threading.RLock()
+        self._last_checkpoint = time.monotonic()
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                      timeout=busy_timeout)
+            mode = self.db.execute("PRAGMA journal_mode=wal").fetchone()[0]
+            if mode != "wal":
+                raise SettingsError(f"MKV_DB={path}: SQLite would not switch to WAL mode (got {mode})")
+            # NORMAL in WAL mode survives any process crash; only power loss can
+            # drop the last commits (nginx does not fsync values either).
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        except sqlite3.Error as e:
+            raise SettingsError(f"MKV_DB={path}: cannot open the index: {e}") from None
+        except OSError as e:
+            raise SettingsError(f"MKV_DB={path}: cannot create {folder}: {e.strerror}") from None
+
+    def close(self):
+        self.db.close()
+
+    # -- transactions
+
+    class _Tx:
+        def __init__(self, index, mode):
+            self.index, self.mode = index, mode
+
+        def __enter__(self):
+            self.index._mutex.acquire()
+            try:
+                self.index.db.execute(f"BEGIN {self.mode}")
+            except BaseException:
+                self.index._mutex.release()
+                raise
+            return self.index.db
+
+        def __exit__(self, exc_type, exc, tb):
+            try:
+                self.index.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.index._mutex.release()
+            if not exc_type and self.mode == "IMMEDIATE":
+                self.index._maybe_checkpoint()
+            return False
+
+    def _write(self):
+        return self._Tx(self, "IMMEDIATE")
+
+    def _maybe_checkpoint(self):
+        """WAL grows without bound if readers never let an automatic checkpoint
+        finish; a RESTART now and then bounds it."""
+        now = time.monotonic()
+        if now - self._last_checkpoint >= CHECKPOINT_EVERY:
+            self._last_checkpoint = now
+            try:
+                self.db.execute("PRAGMA wal_checkpoint(RESTART)")
+            except sqlite3.Error:
+                pass   # busy: the next one will do
+
+    # -- reads
+
+    def get(self, key: bytes):
+        row = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
+        return Record.from_row(row) if row else None
+
+    def list(self, prefix: bytes, start: bytes = b"", limit=None, state=LIVE):
+        """Keys with `prefix`, from `start` on, in byte order; returns (keys, next)
+        where next is the first key not returned (None if none)."""
+        if state not in (LIVE, UNLINKED):
+            raise ValueError(state)
+        low = max(prefix, start or b"")
+        high = prefix_end(prefix)
+        want = (limit if limit is not None else LIST_MAX) + 1
+        # the state is a literal so that SQLite can use the partial index for 'unlinked'
+        sql = (f"SELECT key FROM keys WHERE state = '{state}' AND key >= ?"
+               + (" AND key < ?" if high is not None else "") + " ORDER BY key LIMIT ?")
+        params = (low, high, want) if high is not None else (low, want)
+        keys = [bytes(r[0]) for r in self.db.execute(sql, params)]
+        if len(keys) == want:
+            return keys[:-1], keys[-1]
+        return keys, None
+
+    def scan(self, after: bytes = None, batch=1000):
+        """Every record in key order, read in short transactions of `batch` rows."""
+        last = after
+        while True:
+            if last is None:
+                rows = self.db.execute(f"SELECT {COLUMNS} FROM keys ORDER BY key LIMIT ?", (batch,)).fetchall()
+            else:
+                rows = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
+                                       (last, batch)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield Record.from_row(row)
+            last = bytes(rows[-1][0])
+
+    # -- the per-key protocol (see the state meanings above SCHEMA)
+
+    def _get(self, db, key):
+        row = db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
+        return Record.from_row(row) if row else None
+
+    def start_put(self, key, volumes, owner, lease=LOCK_LEASE):
+        """Claim `key` for a PUT to `volumes`. Returns the record it replaced
+        (unlinked, deleting, or a dead PUT's), or None."""
+        now = time.time()
+        with self._write() as db:
+            old = self._get(db, key)
+            if old is not None:
+                if old.state == LIVE:
+                    raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
+                if old.locked(now):
+                    raise KeyBusy("key is being written or deleted by another request")
+            db.execute("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
+                       " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
+                       (key, WRITING, ",".join(volumes), owner, now + lease))
+        return old
+
+    def finish_put(self, key, owner, md5, size):
+        """Make a claimed key live; False if the claim was lost."""
+        with self._write() as db:
+            cur = db.execute("UPDATE keys SET state = ?, md5 = ?, size = ?, lock_owner = NULL, lock_until = NULL"
+                             " WHERE key = ? AND lock_owner = ? AND state = ?",
+                             (LIVE, md5, size, key, owner, WRITING))
+            return cur.rowcount == 1
+
+    def abandon_put(self, key, owner, leftovers):
+        """A claimed PUT failed: forget the key, or, if replicas may remain on
+        its volumes, keep it as 'deleting' so that a DELETE can finish the job."""
+        with self._write() as db:
+            if leftovers:
+                db.execute("UPDATE keys SET state = ?, lock_owner = NULL, lock_until = NULL"
+                           " WHERE key = ? AND lock_owner = ?", (DELETING, key, owner))
+            else:
+                db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+
+    def unlink(self, key):
+        with self._write() as db:
+            rec = self._get(db, key)
+            if rec is None or rec.state != LIVE:
+                raise KeyMissing("no such key")
+            if rec.locked():
+                raise KeyBusy("key is being written or deleted by another request")
+            db.execute("UPDATE keys SET state = ? WHERE key = ?", (UNLINKED, key))
+
+    def start_delete(self, key, owner, protect=False, lease=LOCK_LEASE):
+        """Mark a key deleted (invisible at once) and claim it while its
+        replicas are removed. Returns its record."""
+        now = time.time()
+        with self._write() as db:
+            rec = self._get(db, key)
+            if rec is None:
+                raise KeyMissing("no such key")
+            if rec.locked(now):
+                raise KeyBusy("key is being written or deleted by another request")
+            if protect and rec.state == LIVE:
+                raise KeyProtected("MKV_PROTECT is on: UNLINK the key before DELETE")
+            db.execute("UPDATE keys SET state = ?, lock_owner = ?, lock_until = ? WHERE key = ?",
+                       (DELETING, owner, now + lease, key))
+        return rec
+
+    def finish_delete(self, key, owner):
+        with self._write() as db:
+            db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+
+    def lock(self, key, owner, lease=LOCK_LEASE):
+        """Take the per-key lock without changing the state (for the tools).
+        Returns the record, None if the key is missing; KeyBusy if held."""
+        now = time.time()
+        with self._write() as db:
+            rec = self._get(db, key)
+            if rec is None:
+                return None
+            if rec.locked(now):
+                raise KeyBusy("key is being written or deleted by another request")
+            db.execute("UPDATE keys SET lock_owner = ?, lock_until = ? WHERE key = ?",
+                       (owner, now + lease, key))
+            rec.lock_owner, rec.lock_until = owner, now + lease
+            return rec
+
+    def renew(self, key, owner, lease=LOCK_LEASE):
+        with self._write() as db:
+            cur = db.execute("UPDATE keys SET lock_until = ? WHERE key = ? AND lock_owner = ?",
+                             (time.time() + lease, key, owner))
+            return cur.rowcount == 1
+
+    def release(self, key, owner):
+        with self._write() as db:
+            db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                       (key, owner))
+
+    def set_volumes(self, key, owner, volumes):
+        """Switch a locked key's replicas (rebalance); False if the lock was lost."""
+        with self._write() as db:
+            cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
+                             (",".join(volumes), key, owner))
+            return cur.rowcount == 1
+
+
+class Lease:
+    """Holds a per-key lock while a long transfer runs: renews it in the
+    background, so a lock outlives a slow upload but not a killed process."""
+
+    def __init__(self, index, key, owner, lease=LOCK_LEASE):
+        self.index, self.key, self.owner, self.lease = index, key, owner, lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="lease")
+
+    def _run(self):
+        while not self._stop.wait(self.lease / 3):
+            try:
+                if not self.index.renew(self.key, self.owner, self.lease):
+                    return
+            except sqlite3.Error:
+                pass   # busy now; the lease has two more chances before it runs out
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+# ---------------------------------------------------------------- volume calls
+
+class _Abort(Exception):
+    """Raised inside an upload's body to break the connection mid-value."""
+
+
+class Volumes:
+    """HTTP calls to volume servers, with a memory of which ones are down.
+
+    A volume that fails to answer is skipped for DOWN_RETRY seconds; then one
+    request tries it again. So a dead volume costs one timeout now and then,
+    not one per request."""
+
+    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64):
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.http = urllib3.PoolManager(num_pools=256, maxsize=maxsize, block=False, retries=False)
+        self._down_until = {}
+
+    # -- health
+
+    def usable(self, host):
+        """False while `host` is known down; after DOWN_RETRY, True once (a probe)."""
+        until = self._down_until.get(host)
+        if until is None:
+            return True
+        now = time.monotonic()
+        if now < until:
+            return False
+        self._down_until[host] = now + self.retry_after   # others keep skipping it meanwhile
+        return True
+
+    def mark_down(self, host):
+        self._down_until[host] = time.monotonic() + self.retry_after
+
+    def mark_up(self, host):
+        self._down_until.pop(host, None)
+
+    def down(self):
+        now = time.monotonic()
+        return sorted(h for h, until in self._down_until.items() if until > now)
+
+    def _request(self, method, volume, path, timeout=None, **kw):
+        host = volume_host(volume)
+        try:
+            r = self.http.request(method, "http://" + volume + quote(path, safe="/=+"),
+                                  timeout=timeout or self.timeout, retries=False, redirect=False, **kw)
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            self.mark_down(host)
+            raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
+        self.mark_up(host)
+        return r
+
+    # -- single calls
+
+    def has(self, volume, path):
+        """True if the volume has the file, False if not; VolumeDown if it does not answer."""
+        r = self._request("HEAD", volume, path)
+        if r.status == 200:
+            return True
+        if r.status == 404:
+            return False
+        raise VolumeError(f"volume {volume_host(volume)} answered HEAD with {r.status}")
+
+    def delete(self, volume, path):
+        """Remove a file; a file that is already gone is fine."""
+        r = self._request("DELETE", volume, path, timeout=urllib3.Timeout(connect=self.timeout,
+                                                                          read=TRANSFER_TIMEOUT))
+        if r.status not in (200, 204, 404):
+            raise VolumeError(f"volume {volume_host(volume)} answered DELETE with {r.status}")
+
+    def delete_all(self, volumes, path):
+        """Remove a file from each volume at once; returns {volume: reason} of those that failed."""
+        failed = {}
+
+        def one(v):
+            try:
+                self.delete(v, path)
+            except VolumeError as e:
+                failed[v] = str(e)
+        _run_all(one, volumes)
+        return failed
+
+    def listdir(self, volume, path="/"):
+        """Entries of a folder from nginx's JSON autoindex: [{'name', 'type', 'size'?}].
+        A missing folder is an empty list."""
+        r = self._request("GET", volume, path.rstrip("/") + "/",
+                          timeout=urllib3.Timeout(connect=self.timeout, read=TRANSFER_TIMEOUT))
+        if r.status == 404:
+            return []
+        if r.status != 200:
+            raise VolumeError(f"volume {volume_host(volume)} answered GET {path} with {r.status}")
+        try:
+            return json.loads(r.data)
+        except ValueError:
+            raise VolumeError(f"volume {volume_host(volume)}: {path} is not a JSON listing") from None
+
+    def open(self, volume, path):
+        """A streaming GET of a file (call .stream(CHUNK), then .release_conn()); None if missing."""
+        r = self._request("GET", volume, path, preload_content=False,
+                          timeout=urllib3.Timeout(connect=self.timeout, read=TRANSFER_TIMEOUT))
+        if r.status == 404:
+            r.release_conn()
+            return None
+        if r.status != 200:
+            r.release_conn()
+            raise VolumeError(f"volume {volume_host(volume)} answered GET with {r.status}")
+        return r
+
+    # -- the fan-out write
+
+    def put(self, volumes, path, chunks, length=None):
+        """Stream `chunks` to every volume at once, chunk by chunk; return
+        (md5 hex, size). At most QUEUE_DEPTH chunks wait per replica, so memory
+        does not grow with the value. If any replica fails, or `chunks` raises,
+        every upload is broken off mid-body (nginx then discards its temp file)
+        and the error is raised; a replica that did complete stays on its
+        volume, and the caller removes it."""
+        feeds = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in volumes]
+        drained = [False] * len(volumes)   # the upload has taken its feed's last item
+        errors = {}
+        failed = threading.Event()         # some upload failed: stop feeding
+        aborted = threading.Event()        # we broke the uploads off: their errors are ours
+        headers = {"Content-Length": str(length)} if length is not None else {}
+
+        def body(i):
+            while True:
+                item = feeds[i].get()
+                if item is None or item is _ABORT:
+                    drained[i] = True
+                    if item is _ABORT:
+                        raise _Abort()
+                    return
+                yield item
+
+        def upload(i, volume):
+            host = volume_host(volume)
+            try:
+                r = self.http.urlopen(
+                    "PUT", "http://" + volume + quote(path, safe="/=+"), body=body(i),
+                    headers=headers, chunked=length is None, retries=False, redirect=False,
+                    timeout=urllib3.Timeout(connect=self.timeout, read=TRANSFER_TIMEOUT))
+                if r.status in (201, 204):
+                    self.mark_up(host)
+                else:
+                    errors[volume] = VolumeError(f"volume {host} answered PUT with {r.status}: "
+                                                 f"{_nginx_reason(r.data)}")
+            except Exception as e:
+                if aborted.is_set():
+                    pass
+                elif isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
+                    self.mark_down(host)
+                    errors[volume] = VolumeDown(f"volume {host} failed during upload: {_reason(e)}")
+                else:   # whatever it is, it must stop the other uploads too
+                    errors[volume] = VolumeError(f"volume {host} failed during upload: {e!r}")
+            finally:
+                if volume in errors:
+                    failed.set()
+                # keep the producer from blocking on a feed nobody reads
+                while not drained[i]:
+                    drained[i] = feeds[i].get() in (None, _ABORT)
+
+        threads = [threading.Thread(target=upload, args=(i, v), daemon=True) for i, v in enumerate(volumes)]
+        for t in threads:
+            t.start()
+        md5, size = hashlib.md5(), 0
+        end = _ABORT
+        try:
+            for chunk in chunks:
+                if failed.is_set():
+                    break
+                md5.update(chunk)
+                size += len(chunk)
+                for feed in feeds:
+                    feed.put(chunk)
+            else:
+                end = None
+        finally:
+            if end is _ABORT:
+                aborted.set()
+            for feed in feeds:
+                feed.put(end)
+            for t in threads:
+                t.join()
+        if errors:
+            # report the first failing volume in placement order
+            raise next(errors[v] for v in volumes if v in errors)
+        return md5.hexdigest(), size
+
+
+_ABORT = object()
+
+
+def _run_all(fn, items):
+    """fn(item) for every item at once (greenlets under gevent, threads elsewhere)."""
+    threads = [threading.Thread(target=fn, args=(item,), daemon=True) for item in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _reason(exc):
+    """One line saying why a connection failed."""
+    while getattr(exc, "reason", None) is not None and exc.reason is not exc:
+        exc = exc.reason
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _nginx_reason(body: bytes):
+    """The <title> of an nginx error page, or a short form of the body."""
+    text = body.decode("latin-1", "replace")
+    start = text.find("<title>")
+    if start >= 0:
+        end = text.find("</title>", start)
+        return text[start + 7:end].strip()
+    return text.strip()[:200] or "no reason given"
+
+
+# ---------------------------------------------------------------- the store
+
+class Store:
+    """What the master does with a key, over the index and the volumes.
+
+    Opened lazily per process, so that each gunicorn worker has its own SQLite
+    connection and HTTP pools, made after the fork."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.index = Index(settings.db)
+        self.volumes = Volumes(timeout=settings.voltimeout)
+
+    def placement(self, key):
+        s = self.settings
+        return key2volume(key, s.volumes, s.replicas, s.subvolumes)
+
+    def locate(self, key):
+        """(url to redirect to, record or None). KeyMissing if the key is not live
+        and there is no fallback; Unavailable if no replica answers with the file."""
+        rec = self.index.get(key)
+        if rec is None or rec.state != LIVE:
+            if self.settings.fallback:
+                return "http://" + self.settings.fallback + quote(key, safe="/"), rec
+            raise KeyMissing("no such key")
+        path = key2path(key)
+        order = list(rec.volumes)
+        random.shuffle(order)   # spread reads over the replicas
+        missing = []
+        for volume in order:
+            if not self.volumes.usable(volume_host(volume)):
+                continue
+            try:
+                if self.volumes.has(volume, path):
+                    return "http://" + volume + path, rec
+                missing.append(volume)
+            except VolumeError:
+                continue
+        if missing and len(missing) == len(order):
+            raise Unavailable("no replica of this key is on its volumes (run rebuild.py --check)")
+        raise Unavailable("no volume holding this key can be reached")
+
+    def put(self, key, chunks, length=None):
+        """Write a new key: every replica, then the index. Returns (md5, size)."""
+        check_storable(key)
+        rec = self.index.get(key)
+        if rec is not None and rec.state == LIVE:
+            raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
+        # look at the body before claiming anything: an empty one is refused
+        chunks = iter(chunks)
+        first = next((c for c in chunks if c), None)
+        if first is None:
+            raise EmptyValue("empty value: a PUT needs a body")
+        volumes = self.placement(key)
+        for v in volumes:
+            if not self.volumes.usable(volume_host(v)):
+                raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
+        path = key2path(key)
+        owner = new_owner("put-")
+        old = self.index.start_put(key, volumes, owner)
+        with Lease(self.index, key, owner):
+            try:
+                md5, size = self.volumes.put(volumes, path, _chain(first, chunks), length)
+            except BaseException:
+                leftovers = self.volumes.delete_all(volumes, path)
+                self.index.abandon_put(key, owner, leftovers=bool(leftovers))
+                raise
+            if not self.index.finish_put(key, owner, md5, size):
+                raise KeyBusy("lost the lock on the key while writing it; try again")
+        if old is not None:
+            # the key's earlier bytes (unlinked, or a failed write) on volumes it no longer uses
+            self.volumes.delete_all([v for v in old.volumes if v not in volumes], path)
+        return md5, size
+
+    def delete(self, key):
+        """Remove a key: invisible at once, then its replicas, then its record.
+        If a volume fails the key stays invisible and a retry finishes it."""
+        owner = new_owner("del-")
+        rec = self.index.start_delete(key, owner, protect=self.settings.protect)
+        failed = self.volumes.delete_all(rec.volumes, key2path(key))
+        if failed:
+            self.index.release(key, owner)
+            raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "
+                                   + "; ".join(failed.values()))
+        self.index.finish_delete(key, owner)
+        return rec
+
+    def unlink(self, key):
+        self.index.unlink(key)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
