@@ -15,6 +15,9 @@ worker_class = "gevent"
 worker_connections = 1000
 keepalive = 30          # seconds; clients of a blob store come back
 graceful_timeout = 30
+# gunicorn 27's control socket is one fixed path per user: two masters on one
+# machine (or a test run beside a cluster) would take it from each other.
+control_socket_disable = True
 
 
 def on_starting(server):

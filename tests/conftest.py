@@ -1,0 +1,196 @@
+"""Real servers for the tests: nginx volumes started through `python volume`,
+and the master under gunicorn with gevent workers, on free loopback ports.
+
+Every wait is bounded, every request has a timeout, teardown is
+terminate -> wait -> kill, and a failing test shows the servers' logs.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TIMEOUT = 10          # seconds: every HTTP request the tests make
+START_TIMEOUT = 20    # seconds: a server must answer within this after starting
+
+_running = []         # every Server started, for the logs of a failing test
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Server:
+    """One server process, its log in a file, stopped terminate -> wait -> kill."""
+
+    def __init__(self, name, argv, env, log_path, port):
+        self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        _running.append(self)
+        wait_until(self._answers, START_TIMEOUT, f"{self.name} on port {self.port}")
+        return self
+
+    def _answers(self):
+        if self.proc.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            requests.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+            return True
+        except requests.ConnectionError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.log.close()
+
+    def kill(self):
+        """SIGKILL the whole process group at once: no cleanup, as in a crash."""
+        self.stop(signal.SIGKILL)
+
+    def tail(self, lines=40):
+        try:
+            with open(self.log_path, "rb") as f:
+                return b"".join(f.readlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def start_volume(folder, port=None):
+    port = port or free_port()
+    env = dict(os.environ, PORT=str(port))
+    os.makedirs(folder, exist_ok=True)
+    return Server(f"volume :{port}", [sys.executable, "volume", folder], env,
+                  os.path.join(os.path.dirname(folder), f"volume-{port}.log"), port).start()
+
+
+def start_master(workdir, volumes, port=None, workers=2, **settings):
+    """gunicorn -k gevent mkv:app; settings are MKV_* names without the prefix, lowercased."""
+    port = port or free_port()
+    env = dict(os.environ, MKV_VOLUMES=",".join(volumes),
+               MKV_DB=os.path.join(workdir, "index.sqlite3"))
+    env.update({f"MKV_{k.upper()}": str(v) for k, v in settings.items()})
+    argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
+            "-b", f"127.0.0.1:{port}", "mkv:app"]
+    return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port).start()
+
+
+class Cluster:
+    """n volumes and a master over them; url() for keys."""
+
+    def __init__(self, workdir, n_volumes=3, workers=2, **settings):
+        self.workdir = workdir
+        self.settings = settings
+        self.workers = workers
+        self.volume_dirs = [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)]
+        self.volumes = [start_volume(d) for d in self.volume_dirs]
+        self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
+
+    def volume_names(self):
+        return [f"127.0.0.1:{v.port}" for v in self.volumes]
+
+    def url(self, key):
+        return f"http://127.0.0.1:{self.master.port}{key}"
+
+    def restart_master(self, **settings):
+        self.master.stop()
+        self.settings = settings or self.settings
+        self.master = start_master(self.workdir, self.volume_names(), port=self.master.port,
+                                   workers=self.workers, **self.settings)
+
+    def stop(self):
+        self.master.stop()
+        for v in self.volumes:
+            v.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """The shared cluster: 4 volumes, 3 replicas, 10 subvolumes, 2 gevent workers.
+    Tests that stop servers make their own cluster instead."""
+    c = Cluster(str(tmp_path_factory.mktemp("cluster")), n_volumes=4, replicas=3)
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def private_cluster(tmp_path):
+    """A cluster of this test's own, for tests that kill or restart servers."""
+    clusters = []
+
+    def make(**kw):
+        c = Cluster(str(tmp_path / f"c{len(clusters)}"), **kw)
+        clusters.append(c)
+        return c
+    yield make
+    for c in clusters:
+        c.stop()
+
+
+class Http(requests.Session):
+    """Every call has a timeout and shows the master's answer itself: redirects
+    are followed only when asked with follow=True."""
+
+    def request(self, method, url, follow=False, **kw):
+        kw.setdefault("timeout", TIMEOUT)
+        kw["allow_redirects"] = follow
+        return super().request(method, url, **kw)
+
+
+@pytest.fixture
+def http():
+    with Http() as s:
+        yield s
+
+
+_counter = [0]
+
+
+@pytest.fixture
+def key(request):
+    """A key no other test uses."""
+    _counter[0] += 1
+    name = request.node.name.replace("[", "-").replace("]", "")
+    return f"/{name}-{os.getpid()}-{_counter[0]}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        for server in _running:
+            if server.proc is not None:
+                report.sections.append((f"log of {server.name}", server.tail()))
+    return report
