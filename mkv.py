@@ -201,6 +201,10 @@ def handle_unexpected(req, resp, exc, params):
 
 
 def create_app(settings: mkvlib.Settings) -> falcon.App:
+    if not logging.getLogger().handlers:   # gunicorn configures only its own loggers
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                            datefmt="%Y-%m-%d %H:%M:%S %z")
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
     app.add_sink(Master(settings), prefix="/")

@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import queue
 import random
@@ -20,6 +21,8 @@ import uuid
 from urllib.parse import quote
 
 import urllib3
+
+log = logging.getLogger("mkv")
 
 # ---------------------------------------------------------------- constants
 
@@ -501,6 +504,81 @@ class Index:
                              (",".join(volumes), key, owner))
             return cur.rowcount == 1
 
+    # -- for the tools (rebuild.py, rebalance.py)
+
+    def count(self):
+        return self.db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
+
+    def claim(self, key, volumes, owner, lease=LOCK_LEASE):
+        """Claim a key that has no record, as a PUT does (state 'writing', locked
+        by `owner`); False if a record exists. rebuild.py uses it before it
+        checks that the files it listed are still there."""
+        with self._write() as db:
+            cur = db.execute("INSERT OR IGNORE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
+                             " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
+                             (key, WRITING, ",".join(volumes), owner, time.time() + lease))
+            return cur.rowcount == 1
+
+    def set_facts(self, key, owner, volumes, size, md5):
+        """Set a locked key's replicas, size and md5 (rebuild.py); the state is
+        kept. False if the lock was lost."""
+        with self._write() as db:
+            cur = db.execute("UPDATE keys SET volumes = ?, size = ?, md5 = ? WHERE key = ? AND lock_owner = ?",
+                             (",".join(volumes), size, md5, key, owner))
+            return cur.rowcount == 1
+
+    def take_over(self, key, old_owner, owner, lease=LOCK_LEASE):
+        """Move a lock from `old_owner` (a process known to be dead) to `owner`.
+        Returns the record, or None if the lock is no longer old_owner's."""
+        with self._write() as db:
+            cur = db.execute("UPDATE keys SET lock_owner = ?, lock_until = ? WHERE key = ? AND lock_owner = ?",
+                             (owner, time.time() + lease, key, old_owner))
+            return self._get(db, key) if cur.rowcount == 1 else None
+
+    # Copies that rebalance.py stopped using but has not removed yet: the index
+    # no longer sends reads to them, and a redirect given out just before may
+    # still be followed, so they go a little later. Kept here, in the same
+    # transaction as the switch, so that a killed rebalance leaves none behind.
+    PENDING_SCHEMA = """
+    CREATE TABLE IF NOT EXISTS pending_deletes (
+        key    BLOB NOT NULL,
+        volume TEXT NOT NULL,
+        since  REAL NOT NULL,            -- unix time the index stopped pointing at it
+        PRIMARY KEY (key, volume)
+    ) WITHOUT ROWID;
+    """
+
+    def _pending_table(self, db):
+        if not getattr(self, "_has_pending", False):
+            db.execute(self.PENDING_SCHEMA)
+            self._has_pending = True
+
+    def switch_volumes(self, key, owner, volumes, dropped):
+        """Set a locked key's replicas to `volumes` and note the copies on
+        `dropped` for a later delete, at once. False if the lock was lost."""
+        with self._write() as db:
+            self._pending_table(db)
+            cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
+                             (",".join(volumes), key, owner))
+            if cur.rowcount != 1:
+                return False
+            now = time.time()
+            db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
+                           [(key, v, now) for v in dropped])
+            return True
+
+    def pending_deletes(self):
+        """[(key, volume, since)] of copies waiting to be removed, oldest first."""
+        with self._write() as db:
+            self._pending_table(db)
+        rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
+        return [(bytes(k), v, s) for k, v, s in rows]
+
+    def pending_done(self, key, volume):
+        with self._write() as db:
+            self._pending_table(db)
+            db.execute("DELETE FROM pending_deletes WHERE key = ? AND volume = ?", (key, volume))
+
 
 class Lease:
     """Holds a per-key lock while a long transfer runs: renews it in the
@@ -561,11 +639,14 @@ class Volumes:
         self._down_until[host] = now + self.retry_after   # others keep skipping it meanwhile
         return True
 
-    def mark_down(self, host):
+    def mark_down(self, host, reason=""):
+        if host not in self._down_until:
+            log.warning("volume %s is down, skipping it for %.0f s: %s", host, self.retry_after, reason)
         self._down_until[host] = time.monotonic() + self.retry_after
 
     def mark_up(self, host):
-        self._down_until.pop(host, None)
+        if self._down_until.pop(host, None) is not None:
+            log.warning("volume %s is back up", host)
 
     def down(self):
         now = time.monotonic()
@@ -577,7 +658,7 @@ class Volumes:
             r = self.http.request(method, "http://" + volume + quote(path, safe="/=+"),
                                   timeout=timeout or self.timeout, retries=False, redirect=False, **kw)
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            self.mark_down(host)
+            self.mark_down(host, _reason(e))
             raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
         self.mark_up(host)
         return r
@@ -650,6 +731,7 @@ class Volumes:
         feeds = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in volumes]
         drained = [False] * len(volumes)   # the upload has taken its feed's last item
         errors = {}
+        refused = set()                    # volumes certain to hold no new file
         failed = threading.Event()         # some upload failed: stop feeding
         aborted = threading.Event()        # we broke the uploads off: their errors are ours
         headers = {"Content-Length": str(length)} if length is not None else {}
@@ -674,13 +756,16 @@ class Volumes:
                 if r.status in (201, 204):
                     self.mark_up(host)
                 else:
+                    refused.add(volume)
                     errors[volume] = VolumeError(f"volume {host} answered PUT with {r.status}: "
                                                  f"{_nginx_reason(r.data)}")
             except Exception as e:
                 if aborted.is_set():
-                    pass
+                    refused.add(volume)   # broken off mid-body: nginx keeps nothing
                 elif isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
-                    self.mark_down(host)
+                    if isinstance(e, urllib3.exceptions.ConnectTimeoutError):
+                        refused.add(volume)   # never connected (NewConnectionError is one too)
+                    self.mark_down(host, _reason(e))
                     errors[volume] = VolumeDown(f"volume {host} failed during upload: {_reason(e)}")
                 else:   # whatever it is, it must stop the other uploads too
                     errors[volume] = VolumeError(f"volume {host} failed during upload: {e!r}")
@@ -706,6 +791,10 @@ class Volumes:
                     feed.put(chunk)
             else:
                 end = None
+        except BaseException as e:
+            # the body failed (client gone): break every upload off; none keeps a file
+            e.maybe_written = []
+            raise
         finally:
             if end is _ABORT:
                 aborted.set()
@@ -714,8 +803,11 @@ class Volumes:
             for t in threads:
                 t.join()
         if errors:
-            # report the first failing volume in placement order
-            raise next(errors[v] for v in volumes if v in errors)
+            # report the first failing volume in placement order, and where
+            # files may have been written (the caller removes them)
+            error = next(errors[v] for v in volumes if v in errors)
+            error.maybe_written = [v for v in volumes if v not in refused]
+            raise error
         return md5.hexdigest(), size
 
 
@@ -812,8 +904,9 @@ class Store:
         with Lease(self.index, key, owner):
             try:
                 md5, size = self.volumes.put(volumes, path, _chain(first, chunks), length)
-            except BaseException:
-                leftovers = self.volumes.delete_all(volumes, path)
+            except BaseException as e:
+                written = getattr(e, "maybe_written", volumes)
+                leftovers = self.volumes.delete_all(written, path)
                 self.index.abandon_put(key, owner, leftovers=bool(leftovers))
                 raise
             if not self.index.finish_put(key, owner, md5, size):

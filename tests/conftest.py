@@ -41,12 +41,14 @@ def wait_until(predicate, timeout, what):
 class Server:
     """One server process, its log in a file, stopped terminate -> wait -> kill."""
 
-    def __init__(self, name, argv, env, log_path, port):
+    def __init__(self, name, argv, env, log_path, port, stop_signal=signal.SIGTERM):
         self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
+        self.stop_signal = stop_signal
         self.proc = None
 
     def start(self):
         self.log = open(self.log_path, "ab")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _running.append(self)
@@ -62,9 +64,10 @@ class Server:
         except requests.ConnectionError:
             return False
 
-    def stop(self, sig=signal.SIGTERM):
+    def stop(self, sig=None):
         if self.proc is None or self.proc.poll() is not None:
             return
+        sig = sig or self.stop_signal
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
@@ -79,6 +82,23 @@ class Server:
     def kill(self):
         """SIGKILL the whole process group at once: no cleanup, as in a crash."""
         self.stop(signal.SIGKILL)
+
+    def pause(self):
+        """SIGSTOP: the kernel still accepts connections, nobody answers."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+    def pids(self):
+        """The server process and its children (gunicorn's workers, nginx's)."""
+        import psutil
+        parent = psutil.Process(self.proc.pid)
+        return [parent.pid] + [c.pid for c in parent.children(recursive=True)]
 
     def tail(self, lines=40):
         try:
@@ -104,7 +124,9 @@ def start_master(workdir, volumes, port=None, workers=2, **settings):
     env.update({f"MKV_{k.upper()}": str(v) for k, v in settings.items()})
     argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
             "-b", f"127.0.0.1:{port}", "mkv:app"]
-    return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port).start()
+    # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for idle keep-alive clients)
+    return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port,
+                  stop_signal=signal.SIGINT).start()
 
 
 class Cluster:
@@ -186,11 +208,16 @@ def key(request):
     return f"/{name}-{os.getpid()}-{_counter[0]}"
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.start_time = time.monotonic()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.when == "call" and report.failed:
         for server in _running:
-            if server.proc is not None:
+            if server.proc is not None and (server.proc.poll() is None or server.started > item.start_time):
                 report.sections.append((f"log of {server.name}", server.tail()))
     return report
