@@ -1,0 +1,280 @@
+"""Move every key's replicas to where the current settings place them, and
+put back replicas that vanished. Runs while the master serves.
+
+    python rebalance.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N] [--workers N]
+
+For each live or unlinked key, under the same per-key lock as the master's
+PUT and DELETE:
+
+  1. look (HEAD) at which recorded and placement volumes have its file;
+  2. stream it from one that has it to each placement volume that lacks it
+     (chunk by chunk, never the whole value in memory), checking the md5;
+  3. in one transaction, point the index at the placement only and note the
+     copies it no longer uses in the index's pending_deletes table;
+  4. a few seconds later (a redirect given out just before the switch may
+     still be on its way to its client), remove those copies and their notes.
+
+Every copy that exists is always either in the key's record or noted in
+pending_deletes, so a run killed at any moment leaves nothing behind that the
+next run does not finish; a second run finds nothing to do. Reads never fail
+because of a move: the index names only copies that are complete, and no copy
+is removed while the index still sends reads to it.
+"""
+import argparse
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import mkvlib
+import tools
+
+PROG = "rebalance"
+GRACE = 2.0           # seconds from the index leaving a copy to the copy's delete
+BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
+SUMMARY = ["seen", "moved", "repaired", "unchanged", "skipped", "busy", "failed"]
+
+
+class CopyFailed(mkvlib.MkvError):
+    pass
+
+
+class Rebalance:
+    def __init__(self, settings, index, volumes, progress):
+        self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
+        self.owner = mkvlib.new_owner("rebalance-")
+        self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
+        self.busy = []
+        self._busy_lock = threading.Lock()
+
+    def placement(self, key):
+        s = self.settings
+        return mkvlib.key2volume(key, s.volumes, s.replicas, s.subvolumes)
+
+    def fail(self, key, why):
+        self.progress.count("failed")
+        self.progress.message(f"{PROG}: {show(key)}: {why}")
+
+    # -- the run
+
+    def run(self, workers):
+        self.progress.set_total(self.index.count())
+        for key, volume, since in self.index.pending_deletes():   # a killed run's
+            self.deletes.put((since + GRACE, key, volume))
+        deleter = threading.Thread(target=self.delete_loop, name="deleter", daemon=True)
+        deleter.start()
+        slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
+
+        def task(rec):
+            try:
+                self.first_look(rec)
+            finally:
+                self.progress.add(done=1)
+                slots.release()
+        with ThreadPoolExecutor(workers) as pool:
+            for rec in self.index.scan():
+                slots.acquire()
+                pool.submit(task, rec)
+        for key in self.busy:    # once more, now that the others are done
+            rec = self.index.get(key)
+            if rec is not None:
+                self.locked(rec, final=True)
+        self.deletes.put(None)
+        deleter.join()
+
+    def first_look(self, rec):
+        self.progress.count("seen")
+        self.progress.add(keys=1)
+        try:
+            if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+                return self.progress.count("skipped")   # being written or deleted: the master's
+            if rec.volumes == self.placement(rec.key) and self.all_there(rec.key, rec.volumes):
+                return self.progress.count("unchanged")
+            self.locked(rec)
+        except Exception as e:   # one key's trouble never stops the run
+            self.fail(rec.key, f"{type(e).__name__}: {e}")
+
+    def all_there(self, key, volumes):
+        path = mkvlib.key2path(key)
+        try:
+            return all(self.volumes.has(v, path) for v in volumes)
+        except mkvlib.VolumeError:
+            return False    # the locked path looks again and says what is wrong
+
+    def locked(self, rec, final=False):
+        try:
+            rec = tools.lock_key(self.index, rec.key, self.owner)
+        except mkvlib.KeyBusy:
+            if final:
+                return self.progress.count("busy")
+            with self._busy_lock:
+                self.busy.append(rec.key)
+            return
+        if rec is None:
+            return self.progress.count("unchanged")   # deleted meanwhile
+        try:
+            with mkvlib.Lease(self.index, rec.key, self.owner):
+                self.move(rec)
+        except (mkvlib.MkvError, sqlite3.Error) as e:
+            self.fail(rec.key, str(e))
+        finally:
+            self.index.release(rec.key, self.owner)
+
+    # -- one key, locked
+
+    def move(self, rec):
+        if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+            return self.progress.count("skipped")
+        key, path = rec.key, mkvlib.key2path(rec.key)
+        placement = self.placement(key)
+        have, down = {}, []
+        for v in dict.fromkeys(rec.volumes + placement):
+            try:
+                have[v] = self.volumes.has(v, path)
+            except mkvlib.VolumeError as e:
+                have[v] = None
+                down.append(str(e))
+        sources = [v for v in have if have[v]]
+        if not sources:
+            why = "; ".join(down) if down else f"no copy on {','.join(have)}"
+            raise CopyFailed(f"lost: no readable copy ({why})")
+        targets = [v for v in placement if not have[v]]
+        unreachable = [v for v in targets if have[v] is None]
+        if unreachable:
+            raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
+        if targets:
+            self.copy(rec, sources, targets, path)
+        if rec.volumes != placement:
+            dropped = [v for v in rec.volumes if v not in placement and have[v] is not False]
+            if not self.index.switch_volumes(key, self.owner, placement, dropped):
+                raise mkvlib.KeyBusy("lost the lock on the key while moving it")
+            due = time.time() + GRACE
+            for v in dropped:
+                self.deletes.put((due, key, v))
+        repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished
+        moved = set(rec.volumes) != set(placement)
+        for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
+            if yes:
+                self.progress.count(name)
+
+    def copy(self, rec, sources, targets, path):
+        """Stream the file from the first source that gives a good copy to every target."""
+        last = None
+        for src in sources:
+            try:
+                r = self.volumes.open(src, path)
+            except mkvlib.VolumeError as e:
+                last = e
+                continue
+            if r is None:
+                last = f"{src} lost the file"
+                continue
+            length = r.headers.get("Content-Length")
+            ok = False
+            try:
+                md5, size = self.volumes.put(targets, path, r.stream(mkvlib.CHUNK),
+                                             int(length) if length and length.isdigit() else None)
+                ok = True
+            except Exception as e:
+                last = f"from {src}: {e}"
+            finally:
+                if not ok:
+                    r.close()
+                r.release_conn()
+            if ok and rec.md5 and md5 != rec.md5:
+                ok, last = False, f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}"
+            elif ok and rec.size is not None and size != rec.size:
+                ok, last = False, f"{src} holds {size} bytes, not the recorded {rec.size}"
+            if ok:
+                self.progress.add(nbytes=size * len(targets))
+                return
+            # nothing that was not there is kept: the targets lacked the file
+            self.volumes.delete_all(targets, path)
+        raise CopyFailed(f"could not copy to {','.join(targets)}: {last}")
+
+    # -- the copies no longer used
+
+    def delete_loop(self):
+        retry = []
+        while True:
+            item = self.deletes.get()
+            if item is None:
+                break
+            due, key, volume = item
+            time.sleep(max(0.0, due - time.time()))
+            if not self.delete_copy(key, volume):
+                retry.append((key, volume))
+        deadline = time.monotonic() + BUSY_WAIT
+        while retry and time.monotonic() < deadline:
+            time.sleep(0.2)
+            retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
+        for key, volume in retry:
+            self.progress.count("busy")
+            self.progress.message(f"{PROG}: {show(key)}: busy; its copy on {volume} stays noted "
+                                  "for the next run")
+
+    def delete_copy(self, key, volume):
+        """Remove a copy the index stopped using, under the key's lock, unless
+        the key uses that volume again by now. False if the key is busy."""
+        path = mkvlib.key2path(key)
+        try:
+            try:
+                rec = tools.lock_key(self.index, key, self.owner)
+            except mkvlib.KeyBusy:
+                return False
+            if rec is None:
+                # no record: claim the key as a PUT would, so none writes it meanwhile
+                if not self.index.claim(key, [volume], self.owner):
+                    return False
+                try:
+                    self.volumes.delete(volume, path)
+                    self.index.pending_done(key, volume)
+                finally:
+                    self.index.abandon_put(key, self.owner, leftovers=False)
+                return True
+            try:
+                if volume not in rec.volumes:
+                    self.volumes.delete(volume, path)
+                self.index.pending_done(key, volume)
+            finally:
+                self.index.release(key, self.owner)
+            return True
+        except (mkvlib.MkvError, sqlite3.Error) as e:
+            self.fail(key, f"could not remove the old copy on {volume} (noted for the next run): {e}")
+            return True
+
+
+def show(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="rebalance.py",
+        description="Move every key's replicas to where the current volumes, replicas and subvolumes "
+                    "place them, and copy back replicas that vanished. Safe while the master serves; "
+                    "safe to kill and run again.",
+        epilog="Settings not given as flags come from MKV_VOLUMES, MKV_DB, MKV_REPLICAS, MKV_SUBVOLUMES. "
+               "Exit status: 0 done, 1 some key failed, 2 bad settings.")
+    tools.add_common_args(parser)
+    args = parser.parse_args(argv)
+    settings = tools.settings_from_args(PROG, args)
+    index = tools.open_index(PROG, settings.db)
+    volumes = mkvlib.Volumes(timeout=settings.voltimeout, maxsize=max(64, args.workers * 4))
+    progress = tools.Progress(PROG, unit="keys")
+    job = Rebalance(settings, index, volumes, progress)
+    try:
+        job.run(args.workers)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"{PROG}: interrupted; run it again to finish", file=sys.stderr)
+        return 1
+    progress.close()
+    print(progress.summary(SUMMARY, "copied"), flush=True)
+    return 1 if progress.counts.get("failed", 0) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

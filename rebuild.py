@@ -1,0 +1,400 @@
+"""Rebuild mkv's index from what the volumes hold, or --check it against them.
+
+    python rebuild.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N]
+                      [--workers N] [--md5] [--check]
+
+Walks every volume's nginx JSON autoindex and writes one record per key found:
+its replicas in placement order (then any others), its size from the listing.
+Works into a new index file, or against the live index while the master
+serves: a key being written or deleted is left alone, and a key the index
+does not know is claimed like a PUT claims it before it is added, so that a
+DELETE that happened since the listing is not undone.
+
+All replicas of a key sit in the same /xx/yy/ folder (xx, yy: the first bytes
+of md5(key)) of whichever volume holds them, so the walk goes folder by folder
+across all volumes at once: it sees every copy of a key together, and holds
+in memory one folder's listings per worker, never a whole volume's.
+"""
+import argparse
+import contextlib
+import hashlib
+import os
+import sqlite3
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import mkvlib
+import tools
+
+PROG = "rebuild"
+HEX = frozenset("0123456789abcdef")
+REPORT_CAP = 200      # problem lines --check prints before it only counts
+SUMMARY = ["seen", "added", "updated", "unchanged", "busy", "skipped", "failed"]
+KINDS = ["missing", "under-replicated", "misplaced", "orphan"]
+
+
+def is_hex_dir(entry):
+    name = entry.get("name", "")
+    return entry.get("type") == "directory" and len(name) == 2 and set(name) <= HEX
+
+
+def is_subvolume_dir(entry):
+    name = entry.get("name", "")
+    return (entry.get("type") == "directory" and len(name) == 4 and name.startswith("sv")
+            and set(name[2:]) <= set("0123456789ABCDEF"))
+
+
+def order_replicas(key, holders, settings):
+    """The original's rule: the holders that are in the key's placement, in
+    placement order, then the others (here in MKV_VOLUMES order, then by name,
+    so that the result does not depend on which listing came first)."""
+    placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
+    first = [v for v in placement if v in holders]
+    rank = {v: i for i, v in enumerate(settings.volumes)}
+    rest = sorted((v for v in holders if v not in placement),
+                  key=lambda v: (rank.get(mkvlib.volume_host(v), len(rank)), v))
+    return first + rest
+
+
+def classify(key, rec, holders, settings):
+    """Problems of one key: [(kind, detail)]. `holders` are the (sub)volumes
+    that have its file. A key being written or deleted has none."""
+    if rec is None:
+        return [("orphan", v) for v in sorted(holders)]
+    if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+        return []
+    placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
+    if not holders:
+        return [("missing", ",".join(rec.volumes))]
+    problems = [("misplaced", v) for v in sorted(holders) if v not in placement]
+    usable = [v for v in rec.volumes if v in holders]
+    if len(usable) < settings.replicas:
+        problems.append(("under-replicated", f"{len(usable)} of {settings.replicas} replicas"
+                         + (f" ({','.join(usable)})" if usable else "")))
+    return problems
+
+
+class Rebuild:
+    def __init__(self, settings, index, volumes, progress, fresh, md5=False, check=False):
+        self.settings, self.index, self.volumes = settings, index, volumes
+        self.progress, self.fresh, self.md5, self.check = progress, fresh, md5, check
+        self.owner = mkvlib.new_owner("rebuild-")
+        self.problems = {k: 0 for k in KINDS}
+        self._report_lock = threading.Lock()
+        self._seen = None
+        if check:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mkv-check-")
+            self._seen = sqlite3.connect(os.path.join(self._tmp.name, "seen.sqlite3"),
+                                         check_same_thread=False, isolation_level=None)
+            self._seen.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                                     "CREATE TABLE seen (key BLOB PRIMARY KEY) WITHOUT ROWID;")
+            self._seen_lock = threading.Lock()
+
+    # -- the walk
+
+    def listdir(self, volume, path):
+        """A listing; None (and one failure counted) if the volume does not give it."""
+        try:
+            return self.volumes.listdir(volume, path)
+        except mkvlib.VolumeError as e:
+            self.progress.count("failed")
+            self.progress.message(f"{PROG}: cannot list {volume}{path}: {e}")
+            return None
+
+    def subvolumes(self):
+        """{(sub)volume: set of its xx folders}. A volume with svXX folders is
+        walked in those; top-level xx folders are walked too (a volume whose
+        MKV_SUBVOLUMES changed, or one written with subvolumes=1)."""
+        tops = {}
+        for host in self.settings.volumes:
+            entries = self.listdir(host, "/")
+            if entries is None:
+                continue
+            subs = [f"{host}/{e['name']}" for e in entries if is_subvolume_dir(e)]
+            flat = {e["name"] for e in entries if is_hex_dir(e)}
+            self.progress.count("skipped", len(entries) - len(subs) - len(flat))
+            if flat:
+                tops[host] = flat
+            for sub in subs:
+                sub_entries = self.listdir(sub, "/")
+                if sub_entries is None:
+                    continue
+                xx = {e["name"] for e in sub_entries if is_hex_dir(e)}
+                self.progress.count("skipped", len(sub_entries) - len(xx))
+                tops[sub] = xx
+        return tops
+
+    def files(self, volume, path, prefix=""):
+        """(name below /xx/yy/, size) of every file under `path`: a name with
+        '/' in its base64 lies in sub-folders."""
+        entries = self.listdir(volume, path)
+        for e in entries or ():
+            name = e.get("name", "")
+            if e.get("type") == "file":
+                yield prefix + name, e.get("size")
+            elif e.get("type") == "directory":
+                yield from self.files(volume, f"{path}{name}/", f"{prefix}{name}/")
+            else:
+                self.progress.count("skipped")
+
+    def walk_top(self, xx, subs):
+        """Every /xx/yy/ folder of every (sub)volume that has /xx/."""
+        try:
+            by_yy = {}
+            for sub in subs:
+                for e in self.listdir(sub, f"/{xx}/") or ():
+                    if is_hex_dir(e):
+                        by_yy.setdefault(e["name"], []).append(sub)
+                    else:
+                        self.progress.count("skipped")
+            for yy in sorted(by_yy):
+                found = {}    # key -> {(sub)volume: size}
+                for sub in by_yy[yy]:
+                    for name, size in self.files(sub, f"/{xx}/{yy}/"):
+                        try:
+                            key = mkvlib.path2key(name)
+                        except ValueError:
+                            key = None
+                        if key is None or mkvlib.key2path(key) != f"/{xx}/{yy}/{name}":
+                            self.progress.count("skipped")   # not a file mkv wrote
+                            continue
+                        found.setdefault(key, {})[sub] = size
+                for key in sorted(found):
+                    try:
+                        self.one_key(key, found[key])
+                    except (mkvlib.MkvError, sqlite3.Error) as e:
+                        self.progress.count("failed")
+                        self.progress.message(f"{PROG}: {show(key)}: {e}")
+                if self._seen is not None and found:
+                    with self._seen_lock:
+                        self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in found])
+        finally:
+            self.progress.add(done=1)
+
+    def run(self, workers):
+        tops = self.subvolumes()
+        units = {}
+        for sub, xxs in tops.items():
+            for xx in xxs:
+                units.setdefault(xx, []).append(sub)
+        self.progress.set_total(len(units))
+        with ThreadPoolExecutor(workers) as pool:
+            for f in [pool.submit(self.walk_top, xx, units[xx]) for xx in sorted(units)]:
+                f.result()
+        if self.check:
+            self.find_missing()
+
+    # -- one key
+
+    def one_key(self, key, found):
+        self.progress.count("seen")
+        size = next(iter(found.values()))
+        self.progress.add(keys=1, nbytes=size or 0)
+        if self.check:
+            return self.check_key(key, found)
+        rec = self.index.get(key)
+        if rec is None:
+            return self.add_key(key, found)
+        if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+            return self.progress.count("busy")
+        volumes = order_replicas(key, found, self.settings)
+        if volumes == rec.volumes and self.size_of(volumes, found) == rec.size and not self.md5:
+            return self.progress.count("unchanged")
+        self.update_key(key, found)
+
+    def size_of(self, volumes, found):
+        return next((found[v] for v in volumes if v in found), None)
+
+    def present(self, candidates):
+        """Those of `candidates` that have the key's file now; a volume that
+        does not answer is kept (its copy is not known to be gone)."""
+        out = []
+        for v, path in candidates:
+            try:
+                if self.volumes.has(v, path):
+                    out.append(v)
+            except mkvlib.VolumeError:
+                out.append(v)
+        return out
+
+    def checksum(self, key, volumes):
+        """(md5, size) of the key's file, read from the first volume that has it."""
+        path = mkvlib.key2path(key)
+        for v in volumes:
+            try:
+                r = self.volumes.open(v, path)
+            except mkvlib.VolumeError:
+                continue
+            if r is None:
+                continue
+            h, n = hashlib.md5(), 0
+            try:
+                for chunk in r.stream(mkvlib.CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
+            except Exception as e:   # a transfer broken off: try the next copy
+                self.progress.message(f"{PROG}: {show(key)}: reading {v} failed: {e}")
+                continue
+            finally:
+                r.release_conn()
+            return h.hexdigest(), n
+        raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+
+    def lease(self, key):
+        # a new index has no one else in it; otherwise keep the lock while we wait on volumes
+        if self.fresh and not self.md5:
+            return contextlib.nullcontext()
+        return mkvlib.Lease(self.index, key, self.owner)
+
+    def add_key(self, key, found):
+        """A key the index does not know: claim it as a PUT would, check that
+        the files are still there (a DELETE may have happened since the
+        listing), then make it live with those."""
+        volumes = order_replicas(key, found, self.settings)
+        if not self.index.claim(key, volumes, self.owner):
+            return self.progress.count("busy")   # written meanwhile: the master's record wins
+        done = False
+        try:
+            with self.lease(key):
+                path = mkvlib.key2path(key)
+                if not self.fresh:
+                    volumes = self.present([(v, path) for v in volumes])
+                if not volumes:
+                    return self.progress.count("unchanged")   # deleted since the listing
+                size = self.size_of(volumes, found)
+                md5 = None
+                if self.md5:
+                    md5, size = self.checksum(key, volumes)
+                if self.index.set_facts(key, self.owner, volumes, size, md5) and \
+                        self.index.finish_put(key, self.owner, md5, size):
+                    done = True
+                    self.progress.count("added")
+                else:
+                    raise mkvlib.KeyBusy("lost the lock while adding the key")
+        finally:
+            if not done:
+                self.index.abandon_put(key, self.owner, leftovers=False)
+
+    def update_key(self, key, found):
+        """A live or unlinked key whose record differs from the listing: lock
+        it, look again at every copy listed or recorded, and record those."""
+        try:
+            rec = tools.lock_key(self.index, key, self.owner)
+        except mkvlib.KeyBusy:
+            return self.progress.count("busy")
+        if rec is None:
+            return self.progress.count("unchanged")   # deleted since
+        try:
+            with self.lease(key):
+                if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+                    return self.progress.count("busy")
+                path = mkvlib.key2path(key)
+                candidates = list(dict.fromkeys(list(found) + rec.volumes))
+                volumes = order_replicas(key, self.present([(v, path) for v in candidates]), self.settings)
+                if not volumes:
+                    return self.progress.count("unchanged")
+                size = self.size_of(volumes, found)
+                if size is None:
+                    size = rec.size
+                md5 = rec.md5 if size == rec.size else None
+                if self.md5:
+                    md5, size = self.checksum(key, volumes)
+                if (volumes, size, md5) == (rec.volumes, rec.size, rec.md5):
+                    return self.progress.count("unchanged")
+                if not self.index.set_facts(key, self.owner, volumes, size, md5):
+                    raise mkvlib.KeyBusy("lost the lock while updating the key")
+                self.progress.count("updated")
+        finally:
+            self.index.release(key, self.owner)
+
+    # -- --check
+
+    def check_key(self, key, found):
+        rec = self.index.get(key)
+        if classify(key, rec, set(found), self.settings):
+            self.confirm(key, found)
+
+    def confirm(self, key, listed=()):
+        """Something looked wrong in a listing: look again now (the master may
+        have written or deleted the key since), and report what remains."""
+        rec = self.index.get(key)
+        placement = mkvlib.key2volume(key, self.settings.volumes, self.settings.replicas,
+                                      self.settings.subvolumes)
+        path = mkvlib.key2path(key)
+        # the listing's holders too: a misplaced file is on neither of the others
+        candidates = set(placement) | set(rec.volumes if rec else ()) | set(listed)
+        holders = set()
+        for v in candidates:
+            try:
+                if self.volumes.has(v, path):
+                    holders.add(v)
+            except mkvlib.VolumeError:
+                holders.add(v)
+        for kind, detail in classify(key, rec, holders, self.settings):
+            self.report(kind, key, detail)
+
+    def report(self, kind, key, detail):
+        with self._report_lock:
+            self.problems[kind] += 1
+            if sum(self.problems.values()) <= REPORT_CAP:
+                print(f"{kind} {show(key)} {detail}", flush=True)
+
+    def find_missing(self):
+        """Keys of the index that the walk did not see anywhere."""
+        for rec in self.index.scan():
+            if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+                continue
+            with self._seen_lock:
+                seen = self._seen.execute("SELECT 1 FROM seen WHERE key = ?", (rec.key,)).fetchone()
+            if not seen:
+                self.confirm(rec.key)
+
+
+def show(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="rebuild.py",
+        description="Rebuild mkv's index from the files on the volumes (into a new index file, or "
+                    "into the live one while the master serves), or compare them with --check.",
+        epilog="Settings not given as flags come from MKV_VOLUMES, MKV_DB, MKV_REPLICAS, MKV_SUBVOLUMES. "
+               "Exit status: 0 done, 1 something failed (or --check found problems), 2 bad settings.")
+    tools.add_common_args(parser)
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing: report keys with fewer replicas than they should have, "
+                             "keys with no file anywhere, files no key owns (orphans) and files outside "
+                             "their key's placement (misplaced)")
+    parser.add_argument("--md5", action="store_true",
+                        help="read every file and record its md5 (default: md5 left empty for new keys)")
+    args = parser.parse_args(argv)
+    settings = tools.settings_from_args(PROG, args)
+    fresh = not os.path.exists(settings.db)
+    if args.check and fresh:
+        print(f"{PROG}: --check compares with an existing index, and {settings.db} does not exist",
+              file=sys.stderr)
+        return 2
+    index = tools.open_index(PROG, settings.db)
+    volumes = mkvlib.Volumes(timeout=settings.voltimeout, maxsize=max(64, args.workers * 2))
+    progress = tools.Progress(PROG, unit="folders")
+    job = Rebuild(settings, index, volumes, progress, fresh, md5=args.md5, check=args.check)
+    try:
+        job.run(args.workers)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"{PROG}: interrupted; run it again to finish", file=sys.stderr)
+        return 1
+    progress.close()
+    print(progress.summary(SUMMARY, "listed"), flush=True)
+    failed = progress.counts.get("failed", 0)
+    if args.check:
+        print(f"{PROG} --check: " + ", ".join(f"{job.problems[k]} {k}" for k in KINDS), flush=True)
+        return 1 if failed or any(job.problems.values()) else 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""What rebuild.py and rebalance.py share: their settings flags, the per-key
+lock with take-over from dead tools, the progress display and the summary.
+
+The tools run with plain threads (no gevent); mkvlib's Index and Volumes are
+safe to share between them.
+"""
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+
+import mkvlib
+
+STATUS_EVERY = 5.0      # seconds between status lines when stderr is not a terminal
+
+
+# ---------------------------------------------------------------- settings
+
+def add_common_args(parser: argparse.ArgumentParser, workers=8):
+    parser.add_argument("--volumes", metavar="H:P,H:P,...",
+                        help="volume servers, comma-separated (default: $MKV_VOLUMES)")
+    parser.add_argument("--db", metavar="FILE", help="the SQLite index file (default: $MKV_DB)")
+    parser.add_argument("--replicas", metavar="N", help="copies of each key (default: $MKV_REPLICAS or 3)")
+    parser.add_argument("--subvolumes", metavar="N",
+                        help="svXX folders per volume (default: $MKV_SUBVOLUMES or 10)")
+    parser.add_argument("--workers", metavar="N", type=int, default=workers,
+                        help=f"keys or folders worked on at once (default: {workers})")
+
+
+def settings_from_args(prog, args) -> mkvlib.Settings:
+    """Flags over MKV_*; a bad setting is one line on stderr and exit status 2."""
+    try:
+        if args.workers < 1 or args.workers > 256:
+            raise mkvlib.SettingsError(f"--workers: {args.workers} is out of range (1 to 256)")
+        return mkvlib.Settings.from_env(volumes=args.volumes, db=args.db, replicas=args.replicas,
+                                        subvolumes=args.subvolumes)
+    except mkvlib.SettingsError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def open_index(prog, path) -> mkvlib.Index:
+    try:
+        return mkvlib.Index(path)
+    except mkvlib.SettingsError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------- locks
+
+def owner_is_dead(owner: str) -> bool:
+    """True if a lock owner token (mkvlib.new_owner: host:pid:...) names a
+    process of this machine that no longer exists."""
+    try:
+        host, pid, _ = owner.split(":", 2)
+        pid = int(pid)
+    except (AttributeError, ValueError):
+        return False
+    if host != socket.gethostname() or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def lock_key(index: mkvlib.Index, key: bytes, owner: str):
+    """Index.lock, but a lock left by a killed process of this machine is
+    taken over at once instead of waiting for its lease to run out.
+    Returns the record (None: no such key); KeyBusy if someone live holds it."""
+    try:
+        return index.lock(key, owner)
+    except mkvlib.KeyBusy:
+        rec = index.get(key)
+        if rec is not None and rec.lock_owner and owner_is_dead(rec.lock_owner):
+            taken = index.take_over(key, rec.lock_owner, owner)
+            if taken is not None:
+                return taken
+        raise
+
+
+# ---------------------------------------------------------------- progress
+
+def human_bytes(n):
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def human_time(seconds):
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+class Progress:
+    """Counters of a run, shown as it goes and summed up at the end.
+
+    `done`/`total` count the units the time left is computed from (folders
+    for rebuild, keys for rebalance); `keys` and `bytes` are shown beside
+    them. On a terminal it is a tqdm bar; otherwise one plain line every few
+    seconds on stderr. Thread-safe."""
+
+    def __init__(self, prog, total=None, unit="keys", stream=None, every=STATUS_EVERY, tty=None):
+        self.prog, self.total, self.unit = prog, total, unit
+        self.stream = stream or sys.stderr
+        self.every = every
+        self.counts = {}
+        self.done = 0
+        self.keys = 0
+        self.bytes = 0
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._bar = None
+        self._thread = None
+        tty = self.stream.isatty() if tty is None else tty
+        if tty:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, unit=" " + unit, desc=prog, file=self.stream,
+                             dynamic_ncols=True, smoothing=0.1)
+        elif every:
+            self._thread = threading.Thread(target=self._lines, daemon=True, name="progress")
+            self._thread.start()
+
+    def count(self, name, n=1):
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + n
+
+    def add(self, done=0, keys=0, nbytes=0):
+        with self._lock:
+            self.done += done
+            self.keys += keys
+            self.bytes += nbytes
+            if self._bar is not None:
+                self._bar.set_postfix_str(f"{self.keys} keys, {human_bytes(self.bytes)}", refresh=False)
+                if done:
+                    self._bar.update(done)
+
+    def set_total(self, total):
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.total = total
+                self._bar.refresh()
+
+    def status(self):
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        parts = [f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"]
+        if self.total:
+            parts[0] += f" ({100 * self.done / max(self.total, 1):.0f}%)"
+        parts.append(f"{self.keys} keys, {human_bytes(self.bytes)}")
+        parts.append(f"{self.keys / elapsed:.0f} keys/s, {human_bytes(self.bytes / elapsed)}/s")
+        if self.total and self.done:
+            left = elapsed * (self.total - self.done) / self.done
+            parts.append(f"{human_time(left)} left")
+        return f"{self.prog}: " + ", ".join(parts)
+
+    def _lines(self):
+        while not self._stop.wait(self.every):
+            print(self.status(), file=self.stream, flush=True)
+
+    def message(self, text):
+        """A line of its own, that does not break the bar."""
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._bar is not None:
+            self._bar.close()
+
+    def elapsed(self):
+        return time.monotonic() - self.started
+
+    def summary(self, names, byte_word):
+        """One line: 'prog: 312 keys seen, 120 moved, ..., 1.2 GB copied in 14.2 s'."""
+        parts = [f"{self.counts.get(n, 0)} {n}" for n in names]
+        parts[0] = parts[0].replace(" ", " keys ", 1)
+        return (f"{self.prog}: " + ", ".join(parts)
+                + f", {human_bytes(self.bytes)} {byte_word} in {self.elapsed():.1f} s")
