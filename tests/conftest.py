@@ -59,7 +59,7 @@ class Server:
         if self.proc.poll() is not None:
             raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
         try:
-            requests.get(f"http://127.0.0.1:{self.port}/", timeout=1)
+            requests.get(f"http://127.0.0.1:{self.port}/", timeout=1, allow_redirects=False)
             return True
         except requests.ConnectionError:
             return False
@@ -146,11 +146,16 @@ class Cluster:
     def url(self, key):
         return f"http://127.0.0.1:{self.master.port}{key}"
 
-    def restart_master(self, **settings):
+    def restart_master(self, volumes=None, **settings):
+        """Restart the master (same port and index); `volumes`: the volume names
+        it is given now (default: all), while every volume keeps running."""
         self.master.stop()
         self.settings = settings or self.settings
-        self.master = start_master(self.workdir, self.volume_names(), port=self.master.port,
+        self.master = start_master(self.workdir, volumes or self.volume_names(), port=self.master.port,
                                    workers=self.workers, **self.settings)
+
+    def db(self):
+        return os.path.join(self.workdir, "index.sqlite3")
 
     def stop(self):
         self.master.stop()

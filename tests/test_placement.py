@@ -1,0 +1,169 @@
+"""The on-disk format and placement: the original Go minikeyvalue's, bit for bit."""
+import base64
+import os
+import socket
+
+import falcon.testing
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import mkv
+import mkvlib
+from conftest import Http, start_master, start_volume
+
+
+# ---------------------------------------------------------------- fixed values
+
+def test_key2path_of_hello():
+    assert mkvlib.key2path(b"hello") == "/5d/41/aGVsbG8="
+
+
+def test_key2path_of_wehave():
+    assert mkvlib.key2path(b"/wehave") == "/60/08/L3dlaGF2ZQ=="
+
+
+def test_key2volume_of_the_issue_example():
+    volumes = ["localhost:4001", "localhost:4002", "localhost:4003"]
+    assert mkvlib.key2volume(b"/wehave", volumes, 3, 10) == [
+        "localhost:4002/sv00", "localhost:4001/sv08", "localhost:4003/sv04"]
+
+
+def test_key2volume_with_one_subvolume_is_the_bare_volume():
+    volumes = ["localhost:4001", "localhost:4002", "localhost:4003"]
+    assert mkvlib.key2volume(b"/wehave", volumes, 2, 1) == ["localhost:4002", "localhost:4001"]
+
+
+def test_path2key_reverses_key2path():
+    assert mkvlib.path2key("L3dlaGF2ZQ==") == b"/wehave"
+    with pytest.raises(ValueError):
+        mkvlib.path2key("not base64!")
+
+
+def test_prefix_end_bounds_a_prefix_like_bytes():
+    assert mkvlib.prefix_end(b"/we") == b"/wf"
+    assert mkvlib.prefix_end(b"/a\xff\xff") == b"/b"
+    assert mkvlib.prefix_end(b"\xff") is None
+
+
+# ---------------------------------------------------------------- properties
+
+keys = st.binary(min_size=1, max_size=64).map(lambda b: b"/" + b)
+volume_sets = st.lists(st.from_regex(r"\Ahost[0-9]{1,3}:[0-9]{2,5}\Z"), min_size=1, max_size=8, unique=True)
+
+
+@given(keys, volume_sets, st.integers(1, 8), st.integers(1, 256))
+def test_placement_is_distinct_volumes_and_ignores_their_order(key, volumes, replicas, subvolumes):
+    replicas = min(replicas, len(volumes))
+    chosen = mkvlib.key2volume(key, volumes, replicas, subvolumes)
+    assert len(chosen) == replicas
+    assert len({mkvlib.volume_host(v) for v in chosen}) == replicas
+    assert chosen == mkvlib.key2volume(key, list(reversed(volumes)), replicas, subvolumes)
+
+
+@given(keys, volume_sets, st.from_regex(r"\Anew[0-9]{1,3}:[0-9]{2,5}\Z"))
+def test_adding_a_volume_moves_a_key_only_onto_the_new_volume(key, volumes, new):
+    before = mkvlib.key2volume(key, volumes, 1, 10)
+    after = mkvlib.key2volume(key, volumes + [new], 1, 10)
+    assert after == before or mkvlib.volume_host(after[0]) == new
+
+
+@given(keys)
+def test_key2path_is_md5_folders_and_base64(key):
+    path = mkvlib.key2path(key)
+    _, a, b, name = path.split("/", 3)
+    assert len(a) == len(b) == 2
+    assert base64.b64decode(name) == key
+
+
+@given(st.text(min_size=1, max_size=60).map(lambda t: "/" + t))
+def test_every_short_utf8_key_is_storable(text):
+    # valid UTF-8 never holds the bytes that make '//' in base64
+    key = text.encode("utf-8")
+    if base64.b64encode(key).endswith(b"/"):
+        with pytest.raises(mkvlib.BadKey):
+            mkvlib.check_storable(key)
+    else:
+        mkvlib.check_storable(key)
+
+
+@settings(max_examples=200)
+@given(st.lists(keys, min_size=1, max_size=30, unique=True), keys, st.integers(1, 5))
+def test_listing_pages_cover_every_key_with_the_prefix_once(tmp_path_factory, all_keys, prefix, limit):
+    index = mkvlib.Index(str(tmp_path_factory.mktemp("idx") / "i.sqlite3"))
+    for k in all_keys:
+        index.start_put(k, ["v:1"], "t")
+        index.finish_put(k, "t", "0" * 32, 1)
+    want = sorted(k for k in all_keys if k.startswith(prefix))
+    got, start = [], b""
+    while True:
+        page, nxt = index.list(prefix, start, limit)
+        got += page
+        if nxt is None:
+            break
+        start = nxt
+    assert got == want
+
+
+# ---------------------------------------------------------------- the HTTP edge, in process
+
+@pytest.fixture
+def client(tmp_path):
+    s = mkvlib.Settings.from_env({"MKV_VOLUMES": "127.0.0.1:9", "MKV_DB": str(tmp_path / "i.sqlite3"),
+                                  "MKV_REPLICAS": "1"})
+    return falcon.testing.TestClient(mkv.create_app(s))
+
+
+@pytest.mark.parametrize("query, says", [
+    ("bogus", "unknown query parameter: bogus"),
+    ("list&list", "given twice"),
+    ("list&unlinked", "not both"),
+    ("limit=3", "go with ?list"),
+    ("list=yes", "takes no value"),
+    ("list&limit=many", "limit must be"),
+])
+def test_bad_queries_are_400_with_a_reason(client, query, says):
+    r = client.simulate_get("/k", query_string=query)
+    assert r.status_code == 400 and says in r.text and r.text.count("\n") == 1
+
+
+def test_errors_map_to_their_status(client):
+    assert client.simulate_get("/missing").status_code == 404
+    assert client.simulate_request("OPTIONS", "/k").status_code == 405
+    assert client.simulate_put("/k", body=b"").status_code == 411
+    assert client.simulate_put("/" + "x" * 400, body=b"v").status_code == 414
+
+
+def test_a_put_to_an_unreachable_volume_is_503(client):
+    r = client.simulate_put("/k", body=b"v")
+    assert r.status_code == 503 and "127.0.0.1:9" in r.text
+    assert client.simulate_get("/k").status_code == 404
+
+
+# ---------------------------------------------------------------- the example, live
+
+def ports_free(*ports):
+    for p in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+            except OSError:
+                return False
+    return True
+
+
+def test_wehave_lands_where_the_original_puts_it(tmp_path):
+    if not ports_free(4001, 4002, 4003):
+        pytest.skip("ports 4001-4003 are taken on this machine; the example needs exactly those names")
+    vols = [start_volume(str(tmp_path / f"v{p}"), port=p) for p in (4001, 4002, 4003)]
+    master = start_master(str(tmp_path), ["localhost:4001", "localhost:4002", "localhost:4003"])
+    try:
+        http = Http()
+        assert http.put(f"http://127.0.0.1:{master.port}/wehave", data=b"bigswag").status_code == 201
+        r = http.get(f"http://127.0.0.1:{master.port}/wehave")
+        assert r.headers["Key-Volumes"] == "localhost:4002/sv00,localhost:4001/sv08,localhost:4003/sv04"
+        with open(os.path.join(str(tmp_path / "v4001"), "sv08/60/08/L3dlaGF2ZQ=="), "rb") as f:
+            assert f.read() == b"bigswag"
+    finally:
+        master.stop()
+        for v in vols:
+            v.stop()
