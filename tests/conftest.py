@@ -52,7 +52,11 @@ class Server:
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _running.append(self)
-        wait_until(self._answers, START_TIMEOUT, f"{self.name} on port {self.port}")
+        try:
+            wait_until(self._answers, START_TIMEOUT, f"{self.name} on port {self.port}")
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
         return self
 
     def _answers(self):
@@ -137,8 +141,14 @@ class Cluster:
         self.settings = settings
         self.workers = workers
         self.volume_dirs = [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)]
-        self.volumes = [start_volume(d) for d in self.volume_dirs]
-        self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
+        self.volumes, self.master = [], None
+        try:
+            for d in self.volume_dirs:
+                self.volumes.append(start_volume(d))
+            self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
+        except BaseException:
+            self.stop()
+            raise
 
     def volume_names(self):
         return [f"127.0.0.1:{v.port}" for v in self.volumes]
@@ -158,7 +168,8 @@ class Cluster:
         return os.path.join(self.workdir, "index.sqlite3")
 
     def stop(self):
-        self.master.stop()
+        if self.master:
+            self.master.stop()
         for v in self.volumes:
             v.stop()
 
