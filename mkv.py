@@ -151,7 +151,7 @@ class Master:
         state = mkvlib.LIVE if listing[0] == "list" else mkvlib.UNLINKED
         keys, nxt = self.store.index.list(key, start, limit, state)
         if limit is None and nxt is not None:
-            raise falcon.HTTPPayloadTooLarge(
+            raise falcon.HTTPContentTooLarge(
                 title=f"more than {mkvlib.LIST_MAX} keys: page with &limit=N&start=NEXT")
         resp.content_type = falcon.MEDIA_JSON
         resp.text = json.dumps({

@@ -167,3 +167,15 @@ def test_wehave_lands_where_the_original_puts_it(tmp_path):
         master.stop()
         for v in vols:
             v.stop()
+
+
+def test_listing_more_than_the_cap_without_a_limit_is_413(client, tmp_path, monkeypatch):
+    monkeypatch.setattr(mkvlib, "LIST_MAX", 3)
+    index = mkvlib.Index(str(tmp_path / "i.sqlite3"))
+    for i in range(4):
+        index.start_put(b"/many/%d" % i, ["v:1"], "t")
+        index.finish_put(b"/many/%d" % i, "t", "0" * 32, 1)
+    r = client.simulate_get("/many/", query_string="list")
+    assert r.status_code == 413 and "limit" in r.text
+    r = client.simulate_get("/many/", query_string="list&limit=3")
+    assert r.status_code == 200 and r.json == {"next": "/many/3", "keys": ["/many/0", "/many/1", "/many/2"]}
