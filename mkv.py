@@ -34,6 +34,7 @@ ERROR_STATUS = {
     mkvlib.VolumeError: falcon.HTTP_502,
     mkvlib.Unavailable: falcon.HTTP_503,
     mkvlib.DeleteIncomplete: falcon.HTTP_500,
+    mkvlib.IndexBusy: falcon.HTTP_503,
 }
 
 QUERIES = {"list", "unlinked", "start", "limit"}

@@ -99,6 +99,10 @@ class DeleteIncomplete(MkvError):
     pass
 
 
+class IndexBusy(MkvError):
+    """Another process held the index's write lock for longer than BUSY_TIMEOUT."""
+
+
 # ---------------------------------------------------------------- settings
 
 def _parse_hostport(name, value):
@@ -316,8 +320,12 @@ class Index:
             # NORMAL in WAL mode survives any process crash; only power loss can
             # drop the last commits (nginx does not fsync values either).
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            # From here on SQLite never waits for a lock by itself: its busy
+            # handler sleeps in C, which would stall every greenlet of a gevent
+            # worker. _Tx waits instead, with time.sleep (a greenlet switch there).
+            self.db.execute("PRAGMA busy_timeout=0")
+            self.busy_timeout = busy_timeout
         except sqlite3.Error as e:
             raise SettingsError(f"MKV_DB={path}: cannot open the index: {e}") from None
         except OSError as e:
@@ -335,7 +343,7 @@ class Index:
         def __enter__(self):
             self.index._mutex.acquire()
             try:
-                self.index.db.execute(f"BEGIN {self.mode}")
+                self.index._begin(self.mode)
             except BaseException:
                 self.index._mutex.release()
                 raise
@@ -352,6 +360,23 @@ class Index:
 
     def _write(self):
         return self._Tx(self, "IMMEDIATE")
+
+    def _begin(self, mode):
+        """BEGIN, waiting up to busy_timeout while another process writes."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.0005
+        while True:
+            try:
+                self.db.execute(f"BEGIN {mode}")
+                return
+            except sqlite3.OperationalError as e:
+                if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                    raise
+                if time.monotonic() > deadline:
+                    raise IndexBusy(f"the index stayed locked by another process for "
+                                    f"{self.busy_timeout:.0f} s; try again") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
 
     def _maybe_checkpoint(self):
         """WAL grows without bound if readers never let an automatic checkpoint
