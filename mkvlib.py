@@ -33,6 +33,7 @@ DOWN_RETRY = 5.0           # seconds a volume that failed is skipped before one 
 TRANSFER_TIMEOUT = 30.0    # seconds of silence from a volume during a data transfer
 BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
 CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
+KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 NAME_MAX = 255             # longest file name a volume's filesystem takes
 MAX_SUBVOLUMES = 256       # svXX: the subvolume folder name has two hex digits
 LIST_MAX = 1_000_000       # keys one listing may return
@@ -705,9 +706,10 @@ class Volumes:
             quote(volume[len(host):] + path, safe="/=+").encode(), host.encode())
         idle = self._head_socks.setdefault(host, [])
         for attempt in (1, 2):
-            reused = bool(idle)
+            sock = self._idle_socket(idle) if attempt == 1 else None
+            reused = sock is not None
             try:
-                sock = idle.pop() if reused else self._connect(host)
+                sock = sock or self._connect(host)
             except OSError as e:
                 self.mark_down(host, _reason(e))
                 raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
@@ -716,12 +718,12 @@ class Volumes:
                 status, keep = _read_head_answer(sock)
             except (OSError, ValueError) as e:
                 sock.close()
-                if reused and attempt == 1 and not isinstance(e, socket.timeout):
-                    continue   # nginx closed an idle keep-alive socket: once more, on a new one
+                if reused and not isinstance(e, socket.timeout):
+                    continue   # nginx closed a kept-alive socket: once more, on a new one
                 self.mark_down(host, _reason(e))
                 raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
             if keep and len(idle) < self._maxsize:
-                idle.append(sock)
+                idle.append((sock, time.monotonic()))
             else:
                 sock.close()
             self.mark_up(host)
@@ -730,6 +732,17 @@ class Volumes:
             if status == 404:
                 return False
             raise VolumeError(f"volume {host} answered HEAD with {status}")
+
+    @staticmethod
+    def _idle_socket(idle):
+        """A kept-alive socket that nginx has not timed out yet (its
+        keepalive_timeout is 75 s), or None."""
+        while idle:
+            sock, since = idle.pop()
+            if time.monotonic() - since < KEEPALIVE_IDLE:
+                return sock
+            sock.close()
+        return None
 
     def _connect(self, host):
         name, _, port = host.rpartition(":")

@@ -1,4 +1,5 @@
 """What the master does when volumes, workers or clients fail: real servers, real faults."""
+import concurrent.futures
 import hashlib
 import os
 import signal
@@ -252,3 +253,18 @@ def test_a_256_mb_value_streams_through_the_master_in_bounded_memory(cluster, ht
             got.update(chunk)
     assert got.hexdigest() == body.md5.hexdigest()
     http.delete(cluster.url(key))
+
+
+def test_a_restarted_volume_is_not_taken_for_down_on_the_next_get(private_cluster, key):
+    # the master keeps sockets to volumes alive; a volume restart closes them
+    c = private_cluster(n_volumes=1, replicas=1, subvolumes=1, workers=1)
+    http = Http()
+    http.put(c.url(key), data=b"v")
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:   # several sockets at once
+        codes = list(pool.map(lambda _: requests.get(c.url(key), allow_redirects=False, timeout=10).status_code,
+                              range(64)))
+    assert set(codes) == {302}
+    c.volumes[0].restart()
+    for _ in range(5):
+        assert http.get(c.url(key)).status_code == 302
+    assert "is down" not in c.master.tail(200)
