@@ -46,8 +46,8 @@ class Rebalance:
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
         self.owner = mkvlib.new_owner("rebalance-")
         self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
-        self.busy = []
-        self._busy_lock = threading.Lock()
+        self.again = []                 # keys busy or failed on the first try: one more at the end
+        self._again_lock = threading.Lock()
 
     def placement(self, key):
         s = self.settings
@@ -77,7 +77,7 @@ class Rebalance:
             for rec in self.index.scan():
                 slots.acquire()
                 pool.submit(task, rec)
-        for key in self.busy:    # once more, now that the others are done
+        for key in self.again:    # once more, now that the others are done
             rec = self.index.get(key)
             if rec is not None:
                 self.locked(rec, final=True)
@@ -109,18 +109,23 @@ class Rebalance:
         except mkvlib.KeyBusy:
             if final:
                 return self.progress.count("busy")
-            with self._busy_lock:
-                self.busy.append(rec.key)
-            return
+            return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
         try:
             with mkvlib.Lease(self.index, rec.key, self.owner):
                 self.move(rec)
         except (mkvlib.MkvError, sqlite3.Error) as e:
-            self.fail(rec.key, str(e))
+            if final:
+                self.fail(rec.key, str(e))
+            else:   # a volume may have been slow or restarting: one more try at the end
+                self.later(rec.key)
         finally:
             self.index.release(rec.key, self.owner)
+
+    def later(self, key):
+        with self._again_lock:
+            self.again.append(key)
 
     # -- one key, locked
 
@@ -262,7 +267,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     settings = tools.settings_from_args(PROG, args)
     index = tools.open_index(PROG, settings.db)
-    volumes = mkvlib.Volumes(timeout=settings.voltimeout, maxsize=max(64, args.workers * 4))
+    volumes = tools.open_volumes(settings, args.workers)
     progress = tools.Progress(PROG, unit="keys")
     job = Rebalance(settings, index, volumes, progress)
     try:

@@ -378,7 +378,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     index = tools.open_index(PROG, settings.db)
-    volumes = mkvlib.Volumes(timeout=settings.voltimeout, maxsize=max(64, args.workers * 2))
+    volumes = tools.open_volumes(settings, args.workers)
     progress = tools.Progress(PROG, unit="folders")
     job = Rebuild(settings, index, volumes, progress, fresh, md5=args.md5, check=args.check)
     try:

@@ -14,6 +14,7 @@ import time
 import mkvlib
 
 STATUS_EVERY = 5.0      # seconds between status lines when stderr is not a terminal
+VOLUME_TIMEOUT = 10.0   # seconds the tools wait at least for a volume to connect or answer
 
 
 # ---------------------------------------------------------------- settings
@@ -39,6 +40,13 @@ def settings_from_args(prog, args) -> mkvlib.Settings:
     except mkvlib.SettingsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def open_volumes(settings, workers) -> mkvlib.Volumes:
+    """The tools' volume client. MKV_VOLTIMEOUT is tuned for the master, which
+    must answer a GET quickly; a tool would rather wait than fail a key, so
+    it waits at least VOLUME_TIMEOUT seconds for a volume to answer."""
+    return mkvlib.Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4))
 
 
 def open_index(prog, path) -> mkvlib.Index:
