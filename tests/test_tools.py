@@ -404,6 +404,40 @@ def test_rebalance_killed_halfway_and_run_again_converges_and_a_third_run_moves_
     assert counts["moved"] == 0 and counts["repaired"] == 0 and counts["unchanged"] == len(data)
 
 
+def test_rebalance_streams_a_value_without_holding_it_in_memory(private_cluster):
+    import psutil
+    c = private_cluster(n_volumes=3, replicas=1)
+    names = c.volume_names()
+    size = 96 * 1024 * 1024
+    key = "/stream/big"
+    chunk = os.urandom(1024 * 1024)
+    r = requests.put(c.url(key), data=iter([chunk] * (size // len(chunk))), timeout=120)
+    assert r.status_code == 201, r.text
+    placement = mkvlib.key2volume(key.encode(), names, 1, 10)[0]
+    others = [v for v in names if v != mkvlib.volume_host(placement)]   # the key must move off its volume
+    env = dict(os.environ, MKV_VOLUMES=",".join(others), MKV_DB=c.db(), MKV_REPLICAS="1")
+    proc = subprocess.Popen([sys.executable, "rebalance.py"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    try:
+        ps = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.01)
+        out, err = proc.communicate(timeout=TOOL_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert summary(out, "rebalance")["moved"] == 1
+    assert peak < 80 * 1024 * 1024, f"rebalance peaked at {peak >> 20} MB moving a {size >> 20} MB value"
+    target = mkvlib.key2volume(key.encode(), others, 1, 10)[0]
+    with open(disk_path(c, target, key), "rb") as f:
+        assert hashlib.md5(f.read()).hexdigest() == hashlib.md5(chunk * (size // len(chunk))).hexdigest()
+
+
 def test_rebalance_keeps_unlinked_keys_unlinked_and_moves_their_bytes(private_cluster):
     c = private_cluster(n_volumes=4, replicas=2)
     four = c.volume_names()
