@@ -271,6 +271,16 @@ CREATE TABLE IF NOT EXISTS keys (
     lock_until REAL                   -- unix time the lock expires unless renewed
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_unlinked ON keys (key) WHERE state = 'unlinked';
+-- Copies that rebalance.py stopped using but has not removed yet: the index no
+-- longer sends reads to them, but a redirect handed out just before may still
+-- be followed, so they go a little later. Written in the same transaction as
+-- the switch, so a killed rebalance leaves no copy that nothing records.
+CREATE TABLE IF NOT EXISTS pending_deletes (
+    key    BLOB NOT NULL,
+    volume TEXT NOT NULL,
+    since  REAL NOT NULL,             -- unix time the index stopped pointing at it
+    PRIMARY KEY (key, volume)
+) WITHOUT ROWID;
 """
 COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
 # state meanings:
@@ -386,14 +396,19 @@ class Index:
         if now - self._last_checkpoint >= CHECKPOINT_EVERY:
             self._last_checkpoint = now
             try:
-                self.db.execute("PRAGMA wal_checkpoint(RESTART)")
+                with self._mutex:
+                    self.db.execute("PRAGMA wal_checkpoint(RESTART)")
             except sqlite3.Error:
                 pass   # busy: the next one will do
 
     # -- reads
 
+    # Reads take the mutex too: on a connection shared by threads, a read in
+    # the middle of another thread's transaction would see its uncommitted rows.
+
     def get(self, key: bytes):
-        row = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
+        with self._mutex:
+            row = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
         return Record.from_row(row) if row else None
 
     def list(self, prefix: bytes, start: bytes = b"", limit=None, state=LIVE):
@@ -408,7 +423,8 @@ class Index:
         sql = (f"SELECT key FROM keys WHERE state = '{state}' AND key >= ?"
                + (" AND key < ?" if high is not None else "") + " ORDER BY key LIMIT ?")
         params = (low, high, want) if high is not None else (low, want)
-        keys = [bytes(r[0]) for r in self.db.execute(sql, params)]
+        with self._mutex:
+            keys = [bytes(r[0]) for r in self.db.execute(sql, params)]
         if len(keys) == want:
             return keys[:-1], keys[-1]
         return keys, None
@@ -417,11 +433,13 @@ class Index:
         """Every record in key order, read in short transactions of `batch` rows."""
         last = after
         while True:
-            if last is None:
-                rows = self.db.execute(f"SELECT {COLUMNS} FROM keys ORDER BY key LIMIT ?", (batch,)).fetchall()
-            else:
-                rows = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
-                                       (last, batch)).fetchall()
+            with self._mutex:
+                if last is None:
+                    rows = self.db.execute(f"SELECT {COLUMNS} FROM keys ORDER BY key LIMIT ?",
+                                           (batch,)).fetchall()
+                else:
+                    rows = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
+                                           (last, batch)).fetchall()
             if not rows:
                 return
             for row in rows:
@@ -533,7 +551,8 @@ class Index:
     # -- for the tools (rebuild.py, rebalance.py)
 
     def count(self):
-        return self.db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
+        with self._mutex:
+            return self.db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
 
     def claim(self, key, volumes, owner, lease=LOCK_LEASE):
         """Claim a key that has no record, as a PUT does (state 'writing', locked
@@ -561,29 +580,10 @@ class Index:
                              (owner, time.time() + lease, key, old_owner))
             return self._get(db, key) if cur.rowcount == 1 else None
 
-    # Copies that rebalance.py stopped using but has not removed yet: the index
-    # no longer sends reads to them, and a redirect given out just before may
-    # still be followed, so they go a little later. Kept here, in the same
-    # transaction as the switch, so that a killed rebalance leaves none behind.
-    PENDING_SCHEMA = """
-    CREATE TABLE IF NOT EXISTS pending_deletes (
-        key    BLOB NOT NULL,
-        volume TEXT NOT NULL,
-        since  REAL NOT NULL,            -- unix time the index stopped pointing at it
-        PRIMARY KEY (key, volume)
-    ) WITHOUT ROWID;
-    """
-
-    def _pending_table(self, db):
-        if not getattr(self, "_has_pending", False):
-            db.execute(self.PENDING_SCHEMA)
-            self._has_pending = True
-
     def switch_volumes(self, key, owner, volumes, dropped):
         """Set a locked key's replicas to `volumes` and note the copies on
         `dropped` for a later delete, at once. False if the lock was lost."""
         with self._write() as db:
-            self._pending_table(db)
             cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
                              (",".join(volumes), key, owner))
             if cur.rowcount != 1:
@@ -595,14 +595,12 @@ class Index:
 
     def pending_deletes(self):
         """[(key, volume, since)] of copies waiting to be removed, oldest first."""
-        with self._write() as db:
-            self._pending_table(db)
-        rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
+        with self._mutex:
+            rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
         return [(bytes(k), v, s) for k, v, s in rows]
 
     def pending_done(self, key, volume):
         with self._write() as db:
-            self._pending_table(db)
             db.execute("DELETE FROM pending_deletes WHERE key = ? AND volume = ?", (key, volume))
 
 
@@ -620,7 +618,7 @@ class Lease:
             try:
                 if not self.index.renew(self.key, self.owner, self.lease):
                     return
-            except sqlite3.Error:
+            except (sqlite3.Error, IndexBusy):
                 pass   # busy now; the lease has two more chances before it runs out
 
     def __enter__(self):
