@@ -3,8 +3,10 @@ put back replicas that vanished. Runs while the master serves.
 
     python rebalance.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N] [--workers N]
 
-For each live or unlinked key, under the same per-key lock as the master's
-PUT and DELETE:
+A record that a dead request left behind (a PUT whose worker was killed, a
+DELETE whose volume failed) is finished as a retried DELETE would: its files
+are removed, then the record. For each live or unlinked key, under the same
+per-key lock as the master's PUT and DELETE:
 
   1. look (HEAD) at which recorded and placement volumes have its file;
   2. stream it from one that has it to each placement volume that lacks it
@@ -34,7 +36,7 @@ import tools
 PROG = "rebalance"
 GRACE = 2.0           # seconds from the index leaving a copy to the copy's delete
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
-SUMMARY = ["seen", "moved", "repaired", "unchanged", "skipped", "busy", "failed"]
+SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 
 
 class CopyFailed(mkvlib.MkvError):
@@ -89,7 +91,9 @@ class Rebalance:
         self.progress.add(keys=1)
         try:
             if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
-                return self.progress.count("skipped")   # being written or deleted: the master's
+                if rec.locked():
+                    return self.progress.count("skipped")   # being written or deleted: the master's
+                return self.purge(rec)
             if rec.volumes == self.placement(rec.key) and self.all_there(rec.key, rec.volumes):
                 return self.progress.count("unchanged")
             self.locked(rec)
@@ -122,6 +126,29 @@ class Rebalance:
                 self.later(rec.key)
         finally:
             self.index.release(rec.key, self.owner)
+
+    def purge(self, rec):
+        """Finish what a dead request left: a PUT whose worker died ('writing',
+        lock expired) or a DELETE whose volume failed ('deleting', unlocked).
+        Neither is visible; both may have left files on the record's volumes.
+        Remove those, then the record, as a retried DELETE would."""
+        try:
+            rec = tools.lock_key(self.index, rec.key, self.owner)
+        except mkvlib.KeyBusy:
+            return self.progress.count("skipped")   # someone took the key up meanwhile
+        if rec is None:
+            return self.progress.count("unchanged")
+        try:
+            if rec.state not in (mkvlib.WRITING, mkvlib.DELETING):
+                return self.progress.count("skipped")
+            failed = self.volumes.delete_all(rec.volumes, mkvlib.key2path(rec.key))
+            if failed:
+                return self.fail(rec.key, "could not remove the files of a dead write or delete: "
+                                 + "; ".join(failed.values()))
+            self.index.finish_delete(rec.key, self.owner)
+            self.progress.count("purged")
+        finally:
+            self.index.release(rec.key, self.owner)   # a no-op once the record is gone
 
     def later(self, key):
         with self._again_lock:

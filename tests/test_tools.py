@@ -367,6 +367,30 @@ def test_rebalance_copies_back_a_replica_that_vanished(private_cluster):
         assert f.read() == data[key]
 
 
+def test_rebalance_finishes_what_a_dead_put_and_a_failed_delete_left(private_cluster):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
+    names = c.volume_names()
+    index = mkvlib.Index(c.db())
+    volumes = mkvlib.Volumes()
+    left = {}
+    for key, state in ((b"/dead-put", mkvlib.WRITING), (b"/failed-delete", mkvlib.DELETING)):
+        placement = mkvlib.key2volume(key, names, 2, 1)
+        index.start_put(key, placement, "gone", lease=0.01)       # a PUT that died mid-way
+        volumes.put(placement[:1], mkvlib.key2path(key), [b"half"], 4)   # one replica reached disk
+        if state == mkvlib.DELETING:
+            index.abandon_put(key, "gone", leftovers=True)
+        left[key] = disk_path(c, placement[0], key.decode())
+    held = b"/being-written"
+    index.start_put(held, mkvlib.key2volume(held, names, 2, 1), "alive")   # a live PUT: not ours
+    time.sleep(0.05)
+    p = run_tool("rebalance.py", names, c.db(), replicas=2, subvolumes=1)
+    assert p.returncode == 0, p.stderr + p.stdout
+    assert summary(p.stdout, "rebalance")["purged"] == 2
+    for key, path in left.items():
+        assert index.get(key) is None and not os.path.exists(path)
+    assert index.get(held).state == mkvlib.WRITING
+
+
 def test_rebalance_killed_halfway_and_run_again_converges_and_a_third_run_moves_nothing(private_cluster):
     c = private_cluster(n_volumes=5, replicas=2)
     five = c.volume_names()
