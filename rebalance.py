@@ -57,7 +57,7 @@ class Rebalance:
 
     def fail(self, key, why):
         self.progress.count("failed")
-        self.progress.message(f"{PROG}: {show(key)}: {why}")
+        self.progress.message(f"{PROG}: {tools.show(key)}: {why}")
 
     # -- the run
 
@@ -244,7 +244,7 @@ class Rebalance:
             retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
         for key, volume in retry:
             self.progress.count("busy")
-            self.progress.message(f"{PROG}: {show(key)}: busy; its copy on {volume} stays noted "
+            self.progress.message(f"{PROG}: {tools.show(key)}: busy; its copy on {volume} stays noted "
                                   "for the next run")
 
     def delete_copy(self, key, volume):
@@ -278,10 +278,6 @@ class Rebalance:
             return True
 
 
-def show(key: bytes) -> str:
-    return key.decode("utf-8", "backslashreplace")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="rebalance.py",
@@ -297,13 +293,8 @@ def main(argv=None):
     volumes = tools.open_volumes(settings, args.workers)
     progress = tools.Progress(PROG, unit="keys")
     job = Rebalance(settings, index, volumes, progress)
-    try:
-        job.run(args.workers)
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"{PROG}: interrupted; run it again to finish", file=sys.stderr)
+    if not tools.run(PROG, job, args.workers, progress):
         return 1
-    progress.close()
     print(progress.summary(SUMMARY, "copied"), flush=True)
     return 1 if progress.counts.get("failed", 0) else 0
 

@@ -166,7 +166,7 @@ class Rebuild:
                         self.one_key(key, found[key])
                     except (mkvlib.MkvError, sqlite3.Error) as e:
                         self.progress.count("failed")
-                        self.progress.message(f"{PROG}: {show(key)}: {e}")
+                        self.progress.message(f"{PROG}: {tools.show(key)}: {e}")
                 if self._seen is not None and found:
                     with self._seen_lock:
                         self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in found])
@@ -235,7 +235,7 @@ class Rebuild:
                     h.update(chunk)
                     n += len(chunk)
             except Exception as e:   # a transfer broken off: try the next copy
-                self.progress.message(f"{PROG}: {show(key)}: reading {v} failed: {e}")
+                self.progress.message(f"{PROG}: {tools.show(key)}: reading {v} failed: {e}")
                 continue
             finally:
                 r.release_conn()
@@ -339,7 +339,7 @@ class Rebuild:
         with self._report_lock:
             self.problems[kind] += 1
             if sum(self.problems.values()) <= REPORT_CAP:
-                print(f"{kind} {show(key)} {detail}", flush=True)
+                print(f"{kind} {tools.show(key)} {detail}", flush=True)
 
     def find_missing(self):
         """Keys of the index that the walk did not see anywhere."""
@@ -350,10 +350,6 @@ class Rebuild:
                 seen = self._seen.execute("SELECT 1 FROM seen WHERE key = ?", (rec.key,)).fetchone()
             if not seen:
                 self.confirm(rec.key)
-
-
-def show(key: bytes) -> str:
-    return key.decode("utf-8", "backslashreplace")
 
 
 def main(argv=None):
@@ -381,13 +377,8 @@ def main(argv=None):
     volumes = tools.open_volumes(settings, args.workers)
     progress = tools.Progress(PROG, unit="folders")
     job = Rebuild(settings, index, volumes, progress, fresh, md5=args.md5, check=args.check)
-    try:
-        job.run(args.workers)
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"{PROG}: interrupted; run it again to finish", file=sys.stderr)
+    if not tools.run(PROG, job, args.workers, progress):
         return 1
-    progress.close()
     print(progress.summary(SUMMARY, "listed"), flush=True)
     failed = progress.counts.get("failed", 0)
     if args.check:

@@ -57,6 +57,23 @@ def open_index(prog, path) -> mkvlib.Index:
         sys.exit(2)
 
 
+def run(prog, job, workers, progress) -> bool:
+    """job.run(workers), then the progress display closed; False if Ctrl-C stopped it."""
+    try:
+        job.run(workers)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"{prog}: interrupted; run it again to finish", file=sys.stderr)
+        return False
+    progress.close()
+    return True
+
+
+def show(key: bytes) -> str:
+    """A key for a message: as text where it is UTF-8, escaped where it is not."""
+    return key.decode("utf-8", "backslashreplace")
+
+
 # ---------------------------------------------------------------- locks
 
 def owner_is_dead(owner: str) -> bool:

@@ -3,7 +3,6 @@ import concurrent.futures
 import hashlib
 import os
 import signal
-import time
 
 import pytest
 import requests
