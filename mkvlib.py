@@ -665,6 +665,23 @@ class Volumes:
         self._down_until[host] = now + self.retry_after   # others keep skipping it meanwhile
         return True
 
+    def ready(self, volume):
+        """False while `volume` is known down. One that is due for a retry is
+        probed with a HEAD first, so a hung volume costs that request one
+        `timeout`, not a whole data transfer's TRANSFER_TIMEOUT."""
+        host = volume_host(volume)
+        if host not in self._down_until:
+            return True
+        if not self.usable(host):
+            return False
+        try:
+            self.has(host, "/")
+        except VolumeDown:
+            return False
+        except VolumeError:
+            pass                   # any answer will do: the volume is back
+        return True
+
     def mark_down(self, host, reason=""):
         if host not in self._down_until:
             log.warning("volume %s is down, skipping it for %.0f s: %s", host, self.retry_after, reason)
@@ -988,7 +1005,7 @@ class Store:
             raise EmptyValue("empty value: a PUT needs a body")
         volumes = self.placement(key)
         for v in volumes:
-            if not self.volumes.usable(volume_host(v)):
+            if not self.volumes.ready(v):
                 raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
         path = key2path(key)
         owner = new_owner("put-")

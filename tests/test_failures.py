@@ -3,6 +3,7 @@ import concurrent.futures
 import hashlib
 import os
 import signal
+import time
 
 import pytest
 import requests
@@ -62,6 +63,25 @@ def test_a_hung_volume_costs_one_timeout_now_and_then_not_per_request(private_cl
     # DOWN_RETRY seconds apart (the reads take far less than 3 retries' time)
     down_lines = [line for line in c.master.tail(200).splitlines() if f"volume {hung} is down" in line]
     assert 1 <= len(down_lines) <= 3, down_lines
+
+
+def test_a_put_to_a_hung_volume_due_for_a_retry_costs_one_voltimeout_not_a_transfer_timeout(private_cluster, key):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
+    http = Http()
+    http.put(c.url(key), data=b"v")
+    hung = c.volume_names()[1]
+    c.volumes[1].pause()
+    try:
+        # reads find out that it hangs (each picks a replica at random)
+        wait_until(lambda: http.get(c.url(key)).status_code == 302 and f"volume {hung} is down" in c.master.tail(),
+                   10, "the master to notice the hung volume")
+        time.sleep(mkvlib.DOWN_RETRY + 0.5)    # now due for a retry
+        # the retry is a HEAD with MKV_VOLTIMEOUT, well inside this request's
+        # 10 s timeout; streaming to the hung volume would wait TRANSFER_TIMEOUT (30 s)
+        r = http.put(c.url(key + "-new"), data=b"v")
+        assert r.status_code == 503 and hung in r.text
+    finally:
+        c.volumes[1].resume()
 
 
 def test_get_is_503_when_no_replica_can_be_reached(private_cluster, key):
