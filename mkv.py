@@ -19,7 +19,8 @@ import mkvlib
 
 log = logging.getLogger("mkv")
 
-CLIENT_IDLE_TIMEOUT = 30.0   # seconds a client may pause mid-body before the PUT is dropped
+CLIENT_IDLE_TIMEOUT = 30.0   # seconds a client may send less than READ_PIECE before the PUT is dropped
+READ_PIECE = 64 << 10        # bytes read from a client at once, each read under CLIENT_IDLE_TIMEOUT
 
 ERROR_STATUS = {
     mkvlib.KeyMissing: falcon.HTTP_404,
@@ -35,6 +36,7 @@ ERROR_STATUS = {
     mkvlib.Unavailable: falcon.HTTP_503,
     mkvlib.DeleteIncomplete: falcon.HTTP_500,
     mkvlib.IndexBusy: falcon.HTTP_503,
+    mkvlib.SettingsError: falcon.HTTP_503,   # the index could not be opened in this worker
 }
 
 QUERIES = {"list", "unlinked", "start", "limit"}
@@ -63,22 +65,24 @@ def parse_query(query_string):
 def parse_limit(value):
     if value is None:
         return None
-    if not value.isdigit() or not 1 <= int(value) <= mkvlib.LIST_MAX:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= mkvlib.LIST_MAX:
         raise falcon.HTTPBadRequest(title=f"limit must be a whole number from 1 to {mkvlib.LIST_MAX}")
     return int(value)
 
 
 def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
-    """The request body in chunks of up to CHUNK bytes. Raises ClientGone if
-    the client stops early (fewer bytes than Content-Length, a broken
-    connection, or a pause longer than idle_timeout)."""
+    """The request body in chunks of CHUNK bytes (the last one shorter).
+    Raises ClientGone if the client stops early: fewer bytes than its
+    Content-Length, a broken connection, or less than READ_PIECE bytes in
+    idle_timeout seconds (a slow but steady client is fine)."""
     import gevent   # the master runs under gevent; imported here so tests of logic need not
     remaining = length
+    chunk = bytearray()
     while remaining is None or remaining > 0:
-        want = mkvlib.CHUNK if remaining is None else min(mkvlib.CHUNK, remaining)
+        want = READ_PIECE if remaining is None else min(READ_PIECE, remaining)
         try:
             with gevent.Timeout(idle_timeout, mkvlib.ClientGone(
-                    f"client sent nothing for {idle_timeout:.0f} s; value not stored")):
+                    f"client sent less than {READ_PIECE >> 10} KB in {idle_timeout:.0f} s; value not stored")):
                 data = stream.read(want)
         except mkvlib.ClientGone:
             raise
@@ -89,10 +93,15 @@ def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
             if remaining is not None:
                 raise mkvlib.ClientGone(f"body ended {remaining} bytes short of its Content-Length; "
                                         "value not stored")
-            return
+            break
         if remaining is not None:
             remaining -= len(data)
-        yield data
+        chunk += data
+        if len(chunk) >= mkvlib.CHUNK:
+            yield bytes(chunk)
+            chunk.clear()
+    if chunk:
+        yield bytes(chunk)
 
 
 class Master:
@@ -161,6 +170,11 @@ class Master:
         })
 
     def on_put(self, req, resp, key, query):
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            # listings hand keys out as JSON text: a key that is not UTF-8 could not be paged through
+            raise mkvlib.BadKey("key is not UTF-8 once percent-decoded") from None
         length = req.content_length   # None for a chunked body
         if length == 0:
             raise mkvlib.EmptyValue("empty value: a PUT needs a body")
@@ -190,7 +204,7 @@ def serialize_error(req, resp, exc):
 
 
 def handle_storage_error(req, resp, exc, params):
-    status = next(s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls))
+    status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), falcon.HTTP_500)
     raise falcon.HTTPError(status, title=str(exc))
 
 

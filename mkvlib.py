@@ -30,11 +30,12 @@ CHUNK = 1 << 20            # bytes read from a client and sent to volumes at onc
 QUEUE_DEPTH = 2            # chunks buffered per replica: bounds a PUT's memory
 LOCK_LEASE = 30.0          # seconds a per-key lock lives unless renewed
 DOWN_RETRY = 5.0           # seconds a volume that failed is skipped before one retry
-TRANSFER_TIMEOUT = 30.0    # seconds of silence from a volume during a data transfer
+TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall a data transfer (per chunk sent or read)
 BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
 CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
 KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 NAME_MAX = 255             # longest file name a volume's filesystem takes
+PATH_NAME_MAX = 2048       # longest base64 name with its '/' folders (PATH_MAX is 4096 with the volume's)
 MAX_SUBVOLUMES = 256       # svXX: the subvolume folder name has two hex digits
 LIST_MAX = 1_000_000       # keys one listing may return
 
@@ -226,10 +227,6 @@ def volume_host(volume: str) -> str:
     return volume.split("/", 1)[0]
 
 
-def volume_url(volume: str, key: bytes) -> str:
-    return "http://" + volume + key2path(key)
-
-
 def check_storable(key: bytes) -> None:
     """Raise BadKey if a key's file name cannot exist on a volume.
 
@@ -239,8 +236,9 @@ def check_storable(key: bytes) -> None:
     if not key.startswith(b"/"):
         raise BadKey("a key starts with /")
     parts = base64.b64encode(key).split(b"/")
-    if any(len(p) > NAME_MAX for p in parts):
-        raise KeyTooLong(f"key too long: its file name would pass {NAME_MAX} bytes")
+    if any(len(p) > NAME_MAX for p in parts) or sum(map(len, parts)) + len(parts) > PATH_NAME_MAX:
+        raise KeyTooLong(f"key too long: its file name would pass {NAME_MAX} bytes "
+                         f"(or {PATH_NAME_MAX} with its folders)")
     if not all(parts):
         raise BadKey("key cannot be stored: its base64 file name has an empty path part")
 
@@ -361,10 +359,15 @@ class Index:
             return self.index.db
 
         def __exit__(self, exc_type, exc, tb):
+            db = self.index.db
             try:
-                self.index.db.execute("ROLLBACK" if exc_type else "COMMIT")
+                db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
-                self.index._mutex.release()
+                try:
+                    if db.in_transaction:   # COMMIT failed (disk full, I/O error): never leave it open
+                        db.execute("ROLLBACK")
+                finally:
+                    self.index._mutex.release()
             if not exc_type and self.mode == "IMMEDIATE":
                 self.index._maybe_checkpoint()
             return False
@@ -381,7 +384,7 @@ class Index:
                 self.db.execute(f"BEGIN {mode}")
                 return
             except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:   # BUSY_* too
                     raise
                 if time.monotonic() > deadline:
                     raise IndexBusy(f"the index stayed locked by another process for "
@@ -476,15 +479,32 @@ class Index:
                              (LIVE, md5, size, key, owner, WRITING))
             return cur.rowcount == 1
 
-    def abandon_put(self, key, owner, leftovers):
-        """A claimed PUT failed: forget the key, or, if replicas may remain on
-        its volumes, keep it as 'deleting' so that a DELETE can finish the job."""
+    def abandon_put(self, key, owner, leftovers=()):
+        """A claimed PUT failed: forget the key, or, if files may remain on the
+        volumes `leftovers`, keep it as 'deleting' with those volumes, so that
+        a DELETE (or rebalance.py) finishes the job."""
         with self._write() as db:
             if leftovers:
-                db.execute("UPDATE keys SET state = ?, lock_owner = NULL, lock_until = NULL"
-                           " WHERE key = ? AND lock_owner = ?", (DELETING, key, owner))
+                db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = NULL, size = NULL,"
+                           " lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                           (DELETING, ",".join(leftovers), key, owner))
             else:
                 db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+
+    def restore(self, key, owner, old):
+        """Put back the record a claimed PUT replaced (nothing of the PUT reached a volume)."""
+        with self._write() as db:
+            db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = ?, size = ?, lock_owner = NULL,"
+                       " lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                       (old.state, ",".join(old.volumes), old.md5, old.size, key, owner))
+
+    def note_pending(self, key, volumes):
+        """Note copies of `key` on `volumes` that no record uses any more, for
+        rebalance.py to remove (the master could not)."""
+        with self._write() as db:
+            now = time.time()
+            db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
+                           [(key, v, now) for v in volumes])
 
     def unlink(self, key):
         with self._write() as db:
@@ -540,13 +560,6 @@ class Index:
         with self._write() as db:
             db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
                        (key, owner))
-
-    def set_volumes(self, key, owner, volumes):
-        """Switch a locked key's replicas (rebalance); False if the lock was lost."""
-        with self._write() as db:
-            cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
-                             (",".join(volumes), key, owner))
-            return cur.rowcount == 1
 
     # -- for the tools (rebuild.py, rebalance.py)
 
@@ -606,20 +619,37 @@ class Index:
 
 class Lease:
     """Holds a per-key lock while a long transfer runs: renews it in the
-    background, so a lock outlives a slow upload but not a killed process."""
+    background, so a lock outlives a slow upload but not a killed process.
+
+    Renewals come every lease/6 seconds; one may wait up to BUSY_TIMEOUT for
+    the index, so a lock survives the index being busy for a while. If the
+    lock is lost anyway, `lost` is set and `check()` raises: the holder
+    must stop, since another request may own the key by now."""
 
     def __init__(self, index, key, owner, lease=LOCK_LEASE):
         self.index, self.key, self.owner, self.lease = index, key, owner, lease
         self._stop = threading.Event()
+        self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="lease")
 
     def _run(self):
-        while not self._stop.wait(self.lease / 3):
+        while not self._stop.wait(self.lease / 6):
             try:
                 if not self.index.renew(self.key, self.owner, self.lease):
+                    self.lost.set()
                     return
             except (sqlite3.Error, IndexBusy):
-                pass   # busy now; the lease has two more chances before it runs out
+                pass   # busy now; the next renewal comes long before the lease runs out
+
+    def check(self):
+        if self.lost.is_set():
+            raise KeyBusy("lost the lock on the key (the index was busy too long); try again")
+
+    def guard(self, chunks):
+        """`chunks`, stopping with KeyBusy as soon as the lock is lost."""
+        for chunk in chunks:
+            self.check()
+            yield chunk
 
     def __enter__(self):
         self._thread.start()
@@ -690,10 +720,6 @@ class Volumes:
     def mark_up(self, host):
         if self._down_until.pop(host, None) is not None:
             log.warning("volume %s is back up", host)
-
-    def down(self):
-        now = time.monotonic()
-        return sorted(h for h, until in self._down_until.items() if until > now)
 
     def _request(self, method, volume, path, timeout=None, **kw):
         host = volume_host(volume)
@@ -840,10 +866,13 @@ class Volumes:
         def upload(i, volume):
             host = volume_host(volume)
             try:
+                # urllib3 sends a request body under the *connect* timeout, so that
+                # one is TRANSFER_TIMEOUT too; a volume known down is not tried
+                # at all (Store.put asks ready() first), a refused one fails at once
                 r = self.http.urlopen(
                     "PUT", "http://" + volume + quote(path, safe="/=+"), body=body(i),
                     headers=headers, chunked=length is None, retries=False, redirect=False,
-                    timeout=urllib3.Timeout(connect=self.timeout, read=TRANSFER_TIMEOUT))
+                    timeout=urllib3.Timeout(connect=TRANSFER_TIMEOUT, read=TRANSFER_TIMEOUT))
                 if r.status in (201, 204):
                     self.mark_up(host)
                 else:
@@ -989,6 +1018,9 @@ class Store:
             except VolumeError:
                 continue
         if missing and len(missing) == len(order):
+            now = self.index.get(key)
+            if now is None or now.state != LIVE:
+                raise KeyMissing("no such key")    # deleted while we looked
             raise Unavailable("no replica of this key is on its volumes (run rebuild.py --check)")
         raise Unavailable("no volume holding this key can be reached")
 
@@ -1010,27 +1042,48 @@ class Store:
         path = key2path(key)
         owner = new_owner("put-")
         old = self.index.start_put(key, volumes, owner)
-        with Lease(self.index, key, owner):
+        with Lease(self.index, key, owner) as lease:
             try:
-                md5, size = self.volumes.put(volumes, path, _chain(first, chunks), length)
+                md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length)
+                lease.check()
             except BaseException as e:
-                written = getattr(e, "maybe_written", volumes)
-                leftovers = self.volumes.delete_all(written, path)
-                self.index.abandon_put(key, owner, leftovers=bool(leftovers))
+                self._abandon(key, owner, path, getattr(e, "maybe_written", volumes), old, lease)
                 raise
             if not self.index.finish_put(key, owner, md5, size):
+                # another request owns the key by now, and our files are its paths: leave them
                 raise KeyBusy("lost the lock on the key while writing it; try again")
         if old is not None:
             # the key's earlier bytes (unlinked, or a failed write) on volumes it no longer uses
-            self.volumes.delete_all([v for v in old.volumes if v not in volumes], path)
+            stale = [v for v in old.volumes if v not in volumes]
+            failed = self.volumes.delete_all(stale, path)
+            if failed:
+                self.index.note_pending(key, list(failed))   # rebalance.py removes them
         return md5, size
+
+    def _abandon(self, key, owner, path, written, old, lease):
+        """A claimed PUT failed: remove what it may have written, and leave the
+        index naming every volume that may still hold a file of this key."""
+        if lease.lost.is_set():
+            return   # the key is another request's now; its files are at our paths
+        failed = self.volumes.delete_all(written, path)
+        if old is not None and not written:
+            self.index.restore(key, owner, old)   # nothing was touched: as it was
+            return
+        leftovers = list(failed)
+        if old is not None:
+            # an unlinked value, or what a dead request left, may still be there
+            leftovers += [v for v in old.volumes if v not in leftovers]
+        self.index.abandon_put(key, owner, leftovers)
 
     def delete(self, key):
         """Remove a key: invisible at once, then its replicas, then its record.
         If a volume fails the key stays invisible and a retry finishes it."""
         owner = new_owner("del-")
         rec = self.index.start_delete(key, owner, protect=self.settings.protect)
-        failed = self.volumes.delete_all(rec.volumes, key2path(key))
+        path = key2path(key)
+        failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes if not self.volumes.ready(v)}
+        with Lease(self.index, key, owner):
+            failed.update(self.volumes.delete_all([v for v in rec.volumes if v not in failed], path))
         if failed:
             self.index.release(key, owner)
             raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "

@@ -264,7 +264,7 @@ class Rebalance:
                     self.volumes.delete(volume, path)
                     self.index.pending_done(key, volume)
                 finally:
-                    self.index.abandon_put(key, self.owner, leftovers=False)
+                    self.index.abandon_put(key, self.owner)
                 return True
             try:
                 if volume not in rec.volumes:

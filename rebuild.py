@@ -275,7 +275,7 @@ class Rebuild:
                     raise mkvlib.KeyBusy("lost the lock while adding the key")
         finally:
             if not done:
-                self.index.abandon_put(key, self.owner, leftovers=False)
+                self.index.abandon_put(key, self.owner)
 
     def update_key(self, key, found):
         """A live or unlinked key whose record differs from the listing: lock

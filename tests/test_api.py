@@ -1,4 +1,5 @@
 """The HTTP contract of the master, against real nginx volumes and gunicorn."""
+import base64
 import concurrent.futures
 import hashlib
 import json
@@ -238,3 +239,29 @@ def test_list_output_is_json(cluster, http):
     r = http.get(cluster.url("/?list&limit=1"))
     assert r.headers["Content-Type"].startswith("application/json")
     json.loads(r.text)
+
+
+def test_a_failed_put_over_an_unlinked_key_keeps_the_unlinked_value(cluster, http, key):
+    http.put(cluster.url(key), data=b"old value")
+    http.request("UNLINK", cluster.url(key))
+    with socket.create_connection(("127.0.0.1", cluster.master.port), timeout=10) as s:
+        s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: 3000000\r\n\r\n".encode() + b"x" * 10)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(4096).startswith(b"HTTP/1.1 400")
+    assert key in http.get(cluster.url(key + "?unlinked")).json()["keys"]
+    rec = mkvlib.Index(os.path.join(cluster.workdir, "index.sqlite3")).get(key.encode())
+    assert rec.state == mkvlib.UNLINKED and rec.md5 == hashlib.md5(b"old value").hexdigest()
+    for v in rec.volumes:
+        assert open(on_disk(cluster, key, v), "rb").read() == b"old value"
+
+
+def test_key_that_is_not_utf8_is_400(cluster, http):
+    r = http.put(cluster.url("/not-utf8-%FF%FE"), data=b"v")
+    assert r.status_code == 400 and "UTF-8" in r.text
+
+
+def test_key_whose_file_path_is_too_long_is_414(cluster, http):
+    key = "/k?" + "kk?" * 600    # each '?' ends a base64 group as '/': 601 folders of 3 letters
+    assert max(map(len, base64.b64encode(key.encode()).split(b"/"))) <= 255
+    r = http.put(cluster.url(requests.utils.quote(key, safe="/")), data=b"v")
+    assert r.status_code == 414 and r.text.strip()

@@ -84,6 +84,27 @@ def test_a_put_to_a_hung_volume_due_for_a_retry_costs_one_voltimeout_not_a_trans
         c.volumes[1].resume()
 
 
+def test_a_delete_with_a_volume_known_down_fails_at_once_and_a_retry_finishes_it(private_cluster, key):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
+    http = Http()
+    http.put(c.url(key), data=b"v")
+    hung = c.volume_names()[1]
+    c.volumes[1].pause()
+    try:
+        wait_until(lambda: http.get(c.url(key)).status_code == 302 and f"volume {hung} is down" in c.master.tail(),
+                   10, "the master to notice the hung volume")
+        # known down: no 30 s wait on it, well inside this request's 10 s timeout
+        r = http.delete(c.url(key))
+        assert r.status_code == 500 and f"{hung} is down" in r.text
+        assert http.get(c.url(key)).status_code == 404
+    finally:
+        c.volumes[1].resume()
+    time.sleep(mkvlib.DOWN_RETRY + 0.5)
+    assert http.delete(c.url(key)).status_code == 204
+    for v in placement(c, key, 2, 1):
+        assert not os.path.exists(file_of(c, key, v))
+
+
 def test_get_is_503_when_no_replica_can_be_reached(private_cluster, key):
     c = private_cluster(n_volumes=1, replicas=1, subvolumes=1, voltimeout=0.5)
     http = Http()

@@ -120,6 +120,7 @@ def client(tmp_path):
     ("limit=3", "go with ?list"),
     ("list=yes", "takes no value"),
     ("list&limit=many", "limit must be"),
+    ("list&limit=%C2%B2", "limit must be"),     # a digit to str.isdigit, not to int()
 ])
 def test_bad_queries_are_400_with_a_reason(client, query, says):
     r = client.simulate_get("/k", query_string=query)
@@ -179,3 +180,30 @@ def test_listing_more_than_the_cap_without_a_limit_is_413(client, tmp_path, monk
     assert r.status_code == 413 and "limit" in r.text
     r = client.simulate_get("/many/", query_string="list&limit=3")
     assert r.status_code == 200 and r.json == {"next": "/many/3", "keys": ["/many/0", "/many/1", "/many/2"]}
+
+
+def test_a_slow_but_steady_client_is_not_taken_for_gone():
+    import gevent
+
+    class Trickle:
+        def __init__(self):
+            self.sent = 0
+
+        def read(self, n):
+            gevent.sleep(0.02)
+            self.sent += 100
+            return b"x" * min(n, 100) if self.sent <= 10_000 else b""
+    # 10 KB at 5 KB/s: 2 s in all, far over the idle timeout, but never idle that long
+    chunks = list(mkv.read_body(Trickle(), None, idle_timeout=0.5))
+    assert sum(map(len, chunks)) == 10_000
+
+
+def test_a_client_that_stops_sending_is_gone_after_the_idle_timeout():
+    import gevent
+
+    class Stuck:
+        def read(self, n):
+            gevent.sleep(5)
+            return b"x"
+    with pytest.raises(mkvlib.ClientGone, match="value not stored"):
+        list(mkv.read_body(Stuck(), 10, idle_timeout=0.2))

@@ -378,7 +378,7 @@ def test_rebalance_finishes_what_a_dead_put_and_a_failed_delete_left(private_clu
         index.start_put(key, placement, "gone", lease=0.01)       # a PUT that died mid-way
         volumes.put(placement[:1], mkvlib.key2path(key), [b"half"], 4)   # one replica reached disk
         if state == mkvlib.DELETING:
-            index.abandon_put(key, "gone", leftovers=True)
+            index.abandon_put(key, "gone", leftovers=placement)
         left[key] = disk_path(c, placement[0], key.decode())
     held = b"/being-written"
     index.start_put(held, mkvlib.key2volume(held, names, 2, 1), "alive")   # a live PUT: not ours
