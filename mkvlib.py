@@ -1055,9 +1055,10 @@ class Store:
         if old is not None:
             # the key's earlier bytes (unlinked, or a failed write) on volumes it no longer uses
             stale = [v for v in old.volumes if v not in volumes]
-            failed = self.volumes.delete_all(stale, path)
-            if failed:
-                self.index.note_pending(key, list(failed))   # rebalance.py removes them
+            down = [v for v in stale if not self.volumes.ready(v)]
+            failed = self.volumes.delete_all([v for v in stale if v not in down], path)
+            if failed or down:
+                self.index.note_pending(key, down + list(failed))   # rebalance.py removes them
         return md5, size
 
     def _abandon(self, key, owner, path, written, old, lease):
