@@ -30,6 +30,7 @@ CHUNK = 1 << 20            # bytes read from a client and sent to volumes at onc
 QUEUE_DEPTH = 2            # chunks buffered per replica: bounds a PUT's memory
 LOCK_LEASE = 30.0          # seconds a per-key lock lives unless renewed
 DOWN_RETRY = 5.0           # seconds a volume that failed is skipped before one retry
+FRESH = 5.0                # seconds a volume's last answer vouches for it before a transfer
 TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall a data transfer (per chunk sent or read)
 BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
 CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
@@ -679,6 +680,7 @@ class Volumes:
         self.retry_after = retry_after
         self.http = urllib3.PoolManager(num_pools=256, maxsize=maxsize, block=False, retries=False)
         self._down_until = {}
+        self._last_ok = {}      # host -> when it last answered
         self._head_socks = {}   # host -> idle keep-alive sockets for has()
         self._maxsize = maxsize
 
@@ -696,13 +698,15 @@ class Volumes:
         return True
 
     def ready(self, volume):
-        """False while `volume` is known down. One that is due for a retry is
-        probed with a HEAD first, so a hung volume costs that request one
-        `timeout`, not a whole data transfer's TRANSFER_TIMEOUT."""
+        """Whether to start a data transfer to `volume`: False while it is
+        known down. One that is due for a retry, or has not answered anything
+        for FRESH seconds, is probed with a HEAD first, so a hung volume costs
+        one `timeout`, not a whole transfer's TRANSFER_TIMEOUT."""
         host = volume_host(volume)
         if host not in self._down_until:
-            return True
-        if not self.usable(host):
+            if time.monotonic() - self._last_ok.get(host, -FRESH) < FRESH:
+                return True
+        elif not self.usable(host):
             return False
         try:
             self.has(host, "/")
@@ -718,6 +722,7 @@ class Volumes:
         self._down_until[host] = time.monotonic() + self.retry_after
 
     def mark_up(self, host):
+        self._last_ok[host] = time.monotonic()
         if self._down_until.pop(host, None) is not None:
             log.warning("volume %s is back up", host)
 

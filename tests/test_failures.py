@@ -84,6 +84,19 @@ def test_a_put_to_a_hung_volume_due_for_a_retry_costs_one_voltimeout_not_a_trans
         c.volumes[1].resume()
 
 
+def test_a_put_to_a_hung_volume_never_seen_before_costs_one_voltimeout(private_cluster, key):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
+    hung = c.volume_names()[1]
+    c.volumes[1].pause()      # before the master has said a word to it
+    try:
+        # probed with a HEAD (MKV_VOLTIMEOUT) before any byte is streamed: well
+        # inside this request's 10 s timeout, where TRANSFER_TIMEOUT is 30 s
+        r = Http().put(c.url(key), data=b"v")
+        assert r.status_code == 503 and hung in r.text
+    finally:
+        c.volumes[1].resume()
+
+
 def test_a_delete_with_a_volume_known_down_fails_at_once_and_a_retry_finishes_it(private_cluster, key):
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
     http = Http()
