@@ -44,8 +44,9 @@ class CopyFailed(mkvlib.MkvError):
 
 
 class Rebalance:
-    def __init__(self, settings, index, volumes, progress):
+    def __init__(self, settings, index, volumes, progress, forget=()):
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
+        self.forget = set(forget)       # hosts gone for good: their copies count as lost
         self.owner = mkvlib.new_owner("rebalance-")
         self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
         self.again = []                 # keys busy or failed on the first try: one more at the end
@@ -64,7 +65,10 @@ class Rebalance:
     def run(self, workers):
         self.progress.set_total(self.index.count())
         for key, volume, since in self.index.pending_deletes():   # a killed run's
-            self.deletes.put((since + GRACE, key, volume))
+            if mkvlib.volume_host(volume) in self.forget:
+                self.index.pending_done(key, volume)    # nothing left to delete there
+            else:
+                self.deletes.put((since + GRACE, key, volume))
         deleter = threading.Thread(target=self.delete_loop, name="deleter", daemon=True)
         deleter.start()
         slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
@@ -163,6 +167,9 @@ class Rebalance:
         placement = self.placement(key)
         have, down = {}, []
         for v in dict.fromkeys(rec.volumes + placement):
+            if mkvlib.volume_host(v) in self.forget:
+                have[v] = False
+                continue
             try:
                 have[v] = self.volumes.has(v, path)
             except mkvlib.VolumeError as e:
@@ -287,12 +294,20 @@ def main(argv=None):
         epilog="Settings not given as flags come from MKV_VOLUMES, MKV_DB, MKV_REPLICAS, MKV_SUBVOLUMES. "
                "Exit status: 0 done, 1 some key failed, 2 bad settings.")
     tools.add_common_args(parser)
+    parser.add_argument("--forget-volume", metavar="H:P", action="append", default=[],
+                        help="a volume removed from MKV_VOLUMES that is gone for good (dead disk): "
+                             "its copies count as lost and are not deleted; may be given more than once")
     args = parser.parse_args(argv)
     settings = tools.settings_from_args(PROG, args)
+    in_use = [h for h in args.forget_volume if h in settings.volumes]
+    if in_use:
+        print(f"{PROG}: --forget-volume {in_use[0]} is still in MKV_VOLUMES; remove it there first",
+              file=sys.stderr)
+        return 2
     index = tools.open_index(PROG, settings.db)
     volumes = tools.open_volumes(settings, args.workers)
     progress = tools.Progress(PROG, unit="keys")
-    job = Rebalance(settings, index, volumes, progress)
+    job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume)
     if not tools.run(PROG, job, args.workers, progress):
         return 1
     print(progress.summary(SUMMARY, "copied"), flush=True)

@@ -391,6 +391,30 @@ def test_rebalance_finishes_what_a_dead_put_and_a_failed_delete_left(private_clu
     assert index.get(held).state == mkvlib.WRITING
 
 
+def test_rebalance_forgets_a_removed_volume_that_is_gone_for_good(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1)
+    data = make_keys(30, "dead", seed=12)
+    put_all(c, data)
+    names = c.volume_names()
+    dead, alive = names[2], names[:2]
+    c.volumes[2].kill()                  # the disk died: its copies are lost for good
+    c.restart_master(volumes=alive, replicas=2, subvolumes=1)
+    p = run_tool("rebalance.py", alive, c.db(), replicas=2, subvolumes=1)
+    assert p.returncode == 1 and dead in p.stdout + p.stderr    # it cannot empty the dead volume
+    p = run_tool("rebalance.py", alive, c.db(), "--forget-volume", dead, replicas=2, subvolumes=1)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert_converged(c, data, alive, replicas=2, subvolumes=1)
+    assert mkvlib.Index(c.db()).pending_deletes() == []
+    p = run_tool("rebalance.py", alive, c.db(), replicas=2, subvolumes=1)
+    assert p.returncode == 0 and summary(p.stdout, "rebalance")["moved"] == 0
+
+
+def test_rebalance_refuses_to_forget_a_volume_in_use(tmp_path):
+    p = run_tool("rebalance.py", ["127.0.0.1:9", "127.0.0.1:10"], str(tmp_path / "i.sqlite3"),
+                 "--forget-volume", "127.0.0.1:9", replicas=1)
+    assert p.returncode == 2 and "still in MKV_VOLUMES" in p.stderr
+
+
 def test_rebalance_killed_halfway_and_run_again_converges_and_a_third_run_moves_nothing(private_cluster):
     c = private_cluster(n_volumes=5, replicas=2)
     five = c.volume_names()
