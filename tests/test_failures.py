@@ -65,16 +65,22 @@ def test_a_hung_volume_costs_one_timeout_now_and_then_not_per_request(private_cl
     assert 1 <= len(down_lines) <= 3, down_lines
 
 
+def hang_and_notice(c, http, key):
+    """SIGSTOP the cluster's second volume and GET `key` until the master has
+    marked it down (each GET tries the replicas in a random order)."""
+    hung = c.volume_names()[1]
+    c.volumes[1].pause()
+    wait_until(lambda: http.get(c.url(key)).status_code == 302 and f"volume {hung} is down" in c.master.tail(),
+               10, "the master to notice the hung volume")
+    return hung
+
+
 def test_a_put_to_a_hung_volume_due_for_a_retry_costs_one_voltimeout_not_a_transfer_timeout(private_cluster, key):
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
     http = Http()
     http.put(c.url(key), data=b"v")
-    hung = c.volume_names()[1]
-    c.volumes[1].pause()
+    hung = hang_and_notice(c, http, key)
     try:
-        # reads find out that it hangs (each picks a replica at random)
-        wait_until(lambda: http.get(c.url(key)).status_code == 302 and f"volume {hung} is down" in c.master.tail(),
-                   10, "the master to notice the hung volume")
         time.sleep(mkvlib.DOWN_RETRY + 0.5)    # now due for a retry
         # the retry is a HEAD with MKV_VOLTIMEOUT, well inside this request's
         # 10 s timeout; streaming to the hung volume would wait TRANSFER_TIMEOUT (30 s)
@@ -101,11 +107,8 @@ def test_a_delete_with_a_volume_known_down_fails_at_once_and_a_retry_finishes_it
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
     http = Http()
     http.put(c.url(key), data=b"v")
-    hung = c.volume_names()[1]
-    c.volumes[1].pause()
+    hung = hang_and_notice(c, http, key)
     try:
-        wait_until(lambda: http.get(c.url(key)).status_code == 302 and f"volume {hung} is down" in c.master.tail(),
-                   10, "the master to notice the hung volume")
         # known down: no 30 s wait on it, well inside this request's 10 s timeout
         r = http.delete(c.url(key))
         assert r.status_code == 500 and f"{hung} is down" in r.text
