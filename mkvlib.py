@@ -503,9 +503,13 @@ class Index:
         """Note copies of `key` on `volumes` that no record uses any more, for
         rebalance.py to remove (the master could not)."""
         with self._write() as db:
-            now = time.time()
-            db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
-                           [(key, v, now) for v in volumes])
+            self._note_pending(db, key, volumes)
+
+    @staticmethod
+    def _note_pending(db, key, volumes):
+        now = time.time()
+        db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
+                       [(key, v, now) for v in volumes])
 
     def unlink(self, key):
         with self._write() as db:
@@ -602,9 +606,7 @@ class Index:
                              (",".join(volumes), key, owner))
             if cur.rowcount != 1:
                 return False
-            now = time.time()
-            db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
-                           [(key, v, now) for v in dropped])
+            self._note_pending(db, key, dropped)
             return True
 
     def pending_deletes(self):
