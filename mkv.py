@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from urllib.parse import parse_qsl
+from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 import falcon
 
@@ -39,7 +39,7 @@ ERROR_STATUS = {
     mkvlib.SettingsError: falcon.HTTP_503,   # the index could not be opened in this worker
 }
 
-QUERIES = {"list", "unlinked", "start", "limit"}
+QUERIES = {"list", "unlinked", "start", "limit", "encoding-type"}
 
 
 def request_key(req) -> bytes:
@@ -50,15 +50,25 @@ def request_key(req) -> bytes:
 
 
 def parse_query(query_string):
-    """The query as a dict; falcon.HTTPBadRequest for anything we do not know."""
-    pairs = parse_qsl(query_string, keep_blank_values=True)
+    """The query as a dict; falcon.HTTPBadRequest for anything we do not know.
+    Names and values are text (UTF-8, '+' is a space, as parse_qsl reads them),
+    except `start`: the raw bytes it percent-encodes, since a key need not be
+    UTF-8 ('+' still a space, so a UTF-8 start reads as it always did)."""
     query = {}
-    for name, value in pairs:
+    for pair in query_string.split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        name = unquote_plus(name, errors="replace")
         if name not in QUERIES:
             raise falcon.HTTPBadRequest(title=f"unknown query parameter: {name[:100]}")
         if name in query:
             raise falcon.HTTPBadRequest(title=f"query parameter given twice: {name}")
-        query[name] = value
+        if name == "start":
+            # WSGI hands the query over as latin-1 text: these are the bytes the client sent
+            query[name] = unquote_to_bytes(value.replace("+", " ").encode("latin-1"))
+        else:
+            query[name] = unquote_plus(value, errors="replace")
     return query
 
 
@@ -139,7 +149,7 @@ class Master:
         if listing:
             return self.on_list(req, resp, key, query, listing)
         if query:
-            raise falcon.HTTPBadRequest(title="start and limit go with ?list or ?unlinked")
+            raise falcon.HTTPBadRequest(title="start, limit and encoding-type go with ?list or ?unlinked")
         url, rec = self.store.locate(key)
         if rec is not None and rec.state == mkvlib.LIVE:
             if rec.md5:
@@ -152,22 +162,36 @@ class Master:
         resp.content_length = 0
 
     def on_list(self, req, resp, key, query, listing):
+        """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
+        raw bytes, '/' kept) with ?encoding-type=url, or by itself when a name
+        on the page is not UTF-8, so that no name is ever lossy."""
         if len(listing) > 1:
             raise falcon.HTTPBadRequest(title="ask for ?list or ?unlinked, not both")
         if query[listing[0]]:
             raise falcon.HTTPBadRequest(title=f"?{listing[0]} takes no value")
+        encoding = query.get("encoding-type")
+        if encoding not in (None, "url"):
+            raise falcon.HTTPBadRequest(title="encoding-type must be url")
         limit = parse_limit(query.get("limit"))
-        start = query.get("start", "").encode("utf-8")
+        start = query.get("start", b"")
         state = mkvlib.LIVE if listing[0] == "list" else mkvlib.UNLINKED
         keys, nxt = self.store.index.list(key, start, limit, state)
         if limit is None and nxt is not None:
             raise falcon.HTTPContentTooLarge(
                 title=f"more than {mkvlib.LIST_MAX} keys: page with &limit=N&start=NEXT")
+        names = keys + ([nxt] if nxt is not None else [])
+        if encoding is None:
+            try:
+                names = [k.decode("utf-8") for k in names]
+            except UnicodeDecodeError:
+                encoding = "url"
+        if encoding == "url":
+            names = [quote(k, safe="/") for k in names]
+        answer = {"next": names[-1] if nxt is not None else "", "keys": names[:len(keys)]}
+        if encoding == "url":
+            answer["encoding-type"] = "url"
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = json.dumps({
-            "next": nxt.decode("utf-8", "replace") if nxt is not None else "",
-            "keys": [k.decode("utf-8", "replace") for k in keys],
-        })
+        resp.text = json.dumps(answer)
 
     def on_put(self, req, resp, key, query):
         try:
