@@ -9,6 +9,8 @@ monkey.patch_all()
 
 import sys  # noqa: E402
 
+import gunicorn.util  # noqa: E402
+
 import mkvlib  # noqa: E402
 
 worker_class = "gevent"
@@ -18,6 +20,31 @@ graceful_timeout = 30
 # gunicorn 27's control socket is one fixed path per user: two masters on one
 # machine (or a test run beside a cluster) would take it from each other.
 control_socket_disable = True
+
+ERROR_LINE_MAX = 200    # characters of gunicorn's message kept in its one-line answer
+
+
+def write_error_line(sock, status_int, reason, mesg):
+    """gunicorn answers a request it cannot parse itself, before mkv sees it
+    (400 for a lowercase method, a bad Content-Length or raw non-ASCII bytes
+    in the request line, 414 for a request line over 4094 bytes, 431, 417...),
+    through gunicorn.util.write_error, whose body is an HTML page. This takes
+    its place: the same status line and Connection: close, and gunicorn's
+    message as one line of text/plain, like every other error of mkv. The
+    workers look write_error up in gunicorn.util at each call and fork from
+    the arbiter, which reads this file first, so it holds with `-k gevent` on
+    the command line too (not under gevent_pywsgi, which parses HTTP itself).
+    """
+    line = (mesg or reason).encode("unicode_escape").decode("ascii")   # one line, ASCII
+    if len(line) > ERROR_LINE_MAX:
+        line = line[:ERROR_LINE_MAX - 3] + "..."
+    body = (line + "\n").encode("ascii")
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n\r\n")
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+gunicorn.util.write_error = write_error_line
 
 
 def on_starting(server):
