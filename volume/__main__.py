@@ -5,7 +5,7 @@
 nginx runs in the foreground (this process becomes nginx), so a supervisor or
 a test can stop it with SIGTERM (fast shutdown) or SIGQUIT (graceful).
 The volume's own state (generated config, pid file, upload temp files) lives
-in DIR/.mkv/, which nginx never lists or serves.
+in DIR/.mkv/, which nginx never lists, serves, writes or deletes.
 """
 import os
 import pwd
@@ -33,7 +33,8 @@ def render_config(root, port, user=None, access_log=None, loglevel="error"):
     state = os.path.join(root, ".mkv")
     with open(os.path.join(HERE, "nginx.conf")) as f:
         template = string.Template(f.read())
-    return template.substitute(
+    # ${name} is ours; nginx's own $variables are left as they are
+    text = template.safe_substitute(
         user=f"user {user};" if user else "",
         state=state,
         root=root,
@@ -41,6 +42,8 @@ def render_config(root, port, user=None, access_log=None, loglevel="error"):
         access_log=access_log or "off",
         loglevel=loglevel,
     )
+    assert "${" not in text, "a placeholder of nginx.conf was not filled in"
+    return text
 
 
 def worker_user(root):
@@ -57,7 +60,7 @@ def worker_user(root):
 def main(argv):
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         print("usage: PORT=3001 python volume DIR\n"
-              "  serves DIR over HTTP with nginx (WebDAV PUT/DELETE, JSON autoindex)\n"
+              "  serves DIR over HTTP with nginx (WebDAV PUT/DELETE/MOVE, JSON autoindex)\n"
               "  PORT          port to listen on (default 3001)\n"
               "  VOLUME_ACCESS_LOG  file for nginx's access log (default: off)\n"
               "  VOLUME_LOGLEVEL    nginx error_log level (default: error)",
