@@ -5,17 +5,41 @@
 nginx runs in the foreground (this process becomes nginx), so a supervisor or
 a test can stop it with SIGTERM (fast shutdown) or SIGQUIT (graceful).
 The volume's own state (generated config, pid file, upload temp files) lives
-in DIR/.mkv/, which nginx never lists, serves, writes or deletes.
+in DIR/.mkv/, which nginx never lists, serves, writes or deletes; the master's
+uploads wait in DIR/.tmp/ until they are MOVEd into place.
+
+Started as root, nginx's workers run as VOLUME_USER (default nobody), never as
+root; see prepare() for what the launcher changes in DIR for them.
 """
+import grp
 import os
 import pwd
+import re
 import shutil
+import stat
 import string
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 INSTALL_HINT = "install it with: sudo apt-get install nginx-light (./bringup.sh and ./test.sh do this)"
+STATE = ".mkv"      # the launcher's and nginx's own files, never served
+TMP = ".tmp"        # the master's uploads before their MOVE into place
+# top-level names of a volume's data: svXX subvolumes, or the flat layout's md5 hex folders
+DATA_NAME = re.compile(r"sv[0-9A-F]{2}|[0-9a-f]{2}")
+USAGE = """\
+usage: PORT=3001 python volume DIR
+  serves DIR over HTTP with nginx (WebDAV PUT/DELETE/MOVE, JSON autoindex)
+  PORT               port to listen on (default 3001)
+  VOLUME_ACCESS_LOG  file for nginx's access log (default: off)
+  VOLUME_LOGLEVEL    nginx error_log level (default: error)
+  VOLUME_USER        started as root: the user nginx's workers run as (default:
+                     nobody; never root). DIR, DIR/.tmp and any svXX or xx data
+                     folder owned by someone else are given to that user."""
+
+
+class Refused(Exception):
+    """A one-line reason not to start."""
 
 
 def find_nginx():
@@ -28,16 +52,14 @@ def find_nginx():
     return None
 
 
-def render_config(root, port, user=None, access_log=None, loglevel="error"):
-    """The nginx config text for a volume serving `root` on `port`."""
-    state = os.path.join(root, ".mkv")
+def render_config(port, user=None, access_log=None, loglevel="error"):
+    """The nginx config text for a volume on `port`; its paths are relative to
+    the volume folder, nginx's working directory."""
     with open(os.path.join(HERE, "nginx.conf")) as f:
         template = string.Template(f.read())
     # ${name} is ours; nginx's own $variables are left as they are
     text = template.safe_substitute(
-        user=f"user {user};" if user else "",
-        state=state,
-        root=root,
+        user=f"user {user[0]} {user[1]};" if user else "",
         listen=port,
         access_log=access_log or "off",
         loglevel=loglevel,
@@ -46,51 +68,137 @@ def render_config(root, port, user=None, access_log=None, loglevel="error"):
     return text
 
 
-def worker_user(root):
-    """Started as root, nginx's workers would run as `nobody` and could not
-    write into a root-owned volume: run them as the directory's owner."""
-    if os.geteuid() != 0:
-        return None
+def worker_account():
+    """Started as root: (user, group, uid, gid) nginx's workers run as."""
+    name = os.environ.get("VOLUME_USER") or "nobody"
     try:
-        return pwd.getpwuid(os.stat(root).st_uid).pw_name
+        pw = pwd.getpwnam(name)
     except KeyError:
-        return None
+        raise Refused(f"VOLUME_USER {name!r}: no such user") from None
+    if pw.pw_uid == 0:
+        raise Refused(f"VOLUME_USER {name!r} is root: nginx's workers must not run as root")
+    try:
+        group = grp.getgrgid(pw.pw_gid).gr_name
+    except KeyError:
+        raise Refused(f"user {name!r}: its group {pw.pw_gid} has no name") from None
+    return name, group, pw.pw_uid, pw.pw_gid
+
+
+def user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def chown_tree(top, uid, gid):
+    """chown -R, never following a symlink; the top last, so an interrupted
+    run is seen (and finished) by the next start."""
+    if not os.path.islink(top) and os.path.isdir(top):
+        for folder, dirs, files in os.walk(top, topdown=False):
+            for name in dirs + files:
+                os.lchown(os.path.join(folder, name), uid, gid)
+    os.lchown(top, uid, gid)
+
+
+def prepare(root, account=None):
+    """Create DIR, DIR/.mkv and DIR/.tmp. Started as root (`account`: the
+    workers' user), also make DIR usable by workers that are not root:
+    - DIR and DIR/.tmp belong to the workers' user (they create folders and
+      files in them);
+    - DIR/.mkv belongs to root, mode 755: the workers cannot touch the config
+      or pid file that root's nginx reads and writes; nginx itself gives its
+      temp folders in there to the workers;
+    - a top-level data folder (svXX, or xx in the flat layout) that belongs
+      to someone else, e.g. written by an earlier run whose workers were
+      root, is given to the workers' user with everything below it (chown
+      -R). Done once: the next start finds it owned and looks no deeper, so
+      files put below a folder that is already theirs are not checked.
+    Refuses a DIR owned by someone else that holds names that are not a
+    volume's (DIR=/ or a home folder), rather than give it away."""
+    state, tmp = os.path.join(root, STATE), os.path.join(root, TMP)
+    os.makedirs(root, exist_ok=True)
+    if account:
+        user, group, uid, gid = account
+        owner = os.stat(root).st_uid
+        if owner != uid:
+            foreign = sorted(n for n in os.listdir(root)
+                             if n not in (STATE, TMP, "lost+found") and not DATA_NAME.fullmatch(n))
+            if foreign:
+                raise Refused(f"{root} holds {foreign[0]!r}, not a volume's, and belongs to "
+                              f"{user_name(owner)}, not {user} (nginx's workers): give the volume a "
+                              f"folder of its own (or, if this is one, chown {user}:{group} {root})")
+            os.chown(root, uid, gid)
+    os.makedirs(state, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
+    if not account:
+        return
+    st = os.lstat(state)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+        raise Refused(f"{state} is not a folder owned by root (made by a run as another user?): "
+                      f"remove it, it holds only nginx's config, pid and temp files")
+    os.chmod(state, 0o755)
+    st = os.lstat(tmp)
+    if not stat.S_ISDIR(st.st_mode):
+        raise Refused(f"{tmp} is not a folder: remove it")
+    if st.st_uid != uid:
+        os.lchown(tmp, uid, gid)
+    stale = sorted(n for n in os.listdir(root)
+                   if DATA_NAME.fullmatch(n) and os.lstat(os.path.join(root, n)).st_uid != uid)
+    if stale:
+        print(f"volume: giving {len(stale)} data folder(s) of {root} owned by another user "
+              f"({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}) to {user}:{group}, "
+              f"nginx's workers (chown -R, once)", file=sys.stderr, flush=True)
+        for name in stale:
+            chown_tree(os.path.join(root, name), uid, gid)
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
-        print("usage: PORT=3001 python volume DIR\n"
-              "  serves DIR over HTTP with nginx (WebDAV PUT/DELETE/MOVE, JSON autoindex)\n"
-              "  PORT          port to listen on (default 3001)\n"
-              "  VOLUME_ACCESS_LOG  file for nginx's access log (default: off)\n"
-              "  VOLUME_LOGLEVEL    nginx error_log level (default: error)",
-              file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     port = os.environ.get("PORT", "3001")
     if not port.isdigit() or not 0 < int(port) < 65536:
         print(f"volume: PORT must be a port number, not {port!r}", file=sys.stderr)
         return 2
+    account = None
+    if os.geteuid() == 0:
+        try:
+            account = worker_account()
+        except Refused as e:
+            print(f"volume: {e}", file=sys.stderr)
+            return 2
     nginx = find_nginx()
     if nginx is None:
         print(f"volume: nginx not found; {INSTALL_HINT}", file=sys.stderr)
         return 1
     root = os.path.abspath(argv[1])
-    state = os.path.join(root, ".mkv")
     try:
-        os.makedirs(state, exist_ok=True)
-    except OSError as e:
-        print(f"volume: cannot create {state}: {e.strerror}", file=sys.stderr)
+        prepare(root, account)
+    except Refused as e:
+        print(f"volume: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"volume: cannot prepare {e.filename}: {e.strerror}", file=sys.stderr)
+        return 1
+    if account:
+        print(f"volume: started as root: nginx's workers run as {account[0]}:{account[1]} (VOLUME_USER)",
+              file=sys.stderr, flush=True)
+    access_log = os.environ.get("VOLUME_ACCESS_LOG")
     config = render_config(
-        root, port, user=worker_user(root),
-        access_log=os.environ.get("VOLUME_ACCESS_LOG"),
+        port, user=account[:2] if account else None,
+        access_log=os.path.abspath(access_log) if access_log else None,
         loglevel=os.environ.get("VOLUME_LOGLEVEL", "error"))
-    conf_path = os.path.join(state, "nginx.conf")
-    with open(conf_path, "w") as f:
+    # written aside and renamed: never seen half-written
+    conf_path = os.path.join(root, STATE, "nginx.conf")
+    with open(conf_path + ".new", "w") as f:
         f.write(config)
+    os.replace(conf_path + ".new", conf_path)
     sys.stdout.flush()
-    # -e stderr: errors before the config is read go to stderr, not /var/log.
-    os.execv(nginx, [nginx, "-e", "stderr", "-p", state, "-c", conf_path])
+    # nginx runs in DIR with prefix "./": every path of its config is relative
+    # to DIR. -e stderr: errors before the config is read go to stderr, not /var/log.
+    os.chdir(root)
+    os.execv(nginx, [nginx, "-e", "stderr", "-p", "./", "-c", f"{STATE}/nginx.conf"])
 
 
 if __name__ == "__main__":
