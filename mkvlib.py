@@ -39,6 +39,9 @@ NAME_MAX = 255             # longest file name a volume's filesystem takes
 PATH_NAME_MAX = 2048       # longest base64 name with its '/' folders (PATH_MAX is 4096 with the volume's)
 MAX_SUBVOLUMES = 256       # svXX: the subvolume folder name has two hex digits
 LIST_MAX = 1_000_000       # keys one listing may return
+TMP_DIR = "/.tmp/"         # on each volume: a value is uploaded here, then MOVEd into place
+OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
+MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
 
 WRITING, LIVE, UNLINKED, DELETING = "writing", "live", "unlinked", "deleting"
 
@@ -92,6 +95,10 @@ class VolumeError(MkvError):
 
 class VolumeDown(VolumeError):
     """A volume could not be reached (refused, timed out, or known down)."""
+
+
+class MoveUnknown(VolumeDown):
+    """A volume did not answer a MOVE: the value may land there yet."""
 
 
 class Unavailable(MkvError):
@@ -223,6 +230,20 @@ def key2volume(key: bytes, volumes, replicas: int, subvolumes: int) -> list:
     return chosen
 
 
+def fallback_path(key: bytes) -> str:
+    """The key as a path on MKV_FALLBACK that no client normalizes into
+    another: a '.' or '..' segment goes as %2E, joined to its neighbours by
+    %2F (no normalizer decodes %2F; the fallback decodes it back to '/').
+    '/..%2f..%2fetc%2fpasswd' -> '/%2E%2E%2F%2E%2E%2Fetc/passwd'."""
+    parts = quote(key, safe="/").split("/")
+    dots = [p in (".", "..") for p in parts]
+    out = parts[0]
+    for i in range(1, len(parts)):
+        out += "%2F" if i > 1 and (dots[i - 1] or dots[i]) else "/"
+        out += parts[i].replace(".", "%2E") if dots[i] else parts[i]
+    return out
+
+
 def volume_host(volume: str) -> str:
     """host:port of a volume string such as 'localhost:3001/sv08'."""
     return volume.split("/", 1)[0]
@@ -252,6 +273,31 @@ def prefix_end(prefix: bytes):
     return p[:-1] + bytes([p[-1] + 1])
 
 
+def lock_clock() -> float:
+    """Seconds on the clock leases are kept by: CLOCK_BOOTTIME, one clock for
+    every process of the machine (the index is on one machine), which neither
+    NTP nor an operator can step. The wall clock can jump, and a jump would
+    expire every lease at once, or keep dead ones for hours."""
+    return time.clock_gettime(_LOCK_CLOCK)
+
+
+_LOCK_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def boot_id() -> str:
+    """Which boot of this machine we are in: lock_clock() starts again at each."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def new_tmp() -> str:
+    """A name for one write's uploads under TMP_DIR; unique, so two writers never share one."""
+    return uuid.uuid4().hex
+
+
 def new_owner(tag="") -> str:
     """A lock owner token; says who holds a lock when someone looks at the index."""
     return f"{socket.gethostname()}:{os.getpid()}:{tag}{uuid.uuid4().hex[:12]}"
@@ -267,18 +313,27 @@ CREATE TABLE IF NOT EXISTS keys (
     md5        TEXT,                  -- hex md5 of the whole value; NULL if not known
     size       INTEGER,               -- bytes; NULL if not known
     lock_owner TEXT,                  -- who holds the per-key lock, if anyone
-    lock_until REAL                   -- unix time the lock expires unless renewed
+    lock_until REAL                   -- lock_clock() time the lock expires unless renewed
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_unlinked ON keys (key) WHERE state = 'unlinked';
--- Copies that rebalance.py stopped using but has not removed yet: the index no
--- longer sends reads to them, but a redirect handed out just before may still
--- be followed, so they go a little later. Written in the same transaction as
--- the switch, so a killed rebalance leaves no copy that nothing records.
+-- Unvouched copies: (key, volume) where a file may sit that no record vouches
+-- for. Noted BEFORE anything can put one there: before a write sends its
+-- first byte (with the name of its upload, whose MOVE may still land), before a
+-- record forgets a volume (a PUT over an old record, a rebalance's switch).
+-- A note goes in the transaction that records the copy as the key's value, or
+-- once the file is known gone. Nothing adopts a noted copy: rebuild skips it,
+-- rebalance overwrites or removes it (the table's name is from when it held
+-- only rebalance's old copies).
 CREATE TABLE IF NOT EXISTS pending_deletes (
     key    BLOB NOT NULL,
     volume TEXT NOT NULL,
-    since  REAL NOT NULL,             -- unix time the index stopped pointing at it
+    since  REAL NOT NULL,             -- unix time of the note
+    tmp    TEXT,                      -- upload under TMP_DIR whose MOVE onto it may still land
     PRIMARY KEY (key, volume)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value TEXT
 ) WITHOUT ROWID;
 """
 COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
@@ -305,7 +360,7 @@ class Record:
         return cls(bytes(key), state, volumes.split(",") if volumes else [], md5, size, owner, until)
 
     def locked(self, now=None):
-        return self.lock_owner is not None and (self.lock_until or 0) > (now or time.time())
+        return self.lock_owner is not None and (self.lock_until or 0) > (now or lock_clock())
 
 
 class Index:
@@ -330,7 +385,16 @@ class Index:
             # NORMAL in WAL mode survives any process crash; only power loss can
             # drop the last commits (nginx does not fsync values either).
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in SCHEMA.split(";\n"):   # not executescript: it COMMITs first
+                    if statement.strip():
+                        self.db.execute(statement)
+                self._upgrade()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
             # From here on SQLite never waits for a lock by itself: its busy
             # handler sleeps in C, which would stall every greenlet of a gevent
             # worker. _Tx waits instead, with time.sleep (a greenlet switch there).
@@ -340,6 +404,20 @@ class Index:
             raise SettingsError(f"MKV_DB={path}: cannot open the index: {e}") from None
         except OSError as e:
             raise SettingsError(f"MKV_DB={path}: cannot create {folder}: {e.strerror}") from None
+
+    def _upgrade(self):
+        """Bring an index of an earlier mkv up to SCHEMA, and drop the locks of
+        an earlier boot (inside the setup transaction)."""
+        columns = [r[1] for r in self.db.execute("PRAGMA table_info(pending_deletes)")]
+        if "tmp" not in columns:
+            self.db.execute("ALTER TABLE pending_deletes ADD COLUMN tmp TEXT")
+        # lock_until is on lock_clock(), which starts again at every boot; no
+        # holder survives a reboot, and an index of an earlier mkv kept wall-clock times
+        row = self.db.execute("SELECT value FROM meta WHERE name = 'boot_id'").fetchone()
+        boot = boot_id()
+        if row is None or row[0] != boot:
+            self.db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE lock_owner IS NOT NULL")
+            self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('boot_id', ?)", (boot,))
 
     def close(self):
         self.db.close()
@@ -456,10 +534,14 @@ class Index:
         row = db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
         return Record.from_row(row) if row else None
 
-    def start_put(self, key, volumes, owner, lease=LOCK_LEASE):
-        """Claim `key` for a PUT to `volumes`. Returns the record it replaced
-        (unlinked, deleting, or a dead PUT's), or None."""
-        now = time.time()
+    def start_put(self, key, volumes, owner, lease=LOCK_LEASE, tmp=None):
+        """Claim `key` for a PUT to `volumes`, whose uploads are named `tmp`.
+        In the same transaction, note every copy the PUT may write and every
+        copy the record it replaces names (unlinked, deleting, or a dead PUT's),
+        so that a crash from here on leaves no file that nothing records.
+        Returns a Claim: the replaced record (or None), the notes this call
+        added, and every note of the key."""
+        now = lock_clock()
         with self._write() as db:
             old = self._get(db, key)
             if old is not None:
@@ -467,49 +549,103 @@ class Index:
                     raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
                 if old.locked(now):
                     raise KeyBusy("key is being written or deleted by another request")
+            added = self._note(db, key, volumes, tmp)
+            if old is not None:
+                added += self._note(db, key, [v for v in old.volumes if v not in volumes])
             db.execute("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
                        " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
                        (key, WRITING, ",".join(volumes), owner, now + lease))
-        return old
+            notes = self._notes(db, key)
+        return Claim(old, added, notes)
 
-    def finish_put(self, key, owner, md5, size):
-        """Make a claimed key live; False if the claim was lost."""
+    def finish_put(self, key, owner, md5, size, resolved=()):
+        """Make a claimed key live: its copies are vouched for now, so their
+        notes go, with those of `resolved` (copies removed meanwhile). False
+        if the claim was lost."""
         with self._write() as db:
             cur = db.execute("UPDATE keys SET state = ?, md5 = ?, size = ?, lock_owner = NULL, lock_until = NULL"
                              " WHERE key = ? AND lock_owner = ? AND state = ?",
                              (LIVE, md5, size, key, owner, WRITING))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._unnote(db, key, self._get(db, key).volumes + list(resolved))
+            return True
 
-    def abandon_put(self, key, owner, leftovers=()):
+    def abandon_put(self, key, owner, leftovers=(), resolved=()):
         """A claimed PUT failed: forget the key, or, if files may remain on the
         volumes `leftovers`, keep it as 'deleting' with those volumes, so that
-        a DELETE (or rebalance.py) finishes the job."""
+        a DELETE (or rebalance.py) finishes the job. The notes of `resolved`
+        (volumes whose path is known to hold nothing of the key) go."""
         with self._write() as db:
             if leftovers:
-                db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = NULL, size = NULL,"
-                           " lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
-                           (DELETING, ",".join(leftovers), key, owner))
+                cur = db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = NULL, size = NULL,"
+                                 " lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                                 (DELETING, ",".join(leftovers), key, owner))
             else:
-                db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+                cur = db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+            if cur.rowcount == 1:
+                self._unnote(db, key, resolved)
 
-    def restore(self, key, owner, old):
-        """Put back the record a claimed PUT replaced (nothing of the PUT reached a volume)."""
+    def restore(self, key, owner, old, resolved=()):
+        """Put back the record a claimed PUT replaced (nothing of the PUT
+        reached a final path): it vouches for its copies again."""
         with self._write() as db:
-            db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = ?, size = ?, lock_owner = NULL,"
-                       " lock_until = NULL WHERE key = ? AND lock_owner = ?",
-                       (old.state, ",".join(old.volumes), old.md5, old.size, key, owner))
+            cur = db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = ?, size = ?, lock_owner = NULL,"
+                             " lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                             (old.state, ",".join(old.volumes), old.md5, old.size, key, owner))
+            if cur.rowcount == 1:
+                self._unnote(db, key, resolved)
 
-    def note_pending(self, key, volumes):
-        """Note copies of `key` on `volumes` that no record uses any more, for
-        rebalance.py to remove (the master could not)."""
+    # -- notes of unvouched copies (the table pending_deletes; see SCHEMA)
+
+    def note_pending(self, key, volumes, tmp=None):
+        """Note copies of `key` on `volumes` that no record vouches for; a note
+        already there is kept (with its upload name). Returns the volumes
+        noted now."""
         with self._write() as db:
-            self._note_pending(db, key, volumes)
+            return self._note(db, key, volumes, tmp)
 
     @staticmethod
-    def _note_pending(db, key, volumes):
+    def _note(db, key, volumes, tmp=None):
+        """Add notes that are not there yet; returns the volumes noted now."""
         now = time.time()
-        db.executemany("INSERT OR REPLACE INTO pending_deletes (key, volume, since) VALUES (?, ?, ?)",
-                       [(key, v, now) for v in volumes])
+        added = []
+        for v in volumes:
+            cur = db.execute("INSERT OR IGNORE INTO pending_deletes (key, volume, since, tmp) VALUES (?, ?, ?, ?)",
+                             (key, v, now, tmp))
+            if cur.rowcount == 1:
+                added.append(v)
+        return added
+
+    @staticmethod
+    def _unnote(db, key, volumes):
+        db.executemany("DELETE FROM pending_deletes WHERE key = ? AND volume = ?", [(key, v) for v in volumes])
+
+    @staticmethod
+    def _notes(db, key):
+        return dict(db.execute("SELECT volume, tmp FROM pending_deletes WHERE key = ?", (key,)).fetchall())
+
+    def notes(self, key):
+        """{volume: upload name or None} of the key's unvouched copies."""
+        with self._mutex:
+            return self._notes(self.db, key)
+
+    def pending_deletes(self):
+        """[(key, volume, since)] of every note, oldest first."""
+        with self._mutex:
+            rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
+        return [(bytes(k), v, s) for k, v, s in rows]
+
+    def noted_keys(self):
+        """The keys that have notes (few: they are copies waiting to be removed)."""
+        with self._mutex:
+            return {bytes(r[0]) for r in self.db.execute("SELECT DISTINCT key FROM pending_deletes")}
+
+    def pending_done(self, key, volume):
+        with self._write() as db:
+            self._unnote(db, key, [volume])
+
+    # -- locks
 
     def unlink(self, key):
         with self._write() as db:
@@ -523,7 +659,7 @@ class Index:
     def start_delete(self, key, owner, protect=False, lease=LOCK_LEASE):
         """Mark a key deleted (invisible at once) and claim it while its
         replicas are removed. Returns its record."""
-        now = time.time()
+        now = lock_clock()
         with self._write() as db:
             rec = self._get(db, key)
             if rec is None:
@@ -543,7 +679,7 @@ class Index:
     def lock(self, key, owner, lease=LOCK_LEASE):
         """Take the per-key lock without changing the state (for the tools).
         Returns the record, None if the key is missing; KeyBusy if held."""
-        now = time.time()
+        now = lock_clock()
         with self._write() as db:
             rec = self._get(db, key)
             if rec is None:
@@ -558,7 +694,7 @@ class Index:
     def renew(self, key, owner, lease=LOCK_LEASE):
         with self._write() as db:
             cur = db.execute("UPDATE keys SET lock_until = ? WHERE key = ? AND lock_owner = ?",
-                             (time.time() + lease, key, owner))
+                             (lock_clock() + lease, key, owner))
             return cur.rowcount == 1
 
     def release(self, key, owner):
@@ -579,45 +715,49 @@ class Index:
         with self._write() as db:
             cur = db.execute("INSERT OR IGNORE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
                              " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
-                             (key, WRITING, ",".join(volumes), owner, time.time() + lease))
+                             (key, WRITING, ",".join(volumes), owner, lock_clock() + lease))
             return cur.rowcount == 1
 
-    def set_facts(self, key, owner, volumes, size, md5):
+    def set_facts(self, key, owner, volumes, size, md5, dropped=()):
         """Set a locked key's replicas, size and md5 (rebuild.py); the state is
-        kept. False if the lock was lost."""
+        kept. Copies on `dropped` leave the record and are noted. False if
+        the lock was lost."""
         with self._write() as db:
             cur = db.execute("UPDATE keys SET volumes = ?, size = ?, md5 = ? WHERE key = ? AND lock_owner = ?",
                              (",".join(volumes), size, md5, key, owner))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            self._note(db, key, dropped)
+            return True
 
     def take_over(self, key, old_owner, owner, lease=LOCK_LEASE):
         """Move a lock from `old_owner` (a process known to be dead) to `owner`.
         Returns the record, or None if the lock is no longer old_owner's."""
         with self._write() as db:
             cur = db.execute("UPDATE keys SET lock_owner = ?, lock_until = ? WHERE key = ? AND lock_owner = ?",
-                             (owner, time.time() + lease, key, old_owner))
+                             (owner, lock_clock() + lease, key, old_owner))
             return self._get(db, key) if cur.rowcount == 1 else None
 
-    def switch_volumes(self, key, owner, volumes, dropped):
-        """Set a locked key's replicas to `volumes` and note the copies on
-        `dropped` for a later delete, at once. False if the lock was lost."""
+    def switch_volumes(self, key, owner, volumes, dropped, written=()):
+        """Set a locked key's replicas to `volumes`, note the copies on
+        `dropped` for a later delete, and drop the notes of `written` (copies
+        this holder just wrote), at once. False if the lock was lost."""
         with self._write() as db:
             cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
                              (",".join(volumes), key, owner))
             if cur.rowcount != 1:
                 return False
-            self._note_pending(db, key, dropped)
+            self._unnote(db, key, written)
+            self._note(db, key, dropped)
             return True
 
-    def pending_deletes(self):
-        """[(key, volume, since)] of copies waiting to be removed, oldest first."""
-        with self._mutex:
-            rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
-        return [(bytes(k), v, s) for k, v, s in rows]
 
-    def pending_done(self, key, volume):
-        with self._write() as db:
-            db.execute("DELETE FROM pending_deletes WHERE key = ? AND volume = ?", (key, volume))
+@dataclasses.dataclass
+class Claim:
+    """What Index.start_put found and did."""
+    old: Record          # the record the PUT replaced, or None
+    added: list          # volumes it noted (the notes that were already there stay theirs)
+    notes: dict          # every note of the key now: {volume: upload name or None}
 
 
 class Lease:
@@ -679,6 +819,9 @@ class Volumes:
 
     def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64):
         self.timeout = timeout
+        # a MOVE or DELETE is a rename or an unlink: seconds at the most on a
+        # healthy volume, so a frozen one costs this, not TRANSFER_TIMEOUT
+        self.op_timeout = max(timeout, OP_TIMEOUT)
         self.retry_after = retry_after
         self.http = urllib3.PoolManager(num_pools=256, maxsize=maxsize, block=False, retries=False)
         self._down_until = {}
@@ -699,6 +842,10 @@ class Volumes:
         self._down_until[host] = now + self.retry_after   # others keep skipping it meanwhile
         return True
 
+    def known_down(self, host):
+        """True while `host` failed less than DOWN_RETRY seconds ago."""
+        return time.monotonic() < self._down_until.get(host, 0)
+
     def ready(self, volume):
         """Whether to start a data transfer to `volume`: False while it is
         known down. One that is due for a retry, or has not answered anything
@@ -710,12 +857,16 @@ class Volumes:
                 return True
         elif not self.usable(host):
             return False
+        return self.probe(host)
+
+    def probe(self, volume):
+        """Ask the volume now (one HEAD, `timeout`): True if it answers at all."""
         try:
-            self.has(host, "/")
+            self.has(volume_host(volume), "/")
         except VolumeDown:
             return False
         except VolumeError:
-            pass                   # any answer will do: the volume is back
+            pass                   # any answer will do: the volume is up
         return True
 
     def mark_down(self, host, reason=""):
@@ -801,7 +952,7 @@ class Volumes:
     def delete(self, volume, path):
         """Remove a file; a file that is already gone is fine."""
         r = self._request("DELETE", volume, path, timeout=urllib3.Timeout(connect=self.timeout,
-                                                                          read=TRANSFER_TIMEOUT))
+                                                                          read=self.op_timeout))
         if r.status not in (200, 204, 404):
             raise VolumeError(f"volume {volume_host(volume)} answered DELETE with {r.status}")
 
@@ -845,17 +996,55 @@ class Volumes:
 
     # -- the fan-out write
 
-    def put(self, volumes, path, chunks, length=None):
-        """Stream `chunks` to every volume at once, chunk by chunk; return
-        (md5 hex, size). At most QUEUE_DEPTH chunks wait per replica, so memory
-        does not grow with the value. If any replica fails, or `chunks` raises,
-        every upload is broken off mid-body (nginx then discards its temp file)
-        and the error is raised; a replica that did complete stays on its
-        volume, and the caller removes it."""
+    def put(self, volumes, path, chunks, length=None, tmp=None, fence=None):
+        """Write one value at `path` on every volume; returns (md5 hex, size).
+
+        1. Stream `chunks` to every volume at once, each into its own upload
+           under TMP_DIR (upload_name(tmp, volume)), chunk by chunk: at most
+           QUEUE_DEPTH chunks wait per replica, so memory does not grow with
+           the value.
+        2. Once every upload is complete, fence(md5, size): it raises if the
+           writer may no longer land these bytes (its lock lost, the wrong md5).
+        3. MOVE every upload onto `path`, never over a file (Overwrite: F);
+           a file found there is removed first (the caller holds the lock).
+
+        Only the MOVE touches `path`, so an upload that a frozen volume
+        finishes late stays an upload. On failure the error carries
+        `.outcomes`: {volume: LANDED or UNKNOWN} for the volumes whose path
+        may now hold these bytes; the others' paths were not touched."""
+        tmp = tmp or new_tmp()
+        names = {v: upload_name(tmp, v) for v in volumes}
+        try:
+            md5, size = self._upload(volumes, names, chunks, length)
+            if fence is not None:
+                fence(md5, size)
+        except BaseException as e:
+            e.outcomes = {}
+            raise
+        outcomes, errors = {}, {}
+
+        def one(volume):
+            try:
+                self.move(volume, names[volume], path)
+                outcomes[volume] = LANDED
+            except MoveUnknown as e:
+                outcomes[volume], errors[volume] = UNKNOWN, e
+            except VolumeError as e:
+                errors[volume] = e
+        _run_all(one, volumes)
+        if errors:
+            error = next(errors[v] for v in volumes if v in errors)
+            error.outcomes = outcomes
+            raise error
+        return md5, size
+
+    def _upload(self, volumes, names, chunks, length):
+        """Step 1 of put(): every upload complete, or an error (and the
+        uploads that did complete removed, where the volume answers)."""
         feeds = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in volumes]
         drained = [False] * len(volumes)   # the upload has taken its feed's last item
         errors = {}
-        refused = set()                    # volumes certain to hold no new file
+        done = []                          # volumes whose upload completed
         failed = threading.Event()         # some upload failed: stop feeding
         aborted = threading.Event()        # we broke the uploads off: their errors are ours
         headers = {"Content-Length": str(length)} if length is not None else {}
@@ -874,24 +1063,24 @@ class Volumes:
             host = volume_host(volume)
             try:
                 # urllib3 sends a request body under the *connect* timeout, so that
-                # one is TRANSFER_TIMEOUT too; a volume known down is not tried
-                # at all (Store.put asks ready() first), a refused one fails at once
+                # one is TRANSFER_TIMEOUT; the answer comes once nginx has the
+                # whole body (it wrote the rest on the way), so a volume that
+                # froze meanwhile costs op_timeout. A volume known down is not
+                # tried at all (Store.put asks ready() first).
                 r = self.http.urlopen(
-                    "PUT", "http://" + volume + quote(path, safe="/=+"), body=body(i),
+                    "PUT", "http://" + host + quote(names[volume], safe="/=+"), body=body(i),
                     headers=headers, chunked=length is None, retries=False, redirect=False,
-                    timeout=urllib3.Timeout(connect=TRANSFER_TIMEOUT, read=TRANSFER_TIMEOUT))
+                    timeout=urllib3.Timeout(connect=TRANSFER_TIMEOUT, read=self.op_timeout))
                 if r.status in (201, 204):
                     self.mark_up(host)
+                    done.append(volume)
                 else:
-                    refused.add(volume)
                     errors[volume] = VolumeError(f"volume {host} answered PUT with {r.status}: "
                                                  f"{_nginx_reason(r.data)}")
             except Exception as e:
                 if aborted.is_set():
-                    refused.add(volume)   # broken off mid-body: nginx keeps nothing
+                    pass          # broken off by us: the reason is the caller's
                 elif isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
-                    if isinstance(e, urllib3.exceptions.ConnectTimeoutError):
-                        refused.add(volume)   # never connected (NewConnectionError is one too)
                     self.mark_down(host, _reason(e))
                     errors[volume] = VolumeDown(f"volume {host} failed during upload: {_reason(e)}")
                 else:   # whatever it is, it must stop the other uploads too
@@ -918,24 +1107,89 @@ class Volumes:
                     feed.put(chunk)
             else:
                 end = None
-        except BaseException as e:
-            # the body failed (client gone): break every upload off; none keeps a file
-            e.maybe_written = []
-            raise
         finally:
             if end is _ABORT:
-                aborted.set()
+                aborted.set()    # the body failed (client gone) or a replica did: break every upload off
             for feed in feeds:
                 feed.put(end)
             for t in threads:
                 t.join()
+            if end is _ABORT or errors:
+                self._drop_uploads({v: names[v] for v in done})
         if errors:
-            # report the first failing volume in placement order, and where
-            # files may have been written (the caller removes them)
-            error = next(errors[v] for v in volumes if v in errors)
-            error.maybe_written = [v for v in volumes if v not in refused]
-            raise error
+            raise next(errors[v] for v in volumes if v in errors)   # the first in placement order
         return md5.hexdigest(), size
+
+    def _drop_uploads(self, names):
+        """Remove uploads that will not be moved (tidiness: a temp file is
+        never read; rebalance.py sweeps what is left)."""
+        _run_all(lambda v: self._quietly(self.delete, volume_host(v), names[v]),
+                 [v for v in names if not self.known_down(volume_host(v))])
+
+    @staticmethod
+    def _quietly(fn, *args):
+        try:
+            fn(*args)
+        except VolumeError:
+            pass
+
+    def move(self, volume, name, path):
+        """MOVE the upload `name` onto `path` without replacing a file (the
+        volume checks and renames at once): a file found there (a stray
+        copy, or a late writer's) is deleted and the MOVE tried again.
+        VolumeError: nothing moved; MoveUnknown: no answer, it may land yet."""
+        host = volume_host(volume)
+        headers = {"Destination": quote(volume[len(host):] + path, safe="/=+"), "Overwrite": "F"}
+        for _ in range(MOVE_TRIES):
+            try:
+                r = self.http.request("MOVE", "http://" + host + quote(name, safe="/=+"), headers=headers,
+                                      timeout=urllib3.Timeout(connect=self.timeout, read=self.op_timeout),
+                                      retries=False, redirect=False)
+            except urllib3.exceptions.ConnectTimeoutError as e:   # NewConnectionError too: never sent
+                self.mark_down(host, _reason(e))
+                raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                self.mark_down(host, _reason(e))
+                raise MoveUnknown(f"volume {host} did not answer a MOVE: {_reason(e)}") from None
+            self.mark_up(host)
+            if r.status in (201, 204):
+                return
+            if r.status != 412:
+                raise VolumeError(f"volume {host} answered MOVE with {r.status}: {_nginx_reason(r.data)}")
+            self.delete(volume, path)
+        raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
+
+    def remove(self, volume, path, tmp=None):
+        """Remove a key's file for good: first the upload `tmp` (a write's,
+        see upload_name) whose MOVE onto it may still be on its way, since
+        once the upload is gone no MOVE can land; then the file.
+        VolumeError if either is not confirmed."""
+        if tmp:
+            self.delete(volume_host(volume), upload_name(tmp, volume))
+        self.delete(volume, path)
+
+    def remove_all(self, notes, path):
+        """remove() of {volume: tmp} at once, except on volumes known down;
+        returns the volumes removed for sure."""
+        removed = []
+
+        def one(v):
+            try:
+                self.remove(v, path, notes[v])
+                removed.append(v)
+            except VolumeError:
+                pass
+        _run_all(one, [v for v in notes if not self.known_down(volume_host(v))])
+        return removed
+
+
+LANDED, UNKNOWN = "landed", "unknown"   # what a failed put() may have left at a volume's path
+
+
+def upload_name(tmp, volume):
+    """Path of a write's upload on `volume`'s server: TMP_DIR + tmp, and the
+    subvolume, so that two replicas on one server never share an upload."""
+    return TMP_DIR + tmp + volume[len(volume_host(volume)):].replace("/", ".")
 
 
 _ABORT = object()
@@ -1009,7 +1263,7 @@ class Store:
         rec = self.index.get(key)
         if rec is None or rec.state != LIVE:
             if self.settings.fallback:
-                return "http://" + self.settings.fallback + quote(key, safe="/"), rec
+                return "http://" + self.settings.fallback + fallback_path(key), rec
             raise KeyMissing("no such key")
         path = key2path(key)
         order = list(rec.volumes)
@@ -1032,56 +1286,63 @@ class Store:
         raise Unavailable("no volume holding this key can be reached")
 
     def put(self, key, chunks, length=None):
-        """Write a new key: every replica, then the index. Returns (md5, size)."""
+        """Write a new key: every replica, then the index. Returns (md5, size).
+
+        The key is claimed before the first byte of the body is read, so a
+        second PUT of it meanwhile is 409 however slow this client is."""
         check_storable(key)
         rec = self.index.get(key)
         if rec is not None and rec.state == LIVE:
             raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
-        # look at the body before claiming anything: an empty one is refused
-        chunks = iter(chunks)
-        first = next((c for c in chunks if c), None)
-        if first is None:
-            raise EmptyValue("empty value: a PUT needs a body")
         volumes = self.placement(key)
-        for v in volumes:
-            if not self.volumes.ready(v):
-                raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
         path = key2path(key)
-        owner = new_owner("put-")
-        old = self.index.start_put(key, volumes, owner)
+        owner, tmp = new_owner("put-"), new_tmp()
+        claim = self.index.start_put(key, volumes, owner, tmp=tmp)
         with Lease(self.index, key, owner) as lease:
             try:
-                md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length)
-                lease.check()
+                chunks = iter(chunks)
+                first = next((c for c in chunks if c), None)
+                if first is None:
+                    raise EmptyValue("empty value: a PUT needs a body")
+                for v in volumes:
+                    if not self.volumes.ready(v):
+                        raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
+                md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
+                                             tmp=tmp, fence=lambda md5, size: self.fence(key, owner))
             except BaseException as e:
-                self._abandon(key, owner, path, getattr(e, "maybe_written", volumes), old, lease)
+                self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
-            if not self.index.finish_put(key, owner, md5, size):
-                # another request owns the key by now, and our files are its paths: leave them
+            # copies that the replaced record or failed writes left outside the placement
+            resolved = self.volumes.remove_all({v: t for v, t in claim.notes.items() if v not in volumes}, path)
+            if not self.index.finish_put(key, owner, md5, size, resolved):
                 raise KeyBusy("lost the lock on the key while writing it; try again")
-        if old is not None:
-            # the key's earlier bytes (unlinked, or a failed write) on volumes it no longer uses
-            stale = [v for v in old.volumes if v not in volumes]
-            down = [v for v in stale if not self.volumes.ready(v)]
-            failed = self.volumes.delete_all([v for v in stale if v not in down], path)
-            if failed or down:
-                self.index.note_pending(key, down + list(failed))   # rebalance.py removes them
         return md5, size
 
-    def _abandon(self, key, owner, path, written, old, lease):
-        """A claimed PUT failed: remove what it may have written, and leave the
-        index naming every volume that may still hold a file of this key."""
+    def fence(self, key, owner):
+        """Right before a write's bytes land on their paths: the lock must be
+        ours still, renewed a whole lease ahead, so that a writer that was
+        paused or cut off for longer than its lease lands nothing."""
+        if not self.index.renew(key, owner):
+            raise KeyBusy("lost the lock on the key while writing it (stalled longer than the "
+                          f"{LOCK_LEASE:.0f} s lease); nothing was stored")
+
+    def _abandon(self, key, owner, path, tmp, claim, outcomes, lease):
+        """A claimed PUT failed: undo what it can, and leave every copy that
+        may remain either in a record or noted (rebalance.py removes those)."""
         if lease.lost.is_set():
-            return   # the key is another request's now; its files are at our paths
-        failed = self.volumes.delete_all(written, path)
-        if old is not None and not written:
-            self.index.restore(key, owner, old)   # nothing was touched: as it was
+            return   # the key is another request's now: our notes stay, its record is its own
+        if not outcomes:
+            # no path was touched: the replaced record, if any, vouches for its copies again
+            if claim.old is not None:
+                self.index.restore(key, owner, claim.old, resolved=claim.added)
+            else:
+                self.index.abandon_put(key, owner, resolved=claim.added)
             return
-        leftovers = list(failed)
-        if old is not None:
-            # an unlinked value, or what a dead request left, may still be there
-            leftovers += [v for v in old.volumes if v not in leftovers]
-        self.index.abandon_put(key, owner, leftovers)
+        removed = self.volumes.remove_all({v: tmp for v in outcomes}, path)
+        old = set(claim.old.volumes) if claim.old is not None else set()
+        # untouched paths are as they were: clean, unless the replaced record had a copy there
+        resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in old)]
+        self.index.abandon_put(key, owner, resolved=resolved)
 
     def delete(self, key):
         """Remove a key: invisible at once, then its replicas, then its record.
@@ -1089,8 +1350,10 @@ class Store:
         owner = new_owner("del-")
         rec = self.index.start_delete(key, owner, protect=self.settings.protect)
         path = key2path(key)
-        failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes if not self.volumes.ready(v)}
         with Lease(self.index, key, owner):
+            # a volume remembered down is asked again now: it may be back
+            failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
+                      if self.volumes.known_down(volume_host(v)) and not self.volumes.probe(v)}
             failed.update(self.volumes.delete_all([v for v in rec.volumes if v not in failed], path))
         if failed:
             self.index.release(key, owner)
