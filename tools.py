@@ -92,7 +92,19 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except OSError:
         return False
-    return False
+    return is_zombie(pid)
+
+
+def is_zombie(pid: int) -> bool:
+    """A killed process whose parent has not reaped it yet: kill(pid, 0)
+    still succeeds, but it will never run again (state Z in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses
+    return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] == "Z"
 
 
 def lock_key(index: mkvlib.Index, key: bytes, owner: str):
