@@ -9,20 +9,26 @@ are removed, then the record. For each live or unlinked key, under the same
 per-key lock as the master's PUT and DELETE:
 
   1. look (HEAD) at which recorded and placement volumes have its file;
-  2. stream it from one that has it to each placement volume that lacks it
-     (chunk by chunk, never the whole value in memory), checking the md5;
+  2. stream it from a recorded copy to each placement volume that the record
+     does not vouch for (chunk by chunk, never the whole value in memory):
+     into an upload, checked against the record's md5 and size, then MOVEd
+     over whatever sat there. A file found at a placement path is never
+     adopted: a stray, stale or late copy of an older value looks the same;
   3. in one transaction, point the index at the placement only and note the
-     copies it no longer uses in the index's pending_deletes table;
+     copies it no longer uses (the index's pending_deletes table);
   4. a few seconds later (a redirect given out just before the switch may
      still be on its way to its client), remove those copies and their notes.
 
 Every copy that exists is always either in the key's record or noted in
-pending_deletes, so a run killed at any moment leaves nothing behind that the
-next run does not finish; a second run finds nothing to do. Reads never fail
-because of a move: the index names only copies that are complete, and no copy
-is removed while the index still sends reads to it.
+pending_deletes (noted before a byte is sent), so a run killed at any moment
+leaves nothing behind that the next run does not finish; a second run finds
+nothing to do. Reads never fail because of a move: the index names only
+copies that are complete, and no copy is removed while the index still sends
+reads to it. The exit status is 0 only when every key sits on its placement
+and every noted copy is gone.
 """
 import argparse
+import email.utils
 import queue
 import sqlite3
 import sys
@@ -36,6 +42,7 @@ import tools
 PROG = "rebalance"
 GRACE = 2.0           # seconds from the index leaving a copy to the copy's delete
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
+SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 
 
@@ -51,6 +58,7 @@ class Rebalance:
         self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
         self.again = []                 # keys busy or failed on the first try: one more at the end
         self._again_lock = threading.Lock()
+        self.noted = set()              # keys with notes when the run began
 
     def placement(self, key):
         s = self.settings
@@ -60,14 +68,20 @@ class Rebalance:
         self.progress.count("failed")
         self.progress.message(f"{PROG}: {tools.show(key)}: {why}")
 
+    def busy(self, key, why):
+        self.progress.count("busy")
+        self.progress.message(f"{PROG}: {tools.show(key)}: busy ({why}); run rebalance again")
+
     # -- the run
 
     def run(self, workers):
         self.progress.set_total(self.index.count())
-        for key, volume, since in self.index.pending_deletes():   # a killed run's
+        self.sweep()
+        for key, volume, since in self.index.pending_deletes():   # a killed run's, failed writes'
             if mkvlib.volume_host(volume) in self.forget:
                 self.index.pending_done(key, volume)    # nothing left to delete there
             else:
+                self.noted.add(key)
                 self.deletes.put((since + GRACE, key, volume))
         deleter = threading.Thread(target=self.delete_loop, name="deleter", daemon=True)
         deleter.start()
@@ -90,6 +104,27 @@ class Rebalance:
         self.deletes.put(None)
         deleter.join()
 
+    def sweep(self):
+        """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
+        between their upload and its MOVE. A MOVE still queued somewhere can
+        then never land."""
+        for host in self.settings.volumes:
+            try:
+                entries = self.volumes.listdir(host, mkvlib.TMP_DIR)
+            except mkvlib.VolumeError as e:
+                self.progress.message(f"{PROG}: cannot list {host}{mkvlib.TMP_DIR}: {e}")
+                continue
+            for e in entries:
+                try:
+                    age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
+                except (TypeError, ValueError):
+                    continue
+                if e.get("type") == "file" and age > SWEEP_AGE:
+                    try:
+                        self.volumes.delete(host, mkvlib.TMP_DIR + e["name"])
+                    except mkvlib.VolumeError:
+                        pass   # the next run sweeps it
+
     def first_look(self, rec):
         self.progress.count("seen")
         self.progress.add(keys=1)
@@ -98,7 +133,8 @@ class Rebalance:
                 if rec.locked():
                     return self.progress.count("skipped")   # being written or deleted: the master's
                 return self.purge(rec)
-            if rec.volumes == self.placement(rec.key) and self.all_there(rec.key, rec.volumes):
+            if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
+                    and self.all_there(rec.key, rec.volumes):
                 return self.progress.count("unchanged")
             self.locked(rec)
         except Exception as e:   # one key's trouble never stops the run
@@ -114,9 +150,9 @@ class Rebalance:
     def locked(self, rec, final=False):
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
-        except mkvlib.KeyBusy:
+        except mkvlib.KeyBusy as e:
             if final:
-                return self.progress.count("busy")
+                return self.busy(rec.key, str(e))
             return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
@@ -135,7 +171,8 @@ class Rebalance:
         """Finish what a dead request left: a PUT whose worker died ('writing',
         lock expired) or a DELETE whose volume failed ('deleting', unlocked).
         Neither is visible; both may have left files on the record's volumes.
-        Remove those, then the record, as a retried DELETE would."""
+        Remove those (and a dead write's uploads), then the record, as a
+        retried DELETE would."""
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
         except mkvlib.KeyBusy:
@@ -145,10 +182,16 @@ class Rebalance:
         try:
             if rec.state not in (mkvlib.WRITING, mkvlib.DELETING):
                 return self.progress.count("skipped")
-            failed = self.volumes.delete_all(rec.volumes, mkvlib.key2path(rec.key))
-            if failed:
-                return self.fail(rec.key, "could not remove the files of a dead write or delete: "
-                                 + "; ".join(failed.values()))
+            with mkvlib.Lease(self.index, rec.key, self.owner):
+                notes = self.index.notes(rec.key)
+                copies = {v: notes.get(v) for v in rec.volumes}
+                removed = self.volumes.remove_all(copies, mkvlib.key2path(rec.key))
+                if len(removed) < len(copies):
+                    return self.fail(rec.key, "could not remove the files of a dead write or delete on "
+                                     + ",".join(v for v in copies if v not in removed))
+                for v in removed:     # while the key is ours: a new PUT's notes are its own
+                    if v in notes:
+                        self.index.pending_done(rec.key, v)
             self.index.finish_delete(rec.key, self.owner)
             self.progress.count("purged")
         finally:
@@ -165,6 +208,7 @@ class Rebalance:
             return self.progress.count("skipped")
         key, path = rec.key, mkvlib.key2path(rec.key)
         placement = self.placement(key)
+        notes = self.index.notes(key)
         have, down = {}, []
         for v in dict.fromkeys(rec.volumes + placement):
             if mkvlib.volume_host(v) in self.forget:
@@ -175,31 +219,45 @@ class Rebalance:
             except mkvlib.VolumeError as e:
                 have[v] = None
                 down.append(str(e))
-        sources = [v for v in have if have[v]]
-        if not sources:
-            why = "; ".join(down) if down else f"no copy on {','.join(have)}"
+        # only what the record vouches for is a copy of the value
+        vouched = [v for v in rec.volumes if have[v] and v not in notes]
+        if not vouched:
+            why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")
-        targets = [v for v in placement if not have[v]]
+        targets = [v for v in placement if v not in vouched]
         unreachable = [v for v in targets if have[v] is None]
         if unreachable:
             raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
         if targets:
-            self.copy(rec, sources, targets, path)
-        if rec.volumes != placement:
+            self.copy(rec, vouched, targets, path)
+        if rec.volumes != placement or targets:
             dropped = [v for v in rec.volumes if v not in placement and have[v] is not False]
-            if not self.index.switch_volumes(key, self.owner, placement, dropped):
+            if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise mkvlib.KeyBusy("lost the lock on the key while moving it")
             due = time.time() + GRACE
             for v in dropped:
                 self.deletes.put((due, key, v))
-        repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished
+        repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
 
     def copy(self, rec, sources, targets, path):
-        """Stream the file from the first source that gives a good copy to every target."""
+        """Stream the value from the first source that gives a good copy to
+        every target: noted first, uploaded, checked against the record, and
+        only then MOVEd over whatever sat at the targets' paths."""
+        tmp = mkvlib.new_tmp()
+        self.index.note_pending(rec.key, targets, tmp)   # switch_volumes drops these notes
+
+        def fence(md5, size):
+            if rec.md5 and md5 != rec.md5:
+                raise CopyFailed(f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}")
+            if rec.size is not None and size != rec.size:
+                raise CopyFailed(f"{src} holds {size} bytes, not the recorded {rec.size}")
+            if not self.index.renew(rec.key, self.owner):
+                raise mkvlib.KeyBusy("lost the lock on the key while copying it")
+
         last = None
         for src in sources:
             try:
@@ -214,26 +272,27 @@ class Rebalance:
             ok = False
             try:
                 md5, size = self.volumes.put(targets, path, r.stream(mkvlib.CHUNK),
-                                             int(length) if length and length.isdigit() else None)
+                                             int(length) if length and length.isdigit() else None,
+                                             tmp=tmp, fence=fence)
                 ok = True
+            except mkvlib.KeyBusy:
+                raise
             except Exception as e:
                 last = f"from {src}: {e}"
+                outcomes = getattr(e, "outcomes", {})
+                if set(self.volumes.remove_all({v: tmp for v in outcomes}, path)) != set(outcomes):
+                    raise CopyFailed(f"could not copy to {','.join(targets)} ({last}), and could not "
+                                     "remove what landed: it stays noted for the next run") from None
             finally:
                 if not ok:
                     r.close()
                 r.release_conn()
-            if ok and rec.md5 and md5 != rec.md5:
-                ok, last = False, f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}"
-            elif ok and rec.size is not None and size != rec.size:
-                ok, last = False, f"{src} holds {size} bytes, not the recorded {rec.size}"
             if ok:
                 self.progress.add(nbytes=size * len(targets))
                 return
-            # nothing that was not there is kept: the targets lacked the file
-            self.volumes.delete_all(targets, path)
         raise CopyFailed(f"could not copy to {','.join(targets)}: {last}")
 
-    # -- the copies no longer used
+    # -- the copies no record vouches for
 
     def delete_loop(self):
         retry = []
@@ -250,13 +309,16 @@ class Rebalance:
             time.sleep(0.2)
             retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
         for key, volume in retry:
-            self.progress.count("busy")
-            self.progress.message(f"{PROG}: {tools.show(key)}: busy; its copy on {volume} stays noted "
-                                  "for the next run")
+            rec = self.index.get(key)
+            if rec is not None and rec.state == mkvlib.WRITING and rec.locked():
+                self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
+            else:
+                self.busy(key, f"its copy on {volume} stays noted for the next run")
 
     def delete_copy(self, key, volume):
-        """Remove a copy the index stopped using, under the key's lock, unless
-        the key uses that volume again by now. False if the key is busy."""
+        """Remove a noted copy under the key's lock, unless the note is gone
+        by now or the record names that volume (then move() rewrites the copy
+        there). False if the key is busy."""
         path = mkvlib.key2path(key)
         try:
             try:
@@ -268,21 +330,26 @@ class Rebalance:
                 if not self.index.claim(key, [volume], self.owner):
                     return False
                 try:
-                    self.volumes.delete(volume, path)
-                    self.index.pending_done(key, volume)
+                    self.remove_noted(key, volume, path)
                 finally:
                     self.index.abandon_put(key, self.owner)
                 return True
             try:
-                if volume not in rec.volumes:
-                    self.volumes.delete(volume, path)
-                self.index.pending_done(key, volume)
+                if rec.state in (mkvlib.WRITING, mkvlib.DELETING) or volume not in rec.volumes:
+                    self.remove_noted(key, volume, path)
             finally:
                 self.index.release(key, self.owner)
             return True
         except (mkvlib.MkvError, sqlite3.Error) as e:
-            self.fail(key, f"could not remove the old copy on {volume} (noted for the next run): {e}")
+            self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
             return True
+
+    def remove_noted(self, key, volume, path):
+        with mkvlib.Lease(self.index, key, self.owner):
+            notes = self.index.notes(key)
+            if volume in notes:
+                self.volumes.remove(volume, path, notes[volume])
+                self.index.pending_done(key, volume)
 
 
 def main(argv=None):
@@ -292,7 +359,8 @@ def main(argv=None):
                     "place them, and copy back replicas that vanished. Safe while the master serves; "
                     "safe to kill and run again.",
         epilog="Settings not given as flags come from MKV_VOLUMES, MKV_DB, MKV_REPLICAS, MKV_SUBVOLUMES. "
-               "Exit status: 0 done, 1 some key failed, 2 bad settings.")
+               "Exit status: 0 every key on its placement, 1 some key failed or stayed busy (named on stderr), "
+               "2 bad settings.")
     tools.add_common_args(parser)
     parser.add_argument("--forget-volume", metavar="H:P", action="append", default=[],
                         help="a volume removed from MKV_VOLUMES that is gone for good (dead disk): "
@@ -311,7 +379,10 @@ def main(argv=None):
     if not tools.run(PROG, job, args.workers, progress):
         return 1
     print(progress.summary(SUMMARY, "copied"), flush=True)
-    return 1 if progress.counts.get("failed", 0) else 0
+    left = progress.counts.get("failed", 0) + progress.counts.get("busy", 0)
+    if left:
+        print(f"{PROG}: {left} key(s) not done (named above); run rebalance.py again", file=sys.stderr)
+    return 1 if left else 0
 
 
 if __name__ == "__main__":
