@@ -32,7 +32,7 @@ PROG = "rebuild"
 HEX = frozenset("0123456789abcdef")
 REPORT_CAP = 200      # problem lines --check prints before it only counts
 SUMMARY = ["seen", "added", "updated", "unchanged", "busy", "skipped", "failed"]
-KINDS = ["missing", "under-replicated", "misplaced", "orphan"]
+KINDS = ["missing", "under-replicated", "misplaced", "orphan", "wrong-size", "wrong-md5"]
 
 
 def is_hex_dir(entry):
@@ -58,18 +58,28 @@ def order_replicas(key, holders, settings):
     return first + rest
 
 
-def classify(key, rec, holders, settings):
+def classify(key, rec, holders, settings, notes=()):
     """Problems of one key: [(kind, detail)]. `holders` are the (sub)volumes
-    that have its file. A key being written or deleted has none."""
+    that have its file, as a set or as {volume: size from the listing or
+    None}; `notes` the volumes noted as unvouched. A key being written or
+    deleted has none."""
+    sizes = holders if isinstance(holders, dict) else dict.fromkeys(holders)
     if rec is None:
-        return [("orphan", v) for v in sorted(holders)]
+        return [("orphan", v + (" (noted: rebalance.py removes it)" if v in notes else ""))
+                for v in sorted(sizes)]
     if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
         return []
     placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
-    if not holders:
+    if not sizes:
         return [("missing", ",".join(rec.volumes))]
-    problems = [("misplaced", v) for v in sorted(holders) if v not in placement]
-    usable = [v for v in rec.volumes if v in holders]
+    problems = [("misplaced", v) for v in sorted(sizes) if v not in placement]
+    problems += [("orphan", f"{v} (a file the record does not name)")
+                 for v in sorted(sizes) if v in placement and v not in rec.volumes]
+    wrong = [v for v in rec.volumes if sizes.get(v) is not None and rec.size is not None and sizes[v] != rec.size]
+    problems += [("wrong-size", f"{v} ({sizes[v]} bytes, recorded {rec.size}): "
+                                "rebuild.py drops it from the record, then rebalance.py replaces it")
+                 for v in wrong]
+    usable = [v for v in rec.volumes if v in sizes and v not in wrong]
     if len(usable) < settings.replicas:
         problems.append(("under-replicated", f"{len(usable)} of {settings.replicas} replicas"
                          + (f" ({','.join(usable)})" if usable else "")))
@@ -200,12 +210,9 @@ class Rebuild:
         if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
             return self.progress.count("busy")
         volumes = order_replicas(key, found, self.settings)
-        if volumes == rec.volumes and self.size_of(volumes, found) == rec.size and not self.md5:
+        if volumes == rec.volumes and all(s == rec.size for s in found.values()) and not self.md5:
             return self.progress.count("unchanged")
         self.update_key(key, found)
-
-    def size_of(self, volumes, found):
-        return next((found[v] for v in volumes if v in found), None)
 
     def present(self, candidates):
         """Those of `candidates` that have the key's file now; a volume that
@@ -219,28 +226,25 @@ class Rebuild:
                 out.append(v)
         return out
 
-    def checksum(self, key, volumes):
-        """(md5, size) of the key's file, read from the first volume that has it."""
-        path = mkvlib.key2path(key)
-        for v in volumes:
-            try:
-                r = self.volumes.open(v, path)
-            except mkvlib.VolumeError:
-                continue
-            if r is None:
-                continue
-            h, n = hashlib.md5(), 0
-            try:
-                for chunk in r.stream(mkvlib.CHUNK):
-                    h.update(chunk)
-                    n += len(chunk)
-            except Exception as e:   # a transfer broken off: try the next copy
-                self.progress.message(f"{PROG}: {tools.show(key)}: reading {v} failed: {e}")
-                continue
-            finally:
-                r.release_conn()
-            return h.hexdigest(), n
-        raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+    def checksum(self, key, volume):
+        """(md5, size) of the key's file on `volume`; None if it cannot be read."""
+        try:
+            r = self.volumes.open(volume, mkvlib.key2path(key))
+        except mkvlib.VolumeError:
+            return None
+        if r is None:
+            return None
+        h, n = hashlib.md5(), 0
+        try:
+            for chunk in r.stream(mkvlib.CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+        except Exception as e:   # a transfer broken off
+            self.progress.message(f"{PROG}: {tools.show(key)}: reading {volume} failed: {e}")
+            return None
+        finally:
+            r.release_conn()
+        return h.hexdigest(), n
 
     def lease(self, key):
         # a new index has no one else in it; otherwise keep the lock while we wait on volumes
@@ -248,10 +252,26 @@ class Rebuild:
             return contextlib.nullcontext()
         return mkvlib.Lease(self.index, key, self.owner)
 
+    def conflict(self, key, facts):
+        """Copies of a key that no record vouches for disagree: none is added."""
+        self.progress.count("failed")
+        detail = ", ".join(f"{v}: {f}" for v, f in sorted(facts.items()))
+        self.progress.message(f"{PROG}: {tools.show(key)}: conflict, its copies differ ({detail}); not added: "
+                              "remove the wrong copies (or all but the one you trust) and run rebuild again")
+
     def add_key(self, key, found):
         """A key the index does not know: claim it as a PUT would, check that
         the files are still there (a DELETE may have happened since the
-        listing), then make it live with those."""
+        listing), then make it live with those. Copies noted as unvouched
+        (what failed writes and moves left) are never added; copies that
+        disagree (size; md5 with --md5) are reported and none is added."""
+        if not self.fresh:
+            noted = self.index.notes(key)
+            found = {v: s for v, s in found.items() if v not in noted}
+            if not found:
+                return self.progress.count("skipped")
+        if len(set(found.values())) > 1:
+            return self.conflict(key, {v: f"{s} bytes" for v, s in found.items()})
         volumes = order_replicas(key, found, self.settings)
         if not self.index.claim(key, volumes, self.owner):
             return self.progress.count("busy")   # written meanwhile: the master's record wins
@@ -263,10 +283,15 @@ class Rebuild:
                     volumes = self.present([(v, path) for v in volumes])
                 if not volumes:
                     return self.progress.count("unchanged")   # deleted since the listing
-                size = self.size_of(volumes, found)
-                md5 = None
+                size, md5 = found[volumes[0]], None
                 if self.md5:
-                    md5, size = self.checksum(key, volumes)
+                    sums = {v: self.checksum(key, v) for v in volumes}
+                    readable = {v: s for v, s in sums.items() if s is not None}
+                    if not readable:
+                        raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+                    if len(set(readable.values())) > 1:
+                        return self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
+                    md5, size = next(iter(readable.values()))
                 if self.index.set_facts(key, self.owner, volumes, size, md5) and \
                         self.index.finish_put(key, self.owner, md5, size):
                     done = True
@@ -279,7 +304,11 @@ class Rebuild:
 
     def update_key(self, key, found):
         """A live or unlinked key whose record differs from the listing: lock
-        it, look again at every copy listed or recorded, and record those."""
+        it and look again. Recorded copies that are gone leave the record;
+        recorded copies of the wrong size (or md5, with --md5) leave it and are
+        noted for rebalance.py to remove. A copy the record does not name is
+        added only if it is the record's value: its size, and its md5 read and
+        compared with the record's (or a recorded copy's)."""
         try:
             rec = tools.lock_key(self.index, key, self.owner)
         except mkvlib.KeyBusy:
@@ -287,23 +316,43 @@ class Rebuild:
         if rec is None:
             return self.progress.count("unchanged")   # deleted since
         try:
-            with self.lease(key):
+            with mkvlib.Lease(self.index, key, self.owner):
                 if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
                     return self.progress.count("busy")
                 path = mkvlib.key2path(key)
-                candidates = list(dict.fromkeys(list(found) + rec.volumes))
-                volumes = order_replicas(key, self.present([(v, path) for v in candidates]), self.settings)
-                if not volumes:
-                    return self.progress.count("unchanged")
-                size = self.size_of(volumes, found)
-                if size is None:
-                    size = rec.size
-                md5 = rec.md5 if size == rec.size else None
+                noted = self.index.notes(key)
+                kept = self.present([(v, path) for v in rec.volumes])
+                wrong = [v for v in kept if v in found and rec.size is not None and found[v] != rec.size]
+                md5, size = rec.md5, rec.size
+                sums = {}
                 if self.md5:
-                    md5, size = self.checksum(key, volumes)
+                    sums = {v: self.checksum(key, v) for v in kept if v not in wrong}
+                    if md5 is None:   # the record's value is what its copies agree on
+                        agreed = {s for s in sums.values() if s is not None}
+                        if len(agreed) == 1:
+                            md5, size = agreed.pop()
+                    wrong += [v for v, s in sums.items() if s is not None and md5 and s[0] != md5]
+                kept = [v for v in kept if v not in wrong]
+                adopted = []
+                for v in found:
+                    if v in rec.volumes or v in noted or (size is not None and found[v] != size):
+                        continue
+                    if md5 is None and kept:   # no md5 recorded: a recorded copy's is the reference
+                        ref = self.checksum(key, kept[0])
+                        if ref is not None and (size is None or ref[1] == size):
+                            md5, size = ref
+                    got = self.checksum(key, v)
+                    if md5 is not None and got is not None and got == (md5, size):
+                        adopted.append(v)
+                for v in wrong:
+                    self.progress.message(f"{PROG}: {tools.show(key)}: the copy on {v} is not the recorded "
+                                          "value; dropped from the record (rebalance.py replaces it)")
+                volumes = order_replicas(key, kept + adopted, self.settings)
+                if not volumes:
+                    return self.progress.count("unchanged")   # nothing trustworthy found: keep the record
                 if (volumes, size, md5) == (rec.volumes, rec.size, rec.md5):
                     return self.progress.count("unchanged")
-                if not self.index.set_facts(key, self.owner, volumes, size, md5):
+                if not self.index.set_facts(key, self.owner, volumes, size, md5, dropped=wrong):
                     raise mkvlib.KeyBusy("lost the lock while updating the key")
                 self.progress.count("updated")
         finally:
@@ -313,26 +362,34 @@ class Rebuild:
 
     def check_key(self, key, found):
         rec = self.index.get(key)
-        if classify(key, rec, set(found), self.settings):
+        if classify(key, rec, found, self.settings) or self.md5:
             self.confirm(key, found)
 
-    def confirm(self, key, listed=()):
+    def confirm(self, key, listed=None):
         """Something looked wrong in a listing: look again now (the master may
         have written or deleted the key since), and report what remains."""
+        listed = listed or {}
         rec = self.index.get(key)
         placement = mkvlib.key2volume(key, self.settings.volumes, self.settings.replicas,
                                       self.settings.subvolumes)
         path = mkvlib.key2path(key)
         # the listing's holders too: a misplaced file is on neither of the others
         candidates = set(placement) | set(rec.volumes if rec else ()) | set(listed)
-        holders = set()
+        holders = {}
         for v in candidates:
             try:
                 if self.volumes.has(v, path):
-                    holders.add(v)
+                    holders[v] = listed.get(v)
             except mkvlib.VolumeError:
-                holders.add(v)
-        for kind, detail in classify(key, rec, holders, self.settings):
+                holders[v] = listed.get(v)
+        problems = classify(key, rec, holders, self.settings, self.index.notes(key))
+        if self.md5 and rec is not None and rec.md5 and rec.state in (mkvlib.LIVE, mkvlib.UNLINKED) \
+                and not rec.locked():
+            for v in rec.volumes:
+                got = self.checksum(key, v) if v in holders else None
+                if got is not None and got[0] != rec.md5:
+                    problems.append(("wrong-md5", f"{v} (md5 {got[0]}, recorded {rec.md5})"))
+        for kind, detail in problems:
             self.report(kind, key, detail)
 
     def report(self, kind, key, detail):
