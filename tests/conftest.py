@@ -167,6 +167,36 @@ class Cluster:
     def db(self):
         return os.path.join(self.workdir, "index.sqlite3")
 
+    def folder_of(self, volume):
+        """The folder of a volume named 'host:port[/svXX]'."""
+        port = int(volume.split("/", 1)[0].rsplit(":", 1)[1])
+        return next(d for v, d in zip(self.volumes, self.volume_dirs) if v.port == port)
+
+    def file_of(self, volume, key: bytes):
+        """Where a key's file lies on the disk of a volume 'host:port[/svXX]'."""
+        import mkvlib
+        sub = volume.partition("/")[2]
+        return os.path.join(self.folder_of(volume), sub, mkvlib.key2path(key).lstrip("/"))
+
+    def plant(self, volume, key: bytes, value: bytes):
+        """Write a key's file straight onto a volume's disk, as a crash, an old
+        disk or the original Go mkv leaves one: owned like the volume's folder,
+        since nginx's workers (nobody, when started as root) work there later."""
+        import mkvlib
+        owner = os.stat(self.folder_of(volume))
+        path = self.folder_of(volume)
+        *folders, name = [p for p in [volume.partition("/")[2]] + mkvlib.key2path(key).split("/") if p]
+        for part in folders:
+            path = os.path.join(path, part)
+            if not os.path.isdir(path):
+                os.mkdir(path)
+                os.chown(path, owner.st_uid, owner.st_gid)
+        path = os.path.join(path, name)
+        with open(path, "wb") as f:
+            f.write(value)
+        os.chown(path, owner.st_uid, owner.st_gid)
+        return path
+
     def stop(self):
         if self.master:
             self.master.stop()

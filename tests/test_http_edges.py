@@ -54,22 +54,7 @@ def put_behind_the_master(cluster, key: bytes, state="live", value=b"value"):
     subvolumes = int(cluster.settings.get("subvolumes", 10))
     volumes = mkvlib.key2volume(key, cluster.volume_names(), replicas, subvolumes)
     for volume in volumes:
-        host, _, sub = volume.partition("/")
-        port = int(host.rsplit(":", 1)[1])
-        folder = next(d for v, d in zip(cluster.volumes, cluster.volume_dirs) if v.port == port)
-        # as the volume's owner: nginx's workers (nobody, when run as root) add files here later
-        owner = os.stat(folder)
-        *folders, name = [p for p in [sub] + mkvlib.key2path(key).split("/") if p]
-        path = folder
-        for part in folders:
-            path = os.path.join(path, part)
-            if not os.path.isdir(path):
-                os.mkdir(path)
-                os.chown(path, owner.st_uid, owner.st_gid)
-        path = os.path.join(path, name)
-        with open(path, "wb") as f:
-            f.write(value)
-        os.chown(path, owner.st_uid, owner.st_gid)
+        cluster.plant(volume, key, value)
     with sqlite3.connect(cluster.db(), timeout=30) as db:
         db.execute("INSERT INTO keys (key, state, volumes, md5, size) VALUES (?, ?, ?, NULL, ?)",
                    (key, state, ",".join(volumes), len(value)))

@@ -317,7 +317,7 @@ def test_check_reports_a_deleted_replica_an_orphan_and_a_misplaced_file_and_chan
     assert f"under-replicated {short} 1 of 2 replicas ({mkvlib.key2volume(short.encode(), names, 2, 10)[0]})" in lines
     assert f"orphan {orphan} {orphan_on}" in lines
     assert f"misplaced {moved} {wrong}" in lines
-    assert "rebuild --check: 0 missing, 1 under-replicated, 1 misplaced, 1 orphan" in lines
+    assert "rebuild --check: 0 missing, 1 under-replicated, 1 misplaced, 1 orphan, 0 wrong-size, 0 wrong-md5" in lines
     assert rows(c.db()) == before
 
 
@@ -332,7 +332,7 @@ def test_check_reports_a_key_with_no_file_anywhere(private_cluster):
     p = run_tool("rebuild.py", names, c.db(), "--check", replicas=2)
     assert p.returncode == 1
     assert f"missing {key} {','.join(mkvlib.key2volume(key.encode(), names, 2, 10))}" in p.stdout.splitlines()
-    assert "rebuild --check: 1 missing, 0 under-replicated, 0 misplaced, 0 orphan" in p.stdout
+    assert "rebuild --check: 1 missing, 0 under-replicated, 0 misplaced, 0 orphan, 0 wrong-size, 0 wrong-md5" in p.stdout
 
 
 def test_check_of_a_sound_cluster_finds_nothing_and_exits_0(private_cluster):
@@ -340,7 +340,7 @@ def test_check_of_a_sound_cluster_finds_nothing_and_exits_0(private_cluster):
     put_all(c, make_keys(20, "fine", seed=9))
     p = run_tool("rebuild.py", c.volume_names(), c.db(), "--check", replicas=2)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "rebuild --check: 0 missing, 0 under-replicated, 0 misplaced, 0 orphan" in p.stdout
+    assert "rebuild --check: 0 missing, 0 under-replicated, 0 misplaced, 0 orphan, 0 wrong-size, 0 wrong-md5" in p.stdout
 
 
 def test_check_of_an_index_that_does_not_exist_is_a_settings_error(tmp_path):
@@ -507,7 +507,7 @@ def test_rebalance_keeps_unlinked_keys_unlinked_and_moves_their_bytes(private_cl
     assert data_files(c.volume_dirs[3]) == []
 
 
-def test_rebalance_leaves_a_key_locked_by_a_live_process_and_reports_it_busy(private_cluster):
+def test_rebalance_leaves_a_key_locked_by_a_live_process_names_it_and_exits_1(private_cluster):
     c = private_cluster(n_volumes=4, replicas=2)
     four = c.volume_names()
     data = make_keys(10, "busy", seed=13)
@@ -520,8 +520,10 @@ def test_rebalance_leaves_a_key_locked_by_a_live_process_and_reports_it_busy(pri
     assert index.lock(key.encode(), owner) is not None
     before = index.get(key.encode()).volumes
     p = run_tool("rebalance.py", three, c.db(), replicas=2)
-    assert p.returncode == 0, p.stderr + p.stdout
+    # the key is not on its placement: an operator must not take the fourth volume away yet
+    assert p.returncode == 1, p.stderr + p.stdout
     assert summary(p.stdout, "rebalance")["busy"] == 1
+    assert f"{key}: busy" in p.stderr
     assert index.get(key.encode()).volumes == before
     index.release(key.encode(), owner)
     index.close()
