@@ -21,7 +21,7 @@ import pytest
 import requests
 
 import mkvlib
-from conftest import ROOT, TIMEOUT, Http, wait_until
+from conftest import TIMEOUT, Http, wait_until
 from test_tools import run_tool, summary
 
 
