@@ -34,6 +34,9 @@ FRESH = 5.0                # seconds a volume's last answer vouches for it befor
 TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall a data transfer (per chunk sent or read)
 BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
 CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
+WAL_CHECKPOINT = 16 << 20  # bytes of WAL past which a write checkpoints
+CHECKPOINT_WAIT = 0.1      # seconds a checkpoint waits for readers of older snapshots
+WAL_LIMIT = 64 << 20       # bytes of WAL file kept after a checkpoint (journal_size_limit)
 KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 NAME_MAX = 255             # longest file name a volume's filesystem takes
 PATH_NAME_MAX = 2048       # longest base64 name with its '/' folders (PATH_MAX is 4096 with the volume's)
@@ -111,6 +114,11 @@ class DeleteIncomplete(MkvError):
 
 class IndexBusy(MkvError):
     """Another process held the index's write lock for longer than BUSY_TIMEOUT."""
+
+
+def _busy(error: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or one of its extended codes: another connection is in the way."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 # ---------------------------------------------------------------- settings
@@ -337,6 +345,7 @@ CREATE TABLE IF NOT EXISTS meta (
 ) WITHOUT ROWID;
 """
 COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
+NOTES_OF_KEY = "SELECT volume, tmp FROM pending_deletes WHERE key = ?"
 # state meanings:
 #   writing   a PUT is streaming replicas; invisible; expired lock = a PUT that died
 #   live      every replica written; GET redirects to it
@@ -373,7 +382,7 @@ class Index:
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
         self._mutex = threading.RLock()
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self._last_look = time.monotonic()
         folder = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(folder, exist_ok=True)
@@ -385,6 +394,7 @@ class Index:
             # NORMAL in WAL mode survives any process crash; only power loss can
             # drop the last commits (nginx does not fsync values either).
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in SCHEMA.split(";\n"):   # not executescript: it COMMITs first
@@ -429,12 +439,7 @@ class Index:
             self.index, self.mode = index, mode
 
         def __enter__(self):
-            self.index._mutex.acquire()
-            try:
-                self.index._begin(self.mode)
-            except BaseException:
-                self.index._mutex.release()
-                raise
+            self.index._begin(self.mode)   # holds the mutex from here to __exit__
             return self.index.db
 
         def __exit__(self, exc_type, exc, tb):
@@ -454,34 +459,93 @@ class Index:
     def _write(self):
         return self._Tx(self, "IMMEDIATE")
 
-    def _begin(self, mode):
-        """BEGIN, waiting up to busy_timeout while another process writes."""
+    def _patience(self):
+        """Tries while another process keeps SQLite busy: yields, then sleeps
+        (a greenlet switch under gevent) a little longer each time, and
+        raises IndexBusy after busy_timeout."""
         deadline = time.monotonic() + self.busy_timeout
         pause = 0.0005
         while True:
+            yield
+            if time.monotonic() > deadline:
+                raise IndexBusy(f"the index stayed locked by another process for "
+                                f"{self.busy_timeout:.0f} s; try again")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _begin(self, mode):
+        """BEGIN, and return holding the mutex. While another process writes,
+        wait without the mutex, so that this process's reads go on."""
+        for _ in self._patience():
+            self._mutex.acquire()
             try:
                 self.db.execute(f"BEGIN {mode}")
                 return
             except sqlite3.OperationalError as e:
-                if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_BUSY:   # BUSY_* too
+                self._mutex.release()
+                if not _busy(e):
                     raise
-                if time.monotonic() > deadline:
-                    raise IndexBusy(f"the index stayed locked by another process for "
-                                    f"{self.busy_timeout:.0f} s; try again") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
+            except BaseException:
+                self._mutex.release()
+                raise
+
+    def _read(self, sql, params=()):
+        """Every row of a query. Under the mutex: on a connection shared by
+        threads, a read in the middle of another thread's transaction would
+        see its uncommitted rows. A read that finds SQLite busy (another
+        process recovering the WAL after a crash, say) is tried again."""
+        for _ in self._patience():
+            with self._mutex:
+                try:
+                    return self.db.execute(sql, params).fetchall()
+                except sqlite3.OperationalError as e:
+                    if not _busy(e):
+                        raise
+
+    def checkpoint(self):
+        """Copy the WAL into the database and truncate it. Returns True if it
+        completed, False if a reader or writer stayed in the way.
+
+        Under a steady stream of reads the WAL is never free to start over,
+        and it grows without bound (checkpoint starvation): a TRUNCATE
+        checkpoint keeps writers out and waits for the readers of older
+        snapshots, whose reads take microseconds. That wait is SQLite's own
+        (a sleep in C, which stalls a gevent worker), so it is short:
+        CHECKPOINT_WAIT, once every CHECKPOINT_EVERY seconds."""
+        try:
+            with self._mutex:
+                self.db.execute(f"PRAGMA busy_timeout={int(CHECKPOINT_WAIT * 1000)}")
+                try:
+                    busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    self.db.execute("PRAGMA busy_timeout=0")
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+            busy = 1
+        return not busy
 
     def _maybe_checkpoint(self):
-        """WAL grows without bound if readers never let an automatic checkpoint
-        finish; a RESTART now and then bounds it."""
+        """The WAL grows without bound while readers keep SQLite's automatic
+        checkpoints from starting it over. After a write, at most four times
+        a second, look at its size: past WAL_CHECKPOINT bytes, or
+        CHECKPOINT_EVERY seconds after the last one, checkpoint."""
         now = time.monotonic()
-        if now - self._last_checkpoint >= CHECKPOINT_EVERY:
-            self._last_checkpoint = now
+        if now - self._last_look < 0.25:
+            return
+        self._last_look = now
+        try:
+            big = os.path.getsize(self.path + "-wal") > WAL_CHECKPOINT
+        except OSError:
+            big = False
+        if big or now - self._last_checkpoint >= CHECKPOINT_EVERY:
             try:
-                with self._mutex:
-                    self.db.execute("PRAGMA wal_checkpoint(RESTART)")
-            except sqlite3.Error:
-                pass   # busy: the next one will do
+                done = self.checkpoint()
+            except sqlite3.Error as e:
+                log.warning("checkpoint of %s failed: %s", self.path, e)
+                done = False
+            if done:
+                self._last_checkpoint = now
 
     # -- reads
 
@@ -489,9 +553,8 @@ class Index:
     # the middle of another thread's transaction would see its uncommitted rows.
 
     def get(self, key: bytes):
-        with self._mutex:
-            row = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,)).fetchone()
-        return Record.from_row(row) if row else None
+        rows = self._read(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,))
+        return Record.from_row(rows[0]) if rows else None
 
     def list(self, prefix: bytes, start: bytes = b"", limit=None, state=LIVE):
         """Keys with `prefix`, from `start` on, in byte order; returns (keys, next)
@@ -505,8 +568,7 @@ class Index:
         sql = (f"SELECT key FROM keys WHERE state = '{state}' AND key >= ?"
                + (" AND key < ?" if high is not None else "") + " ORDER BY key LIMIT ?")
         params = (low, high, want) if high is not None else (low, want)
-        with self._mutex:
-            keys = [bytes(r[0]) for r in self.db.execute(sql, params)]
+        keys = [bytes(r[0]) for r in self._read(sql, params)]
         if len(keys) == want:
             return keys[:-1], keys[-1]
         return keys, None
@@ -515,13 +577,10 @@ class Index:
         """Every record in key order, read in short transactions of `batch` rows."""
         last = after
         while True:
-            with self._mutex:
-                if last is None:
-                    rows = self.db.execute(f"SELECT {COLUMNS} FROM keys ORDER BY key LIMIT ?",
-                                           (batch,)).fetchall()
-                else:
-                    rows = self.db.execute(f"SELECT {COLUMNS} FROM keys WHERE key > ? ORDER BY key LIMIT ?",
-                                           (last, batch)).fetchall()
+            if last is None:
+                rows = self._read(f"SELECT {COLUMNS} FROM keys ORDER BY key LIMIT ?", (batch,))
+            else:
+                rows = self._read(f"SELECT {COLUMNS} FROM keys WHERE key > ? ORDER BY key LIMIT ?", (last, batch))
             if not rows:
                 return
             for row in rows:
@@ -623,23 +682,20 @@ class Index:
 
     @staticmethod
     def _notes(db, key):
-        return dict(db.execute("SELECT volume, tmp FROM pending_deletes WHERE key = ?", (key,)).fetchall())
+        return dict(db.execute(NOTES_OF_KEY, (key,)).fetchall())
 
     def notes(self, key):
         """{volume: upload name or None} of the key's unvouched copies."""
-        with self._mutex:
-            return self._notes(self.db, key)
+        return dict(self._read(NOTES_OF_KEY, (key,)))
 
     def pending_deletes(self):
         """[(key, volume, since)] of every note, oldest first."""
-        with self._mutex:
-            rows = self.db.execute("SELECT key, volume, since FROM pending_deletes ORDER BY since").fetchall()
+        rows = self._read("SELECT key, volume, since FROM pending_deletes ORDER BY since")
         return [(bytes(k), v, s) for k, v, s in rows]
 
     def noted_keys(self):
         """The keys that have notes (few: they are copies waiting to be removed)."""
-        with self._mutex:
-            return {bytes(r[0]) for r in self.db.execute("SELECT DISTINCT key FROM pending_deletes")}
+        return {bytes(r[0]) for r in self._read("SELECT DISTINCT key FROM pending_deletes")}
 
     def pending_done(self, key, volume):
         with self._write() as db:
@@ -705,8 +761,7 @@ class Index:
     # -- for the tools (rebuild.py, rebalance.py)
 
     def count(self):
-        with self._mutex:
-            return self.db.execute("SELECT COUNT(*) FROM keys").fetchone()[0]
+        return self._read("SELECT COUNT(*) FROM keys")[0][0]
 
     def claim(self, key, volumes, owner, lease=LOCK_LEASE):
         """Claim a key that has no record, as a PUT does (state 'writing', locked

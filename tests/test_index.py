@@ -1,0 +1,76 @@
+"""The SQLite index under contention from other processes: a waiting writer
+does not hold up its process's reads, and the WAL stays bounded under a long
+write load with readers all the time."""
+import os
+import sqlite3
+import threading
+import time
+
+import mkvlib
+from conftest import TIMEOUT
+
+
+def other_process(path):
+    """A connection of its own, as another worker or tool has."""
+    return sqlite3.connect(path, isolation_level=None, timeout=0, check_same_thread=False)
+
+
+def test_reads_go_on_while_a_write_waits_for_another_process(tmp_path):
+    path = str(tmp_path / "i.sqlite3")
+    index = mkvlib.Index(path)
+    index.start_put(b"/k", ["v:1"], "owner")
+    other = other_process(path)
+    other.execute("BEGIN IMMEDIATE")                 # another process writes, for a while
+    writer = threading.Thread(target=index.note_pending, args=(b"/k", ["v:2"]))
+    writer.start()
+    time.sleep(0.1)                                  # the writer is waiting for the lock now
+    read = threading.Thread(target=index.get, args=(b"/k",))
+    read.start()
+    read.join(3)
+    done_while_held = not read.is_alive()
+    other.execute("COMMIT")
+    writer.join(TIMEOUT)
+    read.join(TIMEOUT)
+    assert done_while_held
+    assert "v:2" in index.notes(b"/k")
+
+
+def test_a_checkpoint_truncates_the_wal_once_no_reader_holds_it(tmp_path):
+    path = str(tmp_path / "i.sqlite3")
+    index = mkvlib.Index(path)
+    reader = other_process(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM keys").fetchone()   # a snapshot: the WAL cannot be reset
+    for i in range(2000):
+        index.start_put(b"/wal/%d" % i, ["v:1"], "owner")
+    assert os.path.getsize(path + "-wal") > 1 << 20
+    assert index.checkpoint() is False
+    reader.execute("COMMIT")
+    assert index.checkpoint() is True
+    assert os.path.getsize(path + "-wal") == 0
+
+
+def test_the_wal_stays_bounded_under_a_long_write_load_with_readers(tmp_path):
+    path = str(tmp_path / "i.sqlite3")
+    index = mkvlib.Index(path)
+    stop = threading.Event()
+
+    def reads():                                     # other workers: short reads, back to back
+        reader = other_process(path)
+        while not stop.is_set():
+            reader.execute("SELECT COUNT(*) FROM keys WHERE state = 'live'").fetchall()
+    readers = [threading.Thread(target=reads) for _ in range(2)]
+    for t in readers:
+        t.start()
+    biggest = 0
+    try:
+        for i in range(20_000):
+            index.start_put(b"/load/%08d" % i, ["v:1", "v:2", "v:3"], "owner", tmp="t")
+            if i % 500 == 0:
+                biggest = max(biggest, os.path.getsize(path + "-wal"))
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(TIMEOUT)
+    print(f"largest WAL seen over 20,000 writes: {biggest / 1e6:.1f} MB")
+    assert biggest <= mkvlib.WAL_LIMIT
