@@ -43,6 +43,9 @@ PATH_NAME_MAX = 2048       # longest base64 name with its '/' folders (PATH_MAX 
 MAX_SUBVOLUMES = 256       # svXX: the subvolume folder name has two hex digits
 LIST_MAX = 1_000_000       # keys one listing may return
 TMP_DIR = "/.tmp/"         # on each volume: a value is uploaded here, then MOVEd into place
+ID_PATH = "/.id"           # on each volume: its identity, made when its folder is first served
+PROBE_EVERY = 1.0          # seconds between two looks of a process at each volume
+PROBE_FRESH = 2.5          # seconds a volume's last answer keeps it a redirect target
 OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
 
@@ -158,6 +161,7 @@ class Settings:
     protect: bool = False
     fallback: str = None
     voltimeout: float = 1.0
+    get_check: bool = False
 
     @classmethod
     def from_env(cls, env=None, **overrides):
@@ -172,6 +176,7 @@ class Settings:
             "protect": env.get("MKV_PROTECT", ""),
             "fallback": env.get("MKV_FALLBACK", ""),
             "voltimeout": env.get("MKV_VOLTIMEOUT", "1"),
+            "get_check": env.get("MKV_GET_CHECK", ""),
         }
         raw.update({k: v for k, v in overrides.items() if v is not None})
         volumes = raw["volumes"]
@@ -201,7 +206,8 @@ class Settings:
             _parse_hostport("MKV_FALLBACK", fallback)
         return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
                    subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
-                   fallback=fallback, voltimeout=voltimeout)
+                   fallback=fallback, voltimeout=voltimeout,
+                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]))
 
 
 # ---------------------------------------------------------------- placement and paths
@@ -342,6 +348,14 @@ CREATE TABLE IF NOT EXISTS pending_deletes (
 CREATE TABLE IF NOT EXISTS meta (
     name  TEXT PRIMARY KEY,
     value TEXT
+) WITHOUT ROWID;
+-- The identity of the disk behind each volume (its /.id), as first seen, or
+-- as rebalance.py accepted it once it had filled a replaced disk. A volume
+-- that answers with another identity is not a redirect target.
+CREATE TABLE IF NOT EXISTS volume_ids (
+    host  TEXT PRIMARY KEY,
+    id    TEXT NOT NULL,
+    since REAL NOT NULL
 ) WITHOUT ROWID;
 """
 COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
@@ -807,6 +821,20 @@ class Index:
             return True
 
 
+    # -- the identities of the volumes' disks
+
+    def volume_ids(self):
+        """{host: identity} as recorded."""
+        return dict(self._read("SELECT host, id FROM volume_ids"))
+
+    def record_volume_id(self, host, ident, replace=False):
+        """Record the identity of a host's disk: the first seen, or (replace)
+        the one rebalance.py has filled."""
+        with self._write() as db:
+            db.execute(f"INSERT OR {'REPLACE' if replace else 'IGNORE'} INTO volume_ids (host, id, since)"
+                       " VALUES (?, ?, ?)", (host, ident, time.time()))
+
+
 @dataclasses.dataclass
 class Claim:
     """What Index.start_put found and did."""
@@ -1003,6 +1031,17 @@ class Volumes:
         sock = socket.create_connection((name, int(port)), timeout=self.timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
+
+    def identity(self, volume):
+        """The identity of the disk behind a volume (its /.id); '' for a volume
+        that has none (served by an earlier launcher, or the original's nginx).
+        VolumeDown if it does not answer."""
+        r = self._request("GET", volume_host(volume), ID_PATH)
+        if r.status == 200:
+            return r.data.decode("ascii", "replace").strip()
+        if r.status in (403, 404):
+            return ""
+        raise VolumeError(f"volume {volume_host(volume)} answered GET {ID_PATH} with {r.status}")
 
     def delete(self, volume, path):
         """Remove a file; a file that is already gone is fine."""
@@ -1297,6 +1336,72 @@ def _nginx_reason(body: bytes):
 
 # ---------------------------------------------------------------- the store
 
+class Prober:
+    """Which volumes a GET may send a client to, known without a request per
+    GET: every PROBE_EVERY seconds, one thread (a greenlet in the master)
+    asks each volume for its identity (GET /.id, MKV_VOLTIMEOUT). A volume
+    is a redirect target while its last answer is under PROBE_FRESH seconds
+    old and its identity is the one the index recorded (the first seen is
+    recorded): a wiped or replaced disk is not, until rebalance.py has
+    filled it and recorded its new identity."""
+
+    def __init__(self, index, volumes, hosts, every=PROBE_EVERY):
+        self.index, self.volumes, self.hosts, self.every = index, volumes, list(hosts), every
+        self._answered = {}      # host -> time.monotonic() of its last good answer
+        self.replaced = set()    # hosts that answer with an identity the index does not know
+        self._thread = None
+
+    def start(self):
+        """One look now (so the first GETs know), then one every `every` seconds."""
+        self.look()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="prober")
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while True:
+            time.sleep(self.every)
+            try:
+                self.look()
+            except Exception:   # the index busy, say: the next look will do
+                log.exception("probing the volumes failed")
+
+    def look(self, hosts=None):
+        found = {}
+
+        def one(host):
+            try:
+                found[host] = self.volumes.identity(host)
+            except VolumeError:
+                pass             # Volumes marked it down
+        _run_all(one, list(hosts or self.hosts))
+        known = self.index.volume_ids()
+        for host, ident in found.items():
+            if host not in known:
+                self.index.record_volume_id(host, ident)
+                known[host] = self.index.volume_ids().get(host, ident)
+            if known[host] != ident:
+                if host not in self.replaced:
+                    log.warning("volume %s is not the disk the index knows (identity %r, recorded %r): "
+                                "no reads go to it until rebalance.py has filled it", host, ident, known[host])
+                self.replaced.add(host)
+                continue
+            if host in self.replaced:
+                log.warning("volume %s is the disk the index knows again", host)
+                self.replaced.discard(host)
+            self._answered[host] = time.monotonic()
+
+    def servable(self, host):
+        """True if a GET may send a client to `host` now. A host not watched
+        yet (a volume removed from MKV_VOLUMES that records still name, until
+        rebalance.py has moved its copies) is looked at now and watched."""
+        if host not in self.hosts:
+            self.hosts.append(host)
+            self.look([host])
+        return (time.monotonic() - self._answered.get(host, -PROBE_FRESH) < PROBE_FRESH
+                and not self.volumes.known_down(host))
+
+
 class Store:
     """What the master does with a key, over the index and the volumes.
 
@@ -1307,6 +1412,7 @@ class Store:
         self.settings = settings
         self.index = Index(settings.db)
         self.volumes = Volumes(timeout=settings.voltimeout)
+        self.prober = Prober(self.index, self.volumes, settings.volumes).start()
 
     def placement(self, key):
         s = self.settings
@@ -1320,12 +1426,19 @@ class Store:
             if self.settings.fallback:
                 return "http://" + self.settings.fallback + fallback_path(key), rec
             raise KeyMissing("no such key")
-        path = key2path(key)
         order = list(rec.volumes)
         random.shuffle(order)   # spread reads over the replicas
+        if not self.settings.get_check:
+            # the prober vouches for the volume: up a moment ago, and the disk the index knows
+            for volume in order:
+                if self.prober.servable(volume_host(volume)):
+                    return "http://" + volume + key2path(key), rec
+            raise Unavailable("no volume holding this key is up")
+        path = key2path(key)
         missing = []
         for volume in order:
-            if not self.volumes.usable(volume_host(volume)):
+            host = volume_host(volume)
+            if host in self.prober.replaced or not self.volumes.usable(host):
                 continue
             try:
                 if self.volumes.has(volume, path):

@@ -59,6 +59,7 @@ class Rebalance:
         self.again = []                 # keys busy or failed on the first try: one more at the end
         self._again_lock = threading.Lock()
         self.noted = set()              # keys with notes when the run began
+        self.replaced = {}              # host -> identity of a disk the index does not know yet
 
     def placement(self, key):
         s = self.settings
@@ -76,6 +77,7 @@ class Rebalance:
 
     def run(self, workers):
         self.progress.set_total(self.index.count())
+        self.identify()
         self.sweep()
         for key, volume, since in self.index.pending_deletes():   # a killed run's, failed writes'
             if mkvlib.volume_host(volume) in self.forget:
@@ -103,6 +105,26 @@ class Rebalance:
                 self.locked(rec, final=True)
         self.deletes.put(None)
         deleter.join()
+        if self.replaced and not (self.progress.counts.get("failed") or self.progress.counts.get("busy")):
+            for host, ident in self.replaced.items():   # every copy it should hold is on it now
+                self.index.record_volume_id(host, ident, replace=True)
+                self.progress.message(f"{PROG}: {host} is filled: reads go to it again")
+
+    def identify(self):
+        """Which volumes are not the disk the index knows (wiped, replaced):
+        their copies are not trusted, and rewritten, this run."""
+        known = self.index.volume_ids()
+        for host in self.settings.volumes:
+            try:
+                ident = self.volumes.identity(host)
+            except mkvlib.VolumeError:
+                continue    # the keys it holds say so
+            if host not in known:
+                self.index.record_volume_id(host, ident)
+            elif known[host] != ident:
+                self.replaced[host] = ident
+                self.progress.message(f"{PROG}: {host} is not the disk the index knows "
+                                      "(wiped or replaced): copying every replica it should hold")
 
     def sweep(self):
         """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
@@ -134,6 +156,7 @@ class Rebalance:
                     return self.progress.count("skipped")   # being written or deleted: the master's
                 return self.purge(rec)
             if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
+                    and not any(mkvlib.volume_host(v) in self.replaced for v in rec.volumes) \
                     and self.all_there(rec.key, rec.volumes):
                 return self.progress.count("unchanged")
             self.locked(rec)
@@ -219,8 +242,9 @@ class Rebalance:
             except mkvlib.VolumeError as e:
                 have[v] = None
                 down.append(str(e))
-        # only what the record vouches for is a copy of the value
-        vouched = [v for v in rec.volumes if have[v] and v not in notes]
+        # only what the record vouches for is a copy of the value, and only on the disk it was written to
+        vouched = [v for v in rec.volumes if have[v] and v not in notes
+                   and mkvlib.volume_host(v) not in self.replaced]
         if not vouched:
             why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")

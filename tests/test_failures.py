@@ -2,14 +2,17 @@
 import concurrent.futures
 import hashlib
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
 
 import mkvlib
-from conftest import Http, wait_until
+from conftest import ROOT, Http, wait_until
 
 
 def placement(cluster, key, replicas=3, subvolumes=10):
@@ -28,8 +31,8 @@ def index_of(cluster):
 
 # ---------------------------------------------------------------- volumes down
 
-def test_get_never_redirects_to_a_killed_volume(private_cluster):
-    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5)
+def test_with_get_check_a_get_never_redirects_to_a_killed_volume(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5, get_check="on")
     http = Http()
     keys = [f"/k{i}" for i in range(20)]
     for k in keys:
@@ -43,8 +46,68 @@ def test_get_never_redirects_to_a_killed_volume(private_cluster):
         assert requests.get(r.headers["Location"], timeout=10).content == k.encode()
 
 
-def test_a_hung_volume_costs_one_timeout_now_and_then_not_per_request(private_cluster):
-    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1)
+def test_a_killed_volume_leaves_the_redirect_set_within_seconds(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5)
+    http = Http()
+    keys = [f"/k{i}" for i in range(20)]
+    for k in keys:
+        assert http.put(c.url(k), data=k.encode()).status_code == 201
+    dead = c.volume_names()[0]
+    c.volumes[0].kill()
+    time.sleep(mkvlib.PROBE_FRESH + 0.5)     # no answer from it since: out of every worker's redirect set
+    for k in keys * 3:
+        r = http.get(c.url(k))
+        assert r.status_code == 302, r.text
+        assert dead not in r.headers["Location"]
+        assert requests.get(r.headers["Location"], timeout=10).content == k.encode()
+
+
+def test_a_frozen_volume_leaves_the_redirect_set_within_seconds(private_cluster):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5)
+    http = Http()
+    keys = [f"/f{i}" for i in range(10)]
+    for k in keys:
+        assert http.put(c.url(k), data=b"v").status_code == 201
+    frozen = c.volume_names()[0]
+    c.volumes[0].pause()
+    try:
+        time.sleep(mkvlib.PROBE_FRESH + 0.5)
+        for k in keys * 3:
+            r = http.get(c.url(k))
+            assert r.status_code == 302 and frozen not in r.headers["Location"]
+    finally:
+        c.volumes[0].resume()
+
+
+def test_a_wiped_volume_gets_no_reads_until_rebalance_has_filled_it(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5)
+    http = Http()
+    keys = {f"/w{i}": b"value %d" % i for i in range(20)}
+    for k, v in keys.items():
+        assert http.put(c.url(k), data=v).status_code == 201
+    wiped = c.volume_names()[0]
+    c.volumes[0].stop()
+    shutil.rmtree(c.volume_dirs[0])          # a new, empty disk in its place
+    c.volumes[0].start()
+    time.sleep(mkvlib.PROBE_EVERY * 2 + 0.5)  # every worker has looked at it since
+    for k, v in list(keys.items()) * 3:
+        r = http.get(c.url(k))
+        assert r.status_code == 302 and wiped not in r.headers["Location"], k
+    p = subprocess.run([sys.executable, "rebalance.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(),
+                                MKV_REPLICAS="2", MKV_SUBVOLUMES="1"))
+    assert p.returncode == 0 and f"{wiped} is filled" in p.stderr, p.stdout + p.stderr
+    on_wiped = [k for k in keys if any(v.startswith(wiped) for v in placement(c, k, 2, 1))]
+    assert on_wiped
+    for k in on_wiped:                       # the copies are back
+        with open(file_of(c, k, next(v for v in placement(c, k, 2, 1) if v.startswith(wiped))), "rb") as f:
+            assert f.read() == keys[k]
+    wait_until(lambda: any(wiped in http.get(c.url(k)).headers["Location"] for k in on_wiped * 5),
+               10, "reads to go to the filled volume again")
+
+
+def test_with_get_check_a_hung_volume_costs_one_timeout_now_and_then_not_per_request(private_cluster):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, voltimeout=0.5, workers=1, get_check="on")
     http = Http()
     keys = [f"/h{i}" for i in range(5)]
     for k in keys:
@@ -62,7 +125,7 @@ def test_a_hung_volume_costs_one_timeout_now_and_then_not_per_request(private_cl
     # master timed out on it only when it first saw it, and on retries
     # DOWN_RETRY seconds apart (the reads take far less than 3 retries' time)
     down_lines = [line for line in c.master.tail(200).splitlines() if f"volume {hung} is down" in line]
-    assert 1 <= len(down_lines) <= 3, down_lines
+    assert 1 <= len(down_lines) <= 4, down_lines   # the prober's looks too, one per DOWN_RETRY
 
 
 def hang_and_notice(c, http, key):
@@ -126,12 +189,12 @@ def test_get_is_503_when_no_replica_can_be_reached(private_cluster, key):
     http = Http()
     http.put(c.url(key), data=b"v")
     c.volumes[0].kill()
-    r = http.get(c.url(key))
-    assert r.status_code == 503 and r.text.strip()
+    wait_until(lambda: http.get(c.url(key)).status_code == 503, mkvlib.PROBE_FRESH + 5, "a 503")
+    assert http.get(c.url(key)).text.strip()
 
 
-def test_get_skips_a_replica_whose_file_is_gone(private_cluster, key):
-    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
+def test_with_get_check_a_get_skips_a_replica_whose_file_is_gone(private_cluster, key):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, get_check="on")
     http = Http()
     http.put(c.url(key), data=b"v")
     lost = placement(c, key, 2, 1)[0]

@@ -78,10 +78,12 @@ def disk_path(cluster, volume, key):
 
 
 def data_files(folder):
-    """Files of a volume folder, its own .mkv state left out."""
+    """Files of a volume folder, the launcher's own (.mkv, .tmp, .id) left out."""
     out = []
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if d != ".mkv"]
+        if top == folder:
+            dirs[:] = [d for d in dirs if d not in (".mkv", ".tmp")]
+            files = [f for f in files if f != ".id"]
         out += [os.path.join(top, f) for f in files]
     return out
 

@@ -9,6 +9,7 @@ import uuid
 
 import psutil
 import pytest
+import requests
 
 from conftest import ROOT, TIMEOUT, Http, start_volume
 
@@ -242,3 +243,17 @@ def test_help_names_volume_user():
     p = subprocess.run([sys.executable, "volume", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=TIMEOUT)
     assert p.returncode == 2 and "VOLUME_USER" in p.stderr
+
+
+def test_the_volume_serves_its_identity_read_only_and_keeps_it_across_restarts(tmp_path):
+    v = start_volume(str(tmp_path / "vol"))
+    try:
+        url = f"http://127.0.0.1:{v.port}/.id"
+        first = requests.get(url, timeout=10)
+        assert first.status_code == 200 and len(first.text.strip()) == 32
+        assert requests.put(url, data=b"x", timeout=10).status_code == 403
+        assert requests.delete(url, timeout=10).status_code == 403
+        v.restart()
+        assert requests.get(url, timeout=10).text == first.text
+    finally:
+        v.stop()

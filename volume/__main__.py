@@ -19,12 +19,14 @@ import shutil
 import stat
 import string
 import sys
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 INSTALL_HINT = "install it with: sudo apt-get install nginx-light (./bringup.sh and ./test.sh do this)"
 STATE = ".mkv"      # the launcher's and nginx's own files, never served
 TMP = ".tmp"        # the master's uploads before their MOVE into place
+ID = ".id"          # this disk's identity, made once: the index tells a wiped or replaced disk by it
 # top-level names of a volume's data: svXX subvolumes, or the flat layout's md5 hex folders
 DATA_NAME = re.compile(r"sv[0-9A-F]{2}|[0-9a-f]{2}")
 USAGE = """\
@@ -101,6 +103,19 @@ def chown_tree(top, uid, gid):
     os.lchown(top, uid, gid)
 
 
+def make_identity(root):
+    """DIR/.id: a random name for the disk behind this folder, made the first
+    time it is served and never changed. The master records it; a volume
+    that answers with another one (its folder wiped, a new disk) gets no
+    reads until rebalance.py has filled it."""
+    path = os.path.join(root, ID)
+    if not os.path.exists(path):
+        with open(path + ".new", "w") as f:
+            f.write(uuid.uuid4().hex + "\n")
+        os.chmod(path + ".new", 0o644)
+        os.rename(path + ".new", path)
+
+
 def prepare(root, account=None):
     """Create DIR, DIR/.mkv and DIR/.tmp. Started as root (`account`: the
     workers' user), also make DIR usable by workers that are not root:
@@ -123,7 +138,7 @@ def prepare(root, account=None):
         owner = os.stat(root).st_uid
         if owner != uid:
             foreign = sorted(n for n in os.listdir(root)
-                             if n not in (STATE, TMP, "lost+found") and not DATA_NAME.fullmatch(n))
+                             if n not in (STATE, TMP, ID, "lost+found") and not DATA_NAME.fullmatch(n))
             if foreign:
                 raise Refused(f"{root} holds {foreign[0]!r}, not a volume's, and belongs to "
                               f"{user_name(owner)}, not {user} (nginx's workers): give the volume a "
@@ -131,6 +146,7 @@ def prepare(root, account=None):
             os.chown(root, uid, gid)
     os.makedirs(state, exist_ok=True)
     os.makedirs(tmp, exist_ok=True)
+    make_identity(root)
     if not account:
         return
     st = os.lstat(state)
