@@ -129,20 +129,19 @@ class Master:
             self._store, self._pid = mkvlib.Store(self.settings), os.getpid()
         return self._store
 
+    HANDLERS = {"GET": "on_get", "HEAD": "on_get", "PUT": "on_put", "DELETE": "on_delete",
+                "UNLINK": "on_unlink"}
+
     def __call__(self, req, resp, **kwargs):
         """Sink for every path and method: the whole key space."""
-        handler = {
-            "GET": self.on_get, "HEAD": self.on_get, "PUT": self.on_put,
-            "DELETE": self.on_delete, "UNLINK": self.on_unlink,
-        }.get(req.method)
+        handler = self.HANDLERS.get(req.method)
         if handler is None:
-            raise falcon.HTTPMethodNotAllowed(["GET", "HEAD", "PUT", "DELETE", "UNLINK"],
-                                              title=f"method {req.method} not allowed")
+            raise falcon.HTTPMethodNotAllowed(list(self.HANDLERS), title=f"method {req.method} not allowed")
         key = request_key(req)
-        query = parse_query(req.query_string)
-        if query and req.method not in ("GET", "HEAD"):
+        query = parse_query(req.query_string) if req.query_string else {}
+        if query and handler != "on_get":
             raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
-        handler(req, resp, key, query)
+        getattr(self, handler)(req, resp, key, query)
 
     def on_get(self, req, resp, key, query):
         listing = [op for op in ("list", "unlinked") if op in query]
@@ -158,7 +157,7 @@ class Master:
             balanced = rec.volumes == self.store.placement(key)
             resp.set_header("Key-Balance", "balanced" if balanced else "unbalanced")
         resp.status = falcon.HTTP_302
-        resp.location = url
+        resp.set_header("Location", url)   # made of the volume's name and base64: nothing to encode
         resp.content_length = 0
 
     def on_list(self, req, resp, key, query, listing):

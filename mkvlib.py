@@ -508,6 +508,12 @@ class Index:
         threads, a read in the middle of another thread's transaction would
         see its uncommitted rows. A read that finds SQLite busy (another
         process recovering the WAL after a crash, say) is tried again."""
+        with self._mutex:
+            try:
+                return self.db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as e:
+                if not _busy(e):
+                    raise
         for _ in self._patience():
             with self._mutex:
                 try:
@@ -1275,6 +1281,213 @@ class Volumes:
                 pass
         _run_all(one, [v for v in notes if not self.known_down(volume_host(v))])
         return removed
+
+    # -- many listings at once (rebuild.py)
+
+    def listdirs(self, folders, window=64):
+        """listdir() of many folders at once: [(volume, path)] -> a list in the
+        same order, each item the folder's entries ([] if it is missing) or the
+        VolumeError that folder got.
+
+        rebuild.py lists every folder of every volume, most of them holding one
+        file: through urllib3 a listing cost about 500 us of CPU here. So the
+        requests to each server go pipelined on one keep-alive socket (nginx
+        answers pipelined requests in order), at most `window` of them
+        unanswered at a time, and all servers' at once. A socket that nginx
+        closed (an idle one it timed out, or its keepalive_requests reached)
+        is replaced and the requests it had not answered are sent again: a GET
+        changes nothing."""
+        results = [None] * len(folders)
+        by_host = {}
+        for i, (volume, path) in enumerate(folders):
+            host = volume_host(volume)
+            target = quote(volume[len(host):] + path.rstrip("/") + "/", safe="/=+")
+            by_host.setdefault(host, []).append(
+                (i, path, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target.encode(), host.encode())))
+        pipes = [_ListingPipe(self, host, asked, results, window) for host, asked in by_host.items()]
+        for pipe in pipes:
+            pipe.send()
+        for pipe in pipes:
+            pipe.finish()
+        return results
+
+
+class _ListingPipe:
+    """Volumes.listdirs' requests to one server, pipelined on one keep-alive
+    socket (taken from, and given back to, the sockets has() keeps idle)."""
+
+    def __init__(self, volumes, host, asked, results, window):
+        self.volumes, self.host, self.results, self.window = volumes, host, results, window
+        self.todo = asked[::-1]   # (result index, path, request) not sent yet, next one last
+        self.sent = []            # sent on self.sock and not answered yet, oldest first
+        self.sock = None
+        self.fresh = True         # self.sock is a new connection that has answered nothing yet
+        self.buf, self.pos = b"", 0
+        self.up = False
+
+    def send(self):
+        """Send requests until `window` are unanswered (a new socket if needed)."""
+        if self.sock is None:
+            sock = None
+            idle = self.volumes._head_socks.setdefault(self.host, [])
+            while sock is None:
+                try:
+                    sock, since = idle.pop()
+                except IndexError:
+                    break
+                if time.monotonic() - since >= KEEPALIVE_IDLE:
+                    sock.close()
+                    sock = None
+            self.fresh = sock is None
+            if sock is None:
+                try:
+                    sock = self.volumes._connect(self.host)
+                except OSError as e:
+                    return self.fail(e)
+            sock.settimeout(TRANSFER_TIMEOUT)
+            self.sock, self.buf, self.pos = sock, b"", 0
+        batch = []
+        while self.todo and len(self.sent) < self.window:
+            batch.append(self.todo.pop())
+        self.sent += batch
+        try:
+            self.sock.sendall(b"".join(request for _, _, request in batch))
+        except OSError as e:
+            self.broken(e)
+
+    def finish(self):
+        """Read every answer, sending the rest of the requests as room frees up."""
+        while self.sent or self.todo:
+            if self.sock is None or not self.sent:
+                self.send()
+                continue
+            try:
+                status, body, keep = self.answer()
+            except (OSError, ValueError) as e:
+                self.broken(e)
+                continue
+            i, path, _ = self.sent.pop(0)
+            self.fresh = False
+            self.results[i] = self.outcome(path, status, body)
+            if not keep:
+                self.drop()
+            elif self.todo and len(self.sent) <= self.window // 2:
+                self.send()
+        if self.up:
+            self.volumes.mark_up(self.host)
+        if self.sock is not None:
+            idle = self.volumes._head_socks.setdefault(self.host, [])
+            if self.pos == len(self.buf) and len(idle) < self.volumes._maxsize:
+                self.sock.settimeout(self.volumes.timeout)
+                idle.append((self.sock, time.monotonic()))
+            else:
+                self.sock.close()
+            self.sock = None
+
+    def outcome(self, path, status, body):
+        self.up = True
+        if status == 404:
+            return []
+        if status != 200:
+            return VolumeError(f"volume {self.host} answered GET {path} with {status}")
+        try:
+            return json.loads(body)
+        except ValueError:
+            return VolumeError(f"volume {self.host}: {path} is not a JSON listing")
+
+    def drop(self):
+        """Close the socket; what it did not answer is sent again on a new one."""
+        self.sock.close()
+        self.sock = None
+        self.todo += self.sent[::-1]
+        self.sent = []
+
+    def broken(self, e):
+        """The socket failed: try again on a new connection, unless this one
+        was new and answered nothing, or the server let it time out."""
+        if self.fresh or isinstance(e, socket.timeout):
+            self.fail(e)
+        else:
+            self.drop()
+
+    def fail(self, e):
+        """The server cannot be reached: every request not answered fails."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.volumes.mark_down(self.host, _reason(e))
+        error = VolumeDown(f"volume {self.host} is unreachable: {_reason(e)}")
+        for i, _, _ in self.sent + self.todo:
+            self.results[i] = error
+        self.sent, self.todo = [], []
+
+    # -- reading HTTP/1.1 answers from self.buf, refilled from the socket
+
+    def more(self):
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise ConnectionResetError("connection closed")
+        self.buf = self.buf[self.pos:] + data
+        self.pos = 0
+
+    def upto(self, mark, limit=65536):
+        """The bytes up to the next `mark` (which is passed over)."""
+        while True:
+            end = self.buf.find(mark, self.pos)
+            if end >= 0:
+                out, self.pos = self.buf[self.pos:end], end + len(mark)
+                return out
+            if len(self.buf) - self.pos > limit:
+                raise ValueError("answer headers too long")
+            self.more()
+
+    def take(self, n):
+        """The next n bytes (a large listing is read in pieces, joined once)."""
+        have = len(self.buf) - self.pos
+        if have < n:
+            parts = [self.buf[self.pos:]]
+            while have < n:
+                data = self.sock.recv(max(n - have, 1 << 18))
+                if not data:
+                    raise ConnectionResetError("connection closed")
+                parts.append(data)
+                have += len(data)
+            self.buf, self.pos = b"".join(parts), 0
+        out, self.pos = self.buf[self.pos:self.pos + n], self.pos + n
+        return out
+
+    def answer(self):
+        """(status, body, keep-alive?) of the next answer."""
+        head = self.upto(b"\r\n\r\n")
+        first, _, rest = head.partition(b"\r\n")
+        status_line = first.split(None, 2)
+        if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
+            raise ValueError(f"not an HTTP answer: {first[:80]!r}")
+        status = int(status_line[1])
+        headers = {}
+        for line in rest.lower().split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            headers[name.strip()] = value.strip()
+        tokens = headers.get(b"connection", b"").replace(b" ", b"").split(b",")
+        # HTTP/1.1 keeps the connection unless told otherwise, HTTP/1.0 only if told
+        keep = b"close" not in tokens and (status_line[0] == b"HTTP/1.1" or b"keep-alive" in tokens)
+        if b"chunked" in headers.get(b"transfer-encoding", b""):
+            parts = []
+            while True:
+                size = int(self.upto(b"\r\n").split(b";", 1)[0], 16)
+                if size == 0:
+                    while self.upto(b"\r\n"):   # trailers, up to the blank line
+                        pass
+                    return status, b"".join(parts), keep
+                parts.append(self.take(size + 2)[:-2])   # each chunk ends in CRLF
+        if b"content-length" in headers:
+            return status, self.take(int(headers[b"content-length"])), keep
+        while True:   # no length: the body ends when the server closes
+            try:
+                self.more()
+            except ConnectionResetError:
+                return status, self.take(len(self.buf) - self.pos), False
+
 
 
 LANDED, UNKNOWN = "landed", "unknown"   # what a failed put() may have left at a volume's path
