@@ -1,4 +1,6 @@
 """thrasher.py, run as a user runs it, against the shared cluster."""
+import os
+import re
 import subprocess
 import sys
 
@@ -26,3 +28,27 @@ def test_thrasher_exits_1_and_names_each_failed_key_when_the_master_is_unreachab
     p = subprocess.run([sys.executable, "thrasher.py", "--master", "127.0.0.1:9", "--keys", "2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("FAIL key") == 2
+
+
+def test_thrasher_prints_the_original_thrashers_two_lines(cluster):
+    p = run_thrasher(cluster, "--keys", "30", "--size", "100")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"^30 write/read/delete in \d+\.\d\ds$", p.stdout, re.M), p.stdout
+    assert re.search(r"^thats \d+\.\d\d/sec$", p.stdout, re.M), p.stdout
+
+
+def test_thrasher_direct_does_the_same_work_straight_to_the_volumes_and_leaves_nothing(cluster):
+    volumes = cluster.volume_names()[:3]
+    p = subprocess.run([sys.executable, "thrasher.py", "--direct", ",".join(volumes), "--keys", "40",
+                        "--size", "2K"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "40 write/read/delete" in p.stdout and "0 failed" in p.stdout
+    left = [os.path.join(d, f) for folder in cluster.volume_dirs for d, _, files in os.walk(folder)
+            for f in files if "/.mkv" not in d and "/.tmp" not in d and f.startswith("L3RocmFzaGVy")]
+    assert left == []   # base64 of "/thrasher"
+
+
+def test_thrasher_direct_needs_as_many_volumes_as_replicas():
+    p = subprocess.run([sys.executable, "thrasher.py", "--direct", "127.0.0.1:9", "--replicas", "3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--replicas" in p.stderr
