@@ -1,0 +1,64 @@
+"""bench.py runs and reports, and `bench.py fill` makes an index the master
+serves. No timing is asserted: the benchmark's numbers are for people."""
+import os
+import re
+import subprocess
+import sys
+
+import mkvlib
+from conftest import ROOT, TIMEOUT, start_master
+
+import bench
+
+ROW = re.compile(r"^\| GET of an existing key \(302\) \| ([\d,]+) req/s \| ([\d,]+) req/s \| (\d+\.\d{3}) "
+                 r"\| >= 0\.15 \| (yes|no) \|.*\|$", re.M)
+
+
+def test_bench_quick_prints_a_table_row_with_a_ratio_and_the_machine():
+    p = subprocess.run([sys.executable, "bench.py", "--quick", "--only", "get", "--rounds", "1",
+                        "--duration", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "| workload | mkv | limit | ratio | goal | met | notes |" in p.stdout
+    row = ROW.search(p.stdout)
+    assert row, p.stdout
+    mkv, limit, ratio = (float(x.replace(",", "")) for x in row.groups()[:3])
+    assert mkv > 0 and limit > 0 and abs(ratio - mkv / limit) < 0.002
+    assert re.search(r"^machine: \d+ cores \(nproc\), .+, Linux .+ -k gevent -w 2", p.stdout, re.M), p.stdout
+
+
+def test_bench_refuses_an_unknown_workload():
+    p = subprocess.run([sys.executable, "bench.py", "--only", "get,nosuch"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "nosuch" in p.stderr
+
+
+def test_fill_makes_an_index_the_master_serves(tmp_path, http):
+    # stub volumes that have every file: the master may check a volume before redirecting
+    stubs = [bench.start_stub(str(tmp_path), f"stub{i}", bench.STUB_VOLUME) for i in range(3)]
+    names = [f"127.0.0.1:{s.port}" for s in stubs]
+    master = None
+    try:
+        db = tmp_path / "master" / "index.sqlite3"
+        os.makedirs(db.parent)
+        p = subprocess.run([sys.executable, "bench.py", "fill", "--db", str(db), "--keys", "250"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, MKV_VOLUMES=",".join(names)))
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert re.search(r"^fill: 250 keys in [\d.]+ s .* B/key$", p.stdout, re.M), p.stdout
+        master = start_master(str(db.parent), names, replicas=3)
+        base = f"http://127.0.0.1:{master.port}"
+        for i in (0, 137, 249):
+            key = b"/fill/%09d" % i
+            r = http.get(base + key.decode())
+            assert r.status_code == 302, r.text
+            placed = mkvlib.key2volume(key, names, 3, 10)
+            assert r.headers["Key-Volumes"] == ",".join(placed)
+            assert r.headers["Location"] in [f"http://{v}{mkvlib.key2path(key)}" for v in placed]
+        assert http.get(base + "/fill/000000250").status_code == 404
+        r = http.get(base + "/fill/?list&limit=1000", timeout=TIMEOUT)
+        assert r.status_code == 200 and len(r.json()["keys"]) == 250
+    finally:
+        if master:
+            master.stop()
+        for s in stubs:
+            s.stop()
