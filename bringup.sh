@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A local mkv cluster in the foreground: 3 nginx volumes on :3001-:3003 and the
-# master on :3000. Installs whatever is missing first. Ctrl-C stops it all.
+# master on :3000, all on 127.0.0.1 only. Installs whatever is missing first. Ctrl-C stops it all.
 #
 #   MKV_HOME   where volumes and the index live      (default /tmp/mkv)
 #   WORKERS    gunicorn worker processes              (default 4)
-#   Any other MKV_* setting is passed to the master (see README).
+#   Any other MKV_* setting is passed to the master (see README); MKV_SECRET to the volumes too.
 set -euo pipefail
 cd "$(dirname "$0")"
 ./install.sh
@@ -27,7 +27,7 @@ for i in 1 2 3; do
     echo "bringup.sh: port $port is already in use; stop what runs there first" >&2
     exit 1
   fi
-  PORT=$port .venv/bin/python volume "$home/volume$i" &
+  VOLUME_BIND=127.0.0.1 PORT=$port .venv/bin/python volume "$home/volume$i" &
   pids+=($!)
 done
 for i in 1 2 3; do
@@ -38,7 +38,7 @@ echo "bringup.sh: volumes on :3001 :3002 :3003, data in $home/volume{1,2,3}" >&2
 
 export MKV_VOLUMES=${MKV_VOLUMES:-localhost:3001,localhost:3002,localhost:3003}
 export MKV_DB=${MKV_DB:-$home/index.sqlite3}
-.venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b :3000 mkv:app &
+.venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b 127.0.0.1:3000 mkv:app &
 pids+=($!)
 echo "bringup.sh: master on :3000 (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:3000/wehave" >&2
 wait -n "${pids[@]}"

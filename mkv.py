@@ -7,6 +7,7 @@ Settings are read once, here at the edge (see mkvlib.Settings); the storage
 logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
 one status in ERROR_STATUS, rendered as a one-line reason by one serializer.
 """
+import hmac
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ CLIENT_IDLE_TIMEOUT = 30.0   # seconds a client may send less than READ_PIECE be
 READ_PIECE = 64 << 10        # bytes read from a client at once, each read under CLIENT_IDLE_TIMEOUT
 
 ERROR_STATUS = {
+    mkvlib.Unauthorized: falcon.HTTP_401,
     mkvlib.KeyMissing: falcon.HTTP_404,
     mkvlib.KeyExists: falcon.HTTP_403,
     mkvlib.KeyProtected: falcon.HTTP_403,
@@ -141,6 +143,9 @@ class Master:
         query = parse_query(req.query_string) if req.query_string else {}
         if query and handler != "on_get":
             raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
+        if handler != "on_get" and self.settings.secret and not hmac.compare_digest(
+                (req.get_header(mkvlib.SECRET_HEADER) or "").encode(), self.settings.secret.encode()):
+            raise mkvlib.Unauthorized(f"{req.method} needs the header {mkvlib.SECRET_HEADER}: MKV_SECRET")
         getattr(self, handler)(req, resp, key, query)
 
     def on_get(self, req, resp, key, query):
@@ -228,7 +233,8 @@ def serialize_error(req, resp, exc):
 
 def handle_storage_error(req, resp, exc, params):
     status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), falcon.HTTP_500)
-    raise falcon.HTTPError(status, title=str(exc))
+    headers = {"WWW-Authenticate": f"{mkvlib.SECRET_HEADER}"} if status == falcon.HTTP_401 else None
+    raise falcon.HTTPError(status, title=str(exc), headers=headers)
 
 
 def handle_unexpected(req, resp, exc, params):

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import random
+import re
 import socket
 import sqlite3
 import threading
@@ -50,6 +51,8 @@ OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELET
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
 
 WRITING, LIVE, UNLINKED, DELETING = "writing", "live", "unlinked", "deleting"
+SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
+SECRET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,200}")   # what a volume's nginx config can hold as it is
 
 
 # ---------------------------------------------------------------- errors
@@ -115,6 +118,10 @@ class DeleteIncomplete(MkvError):
     pass
 
 
+class Unauthorized(MkvError):
+    """A write without MKV_SECRET."""
+
+
 class IndexBusy(MkvError):
     """Another process held the index's write lock for longer than BUSY_TIMEOUT."""
 
@@ -162,6 +169,7 @@ class Settings:
     fallback: str = None
     voltimeout: float = 1.0
     get_check: bool = False
+    secret: str = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env=None, **overrides):
@@ -177,6 +185,7 @@ class Settings:
             "fallback": env.get("MKV_FALLBACK", ""),
             "voltimeout": env.get("MKV_VOLTIMEOUT", "1"),
             "get_check": env.get("MKV_GET_CHECK", ""),
+            "secret": env.get("MKV_SECRET", ""),
         }
         raw.update({k: v for k, v in overrides.items() if v is not None})
         volumes = raw["volumes"]
@@ -201,13 +210,16 @@ class Settings:
             raise SettingsError(f"MKV_VOLTIMEOUT: {raw['voltimeout']!r} is not a number of seconds") from None
         if not 0 < voltimeout <= 600:
             raise SettingsError(f"MKV_VOLTIMEOUT: {voltimeout} is out of range (0 to 600 seconds)")
+        secret = raw["secret"] or None
+        if secret is not None and not SECRET_CHARS.fullmatch(secret):
+            raise SettingsError("MKV_SECRET may hold only letters, digits, '.', '_' and '-' (1 to 200)")
         fallback = raw["fallback"] or None
         if fallback:
             _parse_hostport("MKV_FALLBACK", fallback)
         return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
                    subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
                    fallback=fallback, voltimeout=voltimeout,
-                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]))
+                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret)
 
 
 # ---------------------------------------------------------------- placement and paths
@@ -906,8 +918,10 @@ class Volumes:
     request tries it again. So a dead volume costs one timeout now and then,
     not one per request."""
 
-    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64):
+    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64, secret=None):
         self.timeout = timeout
+        # writes carry MKV_SECRET: a volume started with it refuses writes without it
+        self.write_headers = {SECRET_HEADER: secret} if secret else {}
         # a MOVE or DELETE is a rename or an unlink: seconds at the most on a
         # healthy volume, so a frozen one costs this, not TRANSFER_TIMEOUT
         self.op_timeout = max(timeout, OP_TIMEOUT)
@@ -1052,7 +1066,8 @@ class Volumes:
     def delete(self, volume, path):
         """Remove a file; a file that is already gone is fine."""
         r = self._request("DELETE", volume, path, timeout=urllib3.Timeout(connect=self.timeout,
-                                                                          read=self.op_timeout))
+                                                                          read=self.op_timeout),
+                          headers=self.write_headers)
         if r.status not in (200, 204, 404):
             raise VolumeError(f"volume {volume_host(volume)} answered DELETE with {r.status}")
 
@@ -1147,7 +1162,9 @@ class Volumes:
         done = []                          # volumes whose upload completed
         failed = threading.Event()         # some upload failed: stop feeding
         aborted = threading.Event()        # we broke the uploads off: their errors are ours
-        headers = {"Content-Length": str(length)} if length is not None else {}
+        headers = dict(self.write_headers)
+        if length is not None:
+            headers["Content-Length"] = str(length)
 
         def body(i):
             while True:
@@ -1239,7 +1256,8 @@ class Volumes:
         copy, or a late writer's) is deleted and the MOVE tried again.
         VolumeError: nothing moved; MoveUnknown: no answer, it may land yet."""
         host = volume_host(volume)
-        headers = {"Destination": quote(volume[len(host):] + path, safe="/=+"), "Overwrite": "F"}
+        headers = {"Destination": quote(volume[len(host):] + path, safe="/=+"), "Overwrite": "F",
+                   **self.write_headers}
         for _ in range(MOVE_TRIES):
             try:
                 r = self.http.request("MOVE", "http://" + host + quote(name, safe="/=+"), headers=headers,
@@ -1624,7 +1642,7 @@ class Store:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.index = Index(settings.db)
-        self.volumes = Volumes(timeout=settings.voltimeout)
+        self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret)
         self.prober = Prober(self.index, self.volumes, settings.volumes).start()
 
     def placement(self, key):

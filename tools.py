@@ -46,7 +46,8 @@ def open_volumes(settings, workers) -> mkvlib.Volumes:
     """The tools' volume client. MKV_VOLTIMEOUT is tuned for the master, which
     must answer a GET quickly; a tool would rather wait than fail a key, so
     it waits at least VOLUME_TIMEOUT seconds for a volume to answer."""
-    return mkvlib.Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4))
+    return mkvlib.Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4),
+                          secret=settings.secret)
 
 
 def open_index(prog, path) -> mkvlib.Index:

@@ -112,9 +112,9 @@ class Server:
             return ""
 
 
-def start_volume(folder, port=None):
+def start_volume(folder, port=None, **env_vars):
     port = port or free_port()
-    env = dict(os.environ, PORT=str(port))
+    env = dict(os.environ, PORT=str(port), **env_vars)
     os.makedirs(folder, exist_ok=True)
     return Server(f"volume :{port}", [sys.executable, "volume", folder], env,
                   os.path.join(os.path.dirname(folder), f"volume-{port}.log"), port).start()
@@ -143,8 +143,10 @@ class Cluster:
         self.volume_dirs = [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)]
         self.volumes, self.master = [], None
         try:
+            # a volume refuses writes without the master's MKV_SECRET
+            secret = {"MKV_SECRET": str(settings["secret"])} if settings.get("secret") else {}
             for d in self.volume_dirs:
-                self.volumes.append(start_volume(d))
+                self.volumes.append(start_volume(d, **secret))
             self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
         except BaseException:
             self.stop()

@@ -257,3 +257,13 @@ def test_the_volume_serves_its_identity_read_only_and_keeps_it_across_restarts(t
         assert requests.get(url, timeout=10).text == first.text
     finally:
         v.stop()
+
+
+def test_a_volume_told_to_bind_loopback_answers_there_only(tmp_path):
+    v = start_volume(str(tmp_path / "vol"), VOLUME_BIND="127.0.0.1")
+    try:
+        assert requests.get(f"http://127.0.0.1:{v.port}/.id", timeout=10).status_code == 200
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.2:{v.port}/.id", timeout=10)
+    finally:
+        v.stop()

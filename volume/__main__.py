@@ -33,11 +33,16 @@ USAGE = """\
 usage: PORT=3001 python volume DIR
   serves DIR over HTTP with nginx (WebDAV PUT/DELETE/MOVE, JSON autoindex)
   PORT               port to listen on (default 3001)
+  VOLUME_BIND        address to listen on (default: every address; bringup.sh: 127.0.0.1)
   VOLUME_ACCESS_LOG  file for nginx's access log (default: off)
   VOLUME_LOGLEVEL    nginx error_log level (default: error)
   VOLUME_USER        started as root: the user nginx's workers run as (default:
                      nobody; never root). DIR, DIR/.tmp and any svXX or xx data
-                     folder owned by someone else are given to that user."""
+                     folder owned by someone else are given to that user.
+  MKV_SECRET         if set: PUT, DELETE and MOVE must carry it in the header
+                     Mkv-Secret (the master and the tools do); reads stay open"""
+
+SECRET = re.compile(r"[A-Za-z0-9._-]{1,200}")   # mkvlib.Settings checks MKV_SECRET the same way
 
 
 class Refused(Exception):
@@ -54,9 +59,10 @@ def find_nginx():
     return None
 
 
-def render_config(port, user=None, access_log=None, loglevel="error"):
+def render_config(port, user=None, access_log=None, loglevel="error", secret=None):
     """The nginx config text for a volume on `port`; its paths are relative to
-    the volume folder, nginx's working directory."""
+    the volume folder, nginx's working directory. With a `secret`, writes
+    (PUT, DELETE, MOVE) without it in the header Mkv-Secret are refused."""
     with open(os.path.join(HERE, "nginx.conf")) as f:
         template = string.Template(f.read())
     # ${name} is ours; nginx's own $variables are left as they are
@@ -65,6 +71,8 @@ def render_config(port, user=None, access_log=None, loglevel="error"):
         listen=port,
         access_log=access_log or "off",
         loglevel=loglevel,
+        secret_rule=f'"{secret}" 0;' if secret else "",
+        secret_default=1 if secret else 0,
     )
     assert "${" not in text, "a placeholder of nginx.conf was not filled in"
     return text
@@ -177,6 +185,10 @@ def main(argv):
     if not port.isdigit() or not 0 < int(port) < 65536:
         print(f"volume: PORT must be a port number, not {port!r}", file=sys.stderr)
         return 2
+    bind = os.environ.get("VOLUME_BIND", "")
+    if bind and not re.fullmatch(r"[0-9.]+|\[[0-9a-fA-F:]+\]|localhost", bind):
+        print(f"volume: VOLUME_BIND must be an IP address (or localhost), not {bind!r}", file=sys.stderr)
+        return 2
     account = None
     if os.geteuid() == 0:
         try:
@@ -200,14 +212,18 @@ def main(argv):
     if account:
         print(f"volume: started as root: nginx's workers run as {account[0]}:{account[1]} (VOLUME_USER)",
               file=sys.stderr, flush=True)
+    secret = os.environ.get("MKV_SECRET") or None
+    if secret is not None and not SECRET.fullmatch(secret):
+        print("volume: MKV_SECRET may hold only letters, digits, '.', '_' and '-' (1 to 200)", file=sys.stderr)
+        return 2
     access_log = os.environ.get("VOLUME_ACCESS_LOG")
     config = render_config(
-        port, user=account[:2] if account else None,
+        f"{bind}:{port}" if bind else port, user=account[:2] if account else None,
         access_log=os.path.abspath(access_log) if access_log else None,
-        loglevel=os.environ.get("VOLUME_LOGLEVEL", "error"))
-    # written aside and renamed: never seen half-written
+        loglevel=os.environ.get("VOLUME_LOGLEVEL", "error"), secret=secret)
+    # written aside and renamed: never seen half-written; only its owner reads it (the secret)
     conf_path = os.path.join(root, STATE, "nginx.conf")
-    with open(conf_path + ".new", "w") as f:
+    with open(os.open(conf_path + ".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
         f.write(config)
     os.replace(conf_path + ".new", conf_path)
     sys.stdout.flush()
