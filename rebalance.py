@@ -152,9 +152,9 @@ class Rebalance:
         self.progress.add(keys=1)
         try:
             if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
-                if rec.locked():
+                if rec.locked() and not tools.owner_is_dead(rec.lock_owner):
                     return self.progress.count("skipped")   # being written or deleted: the master's
-                return self.purge(rec)
+                return self.purge(rec)   # a dead request's: its lock is taken over
             if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
                     and not any(mkvlib.volume_host(v) in self.replaced for v in rec.volumes) \
                     and self.all_there(rec.key, rec.volumes):
