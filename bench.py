@@ -456,7 +456,7 @@ class Thrash(Workload):
 
     def __init__(self, bench):
         super().__init__(bench)
-        self.keys = 2000 if bench.quick else 10000
+        self.keys = 1000 if bench.quick else 10000
         self.title = f"write/read/delete, 1 KB values, 16 at once ({self.keys:,} keys)"
         self.notes.append("thrasher.py; limit: --direct, per key 3 PUTs, 1 GET, 3 DELETEs to nginx")
 
@@ -488,6 +488,8 @@ class BigPut(Workload):
 
     def setup(self):
         ensure_curl()
+        self.notes.append("curl -T of a file in the page cache; limit: 3 such curls at once, "
+                          "one to each volume; RSS: VmHWM growth of the busiest gunicorn worker")
         self.file = os.path.join(self.b.tmp, "big.bin")
         md5 = hashlib.md5()
         with open(self.file, "wb") as f:
@@ -591,6 +593,8 @@ class Rebuild(Workload):
         r = http("GET", self.leaf_url)
         if r.status_code != 200 or not isinstance(r.json(), list):
             raise RuntimeError(f"GET {self.leaf_url}: {r.status_code} {r.text[:200]}")
+        self.notes.append("rebuild.py with its default --workers; limit: wrk -t2 -c64 on one leaf "
+                          "folder's JSON listing")
         say(f"rebuild: planted {self.keys:,} keys x 3 in {time.monotonic() - began:.1f} s, "
             f"{len(self.leaves):,} leaf folders")
         self.count = 0
@@ -636,7 +640,7 @@ class Rebalance(Workload):
 
     def __init__(self, bench):
         super().__init__(bench)
-        self.keys = 500 if bench.quick else 1500
+        self.keys = 300 if bench.quick else 1500
         self.title = f"rebalance 3 -> 4 volumes ({self.keys:,} keys of 10 B to 300 KB)"
         self.notes.append("Go's rebalance is not available here; wall time, which includes "
                           "rebalance.py's 2 s grace before old copies are deleted; "
@@ -869,6 +873,7 @@ def main(argv=None):
             if cls.name not in chosen:
                 continue
             w = cls(bench)
+            started = time.monotonic()
             try:
                 say(f"{w.name}: {w.title}")
                 w.setup()
@@ -896,6 +901,7 @@ def main(argv=None):
                     w.teardown()
                 except Exception as e:
                     say(f"{w.name} teardown: {type(e).__name__}: {e}")
+                say(f"{w.name}: {time.monotonic() - started:.0f} s")
     finally:
         bench.stop()
         if args.keep:
