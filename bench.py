@@ -317,6 +317,7 @@ class Bench:
         self.tmp = tempfile.mkdtemp(prefix="mkv-bench-", dir=args.tmp)
         self.c = conftest()
         self._cluster = self._limit302 = self._index = None
+        self.load = os.getloadavg()[0]
 
     # -- shared servers, started on first use
 
@@ -843,9 +844,9 @@ def machine_line(bench):
     except (OSError, SystemExit):
         nginx = "?"
     from importlib.metadata import version
-    load = os.getloadavg()[0]
     return (f"machine: {os.cpu_count()} cores (nproc), {model}, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, load average {load:.2f} at the start; "
+            f"Python {platform.python_version()}, load average {bench.load:.2f} at the start, "
+            f"{os.getloadavg()[0]:.2f} at the end (1 min); "
             f"master: gunicorn {version('gunicorn')} -k gevent -w {WORKERS} (gevent {version('gevent')}), "
             f"MKV_REPLICAS={REPLICAS}, MKV_SUBVOLUMES={SUBVOLUMES}; volumes: nginx {nginx} via `python volume`; "
             f"wrk -t2 -c100 -d{bench.duration}s; best of {bench.args.rounds} rounds, master and limit alternating"
@@ -874,7 +875,6 @@ def main(argv=None):
     began = time.monotonic()
     bench = Bench(args)
     rows, failed = [], False
-    line = machine_line(bench)
     try:
         for cls in WORKLOADS:
             if cls.name not in chosen:
@@ -920,7 +920,7 @@ def main(argv=None):
     for row in rows:
         print("| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |")
     print()
-    print(line)
+    print(machine_line(bench))
     print(f"bench: took {time.monotonic() - began:.0f} s", flush=True)
     return 1 if failed else 0
 
