@@ -14,9 +14,14 @@ All replicas of a key sit in the same /xx/yy/ folder (xx, yy: the first bytes
 of md5(key)) of whichever volume holds them, so the walk goes folder by folder
 across all volumes at once: it sees every copy of a key together, and holds
 in memory one folder's listings per worker, never a whole volume's.
+
+Nearly every leaf folder holds one file or two, so the walk's cost is one
+listing per key: listings go pipelined to every volume at once
+(Volumes.listdirs), LIST_BATCH per worker. Into a new index nobody else
+writes, so keys go in with INSERT OR IGNORE, INSERT_BATCH rows per
+transaction, without the per-key claim the live index needs.
 """
 import argparse
-import contextlib
 import hashlib
 import os
 import sqlite3
@@ -29,21 +34,21 @@ import mkvlib
 import tools
 
 PROG = "rebuild"
-HEX = frozenset("0123456789abcdef")
+HEX_NAMES = frozenset(f"{i:02x}" for i in range(256))            # the xx and yy folders
+SUBVOLUME_NAMES = frozenset(f"sv{i:02X}" for i in range(256))     # the svXX folders
 REPORT_CAP = 200      # problem lines --check prints before it only counts
+LIST_BATCH = 96       # leaf listings a worker asks for at once (and holds in memory)
+INSERT_BATCH = 2000   # rows per transaction when rebuilding into a new index
 SUMMARY = ["seen", "added", "updated", "unchanged", "busy", "skipped", "failed"]
 KINDS = ["missing", "under-replicated", "misplaced", "orphan", "wrong-size", "wrong-md5"]
 
 
 def is_hex_dir(entry):
-    name = entry.get("name", "")
-    return entry.get("type") == "directory" and len(name) == 2 and set(name) <= HEX
+    return entry.get("type") == "directory" and entry.get("name") in HEX_NAMES
 
 
 def is_subvolume_dir(entry):
-    name = entry.get("name", "")
-    return (entry.get("type") == "directory" and len(name) == 4 and name.startswith("sv")
-            and set(name[2:]) <= set("0123456789ABCDEF"))
+    return entry.get("type") == "directory" and entry.get("name") in SUBVOLUME_NAMES
 
 
 def order_replicas(key, holders, settings):
@@ -52,6 +57,8 @@ def order_replicas(key, holders, settings):
     so that the result does not depend on which listing came first)."""
     placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
     first = [v for v in placement if v in holders]
+    if len(first) == len(holders):
+        return first
     rank = {v: i for i, v in enumerate(settings.volumes)}
     rest = sorted((v for v in holders if v not in placement),
                   key=lambda v: (rank.get(mkvlib.volume_host(v), len(rank)), v))
@@ -93,6 +100,7 @@ class Rebuild:
         self.owner = mkvlib.new_owner("rebuild-")
         self.problems = {k: 0 for k in KINDS}
         self._report_lock = threading.Lock()
+        self._rows, self._rows_lock = [], threading.Lock()   # add_fresh's rows waiting for insert()
         self._seen = None
         if check:
             self._tmp = tempfile.TemporaryDirectory(prefix="mkv-check-")
@@ -104,84 +112,130 @@ class Rebuild:
 
     # -- the walk
 
-    def listdir(self, volume, path):
-        """A listing; None (and one failure counted) if the volume does not give it."""
-        try:
-            return self.volumes.listdir(volume, path)
-        except mkvlib.VolumeError as e:
-            self.progress.count("failed")
-            self.progress.message(f"{PROG}: cannot list {volume}{path}: {e}")
-            return None
+    def listdirs(self, folders):
+        """Listings of [(volume, path)], in order, all asked at once; None for a
+        folder whose volume did not give it (one failure counted for each)."""
+        out = []
+        for (volume, path), got in zip(folders, self.volumes.listdirs(folders)):
+            if isinstance(got, mkvlib.VolumeError):
+                self.progress.count("failed")
+                self.progress.message(f"{PROG}: cannot list {volume}{path}: {got}")
+                got = None
+            out.append(got)
+        return out
 
     def subvolumes(self):
         """{(sub)volume: set of its xx folders}. A volume with svXX folders is
         walked in those; top-level xx folders are walked too (a volume whose
         MKV_SUBVOLUMES changed, or one written with subvolumes=1)."""
-        tops = {}
-        for host in self.settings.volumes:
-            entries = self.listdir(host, "/")
+        tops, subs = {}, []
+        for host, entries in zip(self.settings.volumes, self.listdirs([(h, "/") for h in self.settings.volumes])):
             if entries is None:
                 continue
-            subs = [f"{host}/{e['name']}" for e in entries if is_subvolume_dir(e)]
+            mine = [f"{host}/{e['name']}" for e in entries if is_subvolume_dir(e)]
             flat = {e["name"] for e in entries if is_hex_dir(e)}
-            self.progress.count("skipped", len(entries) - len(subs) - len(flat))
+            self.progress.count("skipped", len(entries) - len(mine) - len(flat))
             if flat:
                 tops[host] = flat
-            for sub in subs:
-                sub_entries = self.listdir(sub, "/")
-                if sub_entries is None:
-                    continue
-                xx = {e["name"] for e in sub_entries if is_hex_dir(e)}
-                self.progress.count("skipped", len(sub_entries) - len(xx))
-                tops[sub] = xx
+            subs += mine
+        for sub, entries in zip(subs, self.listdirs([(s, "/") for s in subs])):
+            if entries is None:
+                continue
+            xx = {e["name"] for e in entries if is_hex_dir(e)}
+            self.progress.count("skipped", len(entries) - len(xx))
+            tops[sub] = xx
         return tops
 
-    def files(self, volume, path, prefix=""):
-        """(name below /xx/yy/, size) of every file under `path`: a name with
-        '/' in its base64 lies in sub-folders."""
-        entries = self.listdir(volume, path)
-        for e in entries or ():
-            name = e.get("name", "")
-            if e.get("type") == "file":
-                yield prefix + name, e.get("size")
-            elif e.get("type") == "directory":
-                yield from self.files(volume, f"{path}{name}/", f"{prefix}{name}/")
-            else:
-                self.progress.count("skipped")
+    def files(self, folders):
+        """[(volume, tag, name, size)] of every file in `folders`
+        [(volume, path, tag)], all listed at once. `name` is the file's path
+        below its folder's: a base64 name with '/' lies in sub-folders, listed
+        in a further round."""
+        out = []
+        folders = [(volume, path, tag, "") for volume, path, tag in folders]
+        while folders:
+            deeper = []
+            listings = self.listdirs([(volume, path) for volume, path, _, _ in folders])
+            for (volume, path, tag, prefix), entries in zip(folders, listings):
+                for e in entries or ():
+                    name, kind = e.get("name", ""), e.get("type")
+                    if kind == "file":
+                        out.append((volume, tag, prefix + name, e.get("size")))
+                    elif kind == "directory":
+                        deeper.append((volume, f"{path}{name}/", tag, f"{prefix}{name}/"))
+                    else:
+                        self.progress.count("skipped")
+            folders = deeper
+        return out
 
     def walk_top(self, xx, subs):
-        """Every /xx/yy/ folder of every (sub)volume that has /xx/."""
+        """Every /xx/yy/ folder of every (sub)volume that has /xx/, LIST_BATCH
+        listings at a time, yy by yy."""
         try:
             by_yy = {}
-            for sub in subs:
-                for e in self.listdir(sub, f"/{xx}/") or ():
+            for sub, entries in zip(subs, self.listdirs([(sub, f"/{xx}/") for sub in subs])):
+                for e in entries or ():
                     if is_hex_dir(e):
                         by_yy.setdefault(e["name"], []).append(sub)
                     else:
                         self.progress.count("skipped")
+            rows = []
+            group, n = [], 0
             for yy in sorted(by_yy):
-                found = {}    # key -> {(sub)volume: size}
-                for sub in by_yy[yy]:
-                    for name, size in self.files(sub, f"/{xx}/{yy}/"):
-                        try:
-                            key = mkvlib.path2key(name)
-                        except ValueError:
-                            key = None
-                        if key is None or mkvlib.key2path(key) != f"/{xx}/{yy}/{name}":
-                            self.progress.count("skipped")   # not a file mkv wrote
-                            continue
-                        found.setdefault(key, {})[sub] = size
-                for key in sorted(found):
-                    try:
-                        self.one_key(key, found[key])
-                    except (mkvlib.MkvError, sqlite3.Error) as e:
-                        self.progress.count("failed")
-                        self.progress.message(f"{PROG}: {tools.show(key)}: {e}")
-                if self._seen is not None and found:
-                    with self._seen_lock:
-                        self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in found])
+                group.append(yy)
+                n += len(by_yy[yy])
+                if n >= LIST_BATCH:
+                    self.walk_leaves(xx, group, by_yy, rows)
+                    group, n = [], 0
+            if group:
+                self.walk_leaves(xx, group, by_yy, rows)
+            with self._rows_lock:
+                self._rows += rows
+                rows = self._rows if len(self._rows) >= INSERT_BATCH else []
+                if rows:
+                    self._rows = []
+            self.insert(rows)
         finally:
             self.progress.add(done=1)
+
+    def walk_leaves(self, xx, yys, by_yy, rows):
+        """The keys of the /xx/yy/ folders `yys`, yy by yy, each key once with
+        every copy the listings show."""
+        found = {yy: {} for yy in yys}    # yy -> key -> {(sub)volume: size}
+        keys = {}                          # (yy, name) -> its key, None if not a file mkv wrote
+        for sub, yy, name, size in self.files([(sub, f"/{xx}/{yy}/", yy) for yy in yys for sub in by_yy[yy]]):
+            key = keys.get((yy, name), False)
+            if key is False:    # each name once, not once per copy
+                try:
+                    key = mkvlib.path2key(name)
+                except ValueError:
+                    key = None
+                if key is not None and mkvlib.key2path(key) != f"/{xx}/{yy}/{name}":
+                    key = None
+                keys[yy, name] = key
+            if key is None:
+                self.progress.count("skipped")   # not a file mkv wrote
+                continue
+            found[yy].setdefault(key, {})[sub] = size
+        seen = nbytes = 0
+        for yy in yys:
+            for copies in found[yy].values():
+                seen += 1
+                nbytes += next(iter(copies.values())) or 0
+        self.progress.count("seen", seen)
+        self.progress.add(keys=seen, nbytes=nbytes)
+        for yy in yys:
+            for key in sorted(found[yy]):
+                try:
+                    self.one_key(key, found[yy][key], rows)
+                except (mkvlib.MkvError, sqlite3.Error) as e:
+                    self.progress.count("failed")
+                    self.progress.message(f"{PROG}: {tools.show(key)}: {e}")
+            if self._seen is not None and found[yy]:
+                with self._seen_lock:
+                    self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in found[yy]])
+        if len(rows) >= INSERT_BATCH:
+            self.insert(rows)
 
     def run(self, workers):
         tops = self.subvolumes()
@@ -193,17 +247,19 @@ class Rebuild:
         with ThreadPoolExecutor(workers) as pool:
             for f in [pool.submit(self.walk_top, xx, units[xx]) for xx in sorted(units)]:
                 f.result()
+        self.insert(self._rows)
         if self.check:
             self.find_missing()
 
     # -- one key
 
-    def one_key(self, key, found):
-        self.progress.count("seen")
-        size = next(iter(found.values()))
-        self.progress.add(keys=1, nbytes=size or 0)
+    def one_key(self, key, found, rows):
+        """One key and its copies {(sub)volume: size}: checked, added (into a
+        new index: a row appended to `rows`), or compared with its record."""
         if self.check:
             return self.check_key(key, found)
+        if self.fresh:
+            return self.add_fresh(key, found, rows)
         rec = self.index.get(key)
         if rec is None:
             return self.add_key(key, found)
@@ -246,12 +302,6 @@ class Rebuild:
             r.release_conn()
         return h.hexdigest(), n
 
-    def lease(self, key):
-        # a new index has no one else in it; otherwise keep the lock while we wait on volumes
-        if self.fresh and not self.md5:
-            return contextlib.nullcontext()
-        return mkvlib.Lease(self.index, key, self.owner)
-
     def conflict(self, key, facts):
         """Copies of a key that no record vouches for disagree: none is added."""
         self.progress.count("failed")
@@ -259,17 +309,53 @@ class Rebuild:
         self.progress.message(f"{PROG}: {tools.show(key)}: conflict, its copies differ ({detail}); not added: "
                               "remove the wrong copies (or all but the one you trust) and run rebuild again")
 
+    def add_fresh(self, key, found, rows):
+        """A key for a new index, which nobody else writes: no claim, no lock,
+        no second look at the volumes; a row for insert(). Copies that
+        disagree (size; md5 with --md5) are reported and none is added."""
+        if len(set(found.values())) > 1:
+            return self.conflict(key, {v: f"{s} bytes" for v, s in found.items()})
+        volumes = order_replicas(key, found, self.settings)
+        size, md5 = found[volumes[0]], None
+        if self.md5:
+            sums = {v: self.checksum(key, v) for v in volumes}
+            readable = {v: s for v, s in sums.items() if s is not None}
+            if not readable:
+                raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+            if len(set(readable.values())) > 1:
+                return self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
+            md5, size = next(iter(readable.values()))
+        rows.append((key, mkvlib.LIVE, ",".join(volumes), md5, size))
+
+    def insert(self, rows):
+        """Write the rows add_fresh made, in one transaction, and empty `rows`.
+        A key that has a record by now keeps it (INSERT OR IGNORE: whoever
+        wrote it knows better; counted busy)."""
+        if not rows:
+            return
+        rows.sort()   # in key order: each B-tree page is written once per transaction
+        try:
+            with self.index._write() as db:
+                added = db.executemany("INSERT OR IGNORE INTO keys (key, state, volumes, md5, size)"
+                                       " VALUES (?, ?, ?, ?, ?)", rows).rowcount
+        except (mkvlib.MkvError, sqlite3.Error) as e:
+            self.progress.count("failed", len(rows))
+            self.progress.message(f"{PROG}: could not write {len(rows)} keys to the index: {e}")
+        else:
+            self.progress.count("added", added)
+            self.progress.count("busy", len(rows) - added)
+        rows.clear()
+
     def add_key(self, key, found):
         """A key the index does not know: claim it as a PUT would, check that
         the files are still there (a DELETE may have happened since the
         listing), then make it live with those. Copies noted as unvouched
         (what failed writes and moves left) are never added; copies that
         disagree (size; md5 with --md5) are reported and none is added."""
-        if not self.fresh:
-            noted = self.index.notes(key)
-            found = {v: s for v, s in found.items() if v not in noted}
-            if not found:
-                return self.progress.count("skipped")
+        noted = self.index.notes(key)
+        found = {v: s for v, s in found.items() if v not in noted}
+        if not found:
+            return self.progress.count("skipped")
         if len(set(found.values())) > 1:
             return self.conflict(key, {v: f"{s} bytes" for v, s in found.items()})
         volumes = order_replicas(key, found, self.settings)
@@ -277,10 +363,8 @@ class Rebuild:
             return self.progress.count("busy")   # written meanwhile: the master's record wins
         done = False
         try:
-            with self.lease(key):
-                path = mkvlib.key2path(key)
-                if not self.fresh:
-                    volumes = self.present([(v, path) for v in volumes])
+            with mkvlib.Lease(self.index, key, self.owner):
+                volumes = self.present([(v, mkvlib.key2path(key)) for v in volumes])
                 if not volumes:
                     return self.progress.count("unchanged")   # deleted since the listing
                 size, md5 = found[volumes[0]], None

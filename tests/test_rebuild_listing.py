@@ -1,0 +1,192 @@
+"""rebuild.py's listing client (Volumes.listdirs: pipelined JSON listings over
+keep-alive sockets) against real nginx and against small fake servers that
+answer the ways HTTP allows, and rebuild.py into a new index with a volume that
+fails its listings."""
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+import mkvlib
+import rebuild
+from conftest import free_port, start_volume
+from test_tools import make_keys, rows, run_tool, summary
+
+
+def plant(folder, path, value=b"x"):
+    """A file under a volume's folder, owned like it (nginx's workers read it)."""
+    owner = os.stat(folder)
+    full = folder
+    *dirs, name = [p for p in path.split("/") if p]
+    for d in dirs:
+        full = os.path.join(full, d)
+        if not os.path.isdir(full):
+            os.mkdir(full)
+            os.chown(full, owner.st_uid, owner.st_gid)
+    full = os.path.join(full, name)
+    with open(full, "wb") as f:
+        f.write(value)
+    os.chown(full, owner.st_uid, owner.st_gid)
+
+
+@pytest.fixture
+def volume(tmp_path):
+    server = start_volume(str(tmp_path / "vol"))
+    yield server, str(tmp_path / "vol")
+    server.stop()
+
+
+def test_listdirs_answers_like_listdir_in_order_past_its_window(volume):
+    server, folder = volume
+    name = f"127.0.0.1:{server.port}"
+    folders = []
+    for i in range(300):
+        sub = f"sv{i % 3:02X}"
+        plant(folder, f"{sub}/{i % 256:02x}/{i:04d}/file{i}", b"y" * i)
+        folders.append((f"{name}/{sub}", f"/{i % 256:02x}/{i:04d}/"))
+    folders.insert(7, (name, "/no/such/folder/"))
+    folders.insert(150, (name, "/.mkv/"))                      # refused by the volume: 403
+    folders.insert(200, ("127.0.0.1:1", "/"))                  # nothing listens there
+    v = mkvlib.Volumes(timeout=5)
+    got = v.listdirs(folders, window=16)
+    assert len(got) == len(folders)
+    assert got[7] == []
+    assert isinstance(got[150], mkvlib.VolumeError) and "403" in str(got[150])
+    assert isinstance(got[200], mkvlib.VolumeDown)
+    for i, (vol, path) in enumerate(folders):
+        if i not in (7, 150, 200):
+            assert got[i] == v.listdir(vol, path), (vol, path)
+            assert [e["name"] for e in got[i]] == [f"file{int(path.split('/')[2])}"]
+    # its sockets, kept alive, serve the next call; has() is not disturbed
+    assert v.listdirs(folders[:3]) == got[:3]
+    assert v.has(f"{name}/sv00", "/00/0000/file0")
+
+
+class FakeVolume:
+    """A server that answers each GET of a folder /N/ with the listing
+    [{"name": "fN", "type": "file", "size": N}] in the way `style` says."""
+
+    def __init__(self, style, close_after=None, silent_after=None):
+        self.style, self.close_after, self.silent_after = style, close_after, silent_after
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        buf, answered = b"", 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                n = int(head.split()[1].strip(b"/"))
+                if self.silent_after is not None and answered == self.silent_after:
+                    return   # as nginx closing an idle socket just as a request arrives
+                last = self.close_after is not None and answered + 1 == self.close_after
+                conn.sendall(self._answer(n, last))
+                answered += 1
+                if last or self.style == "http10":
+                    return
+
+    def _answer(self, n, last):
+        body = b'[\r\n{ "name":"f%d", "type":"file", "mtime":"x", "size":%d }\r\n]' % (n, n)
+        close = b"Connection: close\r\n" if last else b"Connection: keep-alive\r\n"
+        if self.style == "length":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), close, body)
+        if self.style == "chunks":   # several chunks, an extension, a trailer, header case as it comes
+            parts = [body[i:i + 7] for i in range(0, len(body), 7)]
+            chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-Trailer: 1\r\n\r\n"
+            return b"HTTP/1.1 200 OK\r\ntransfer-encoding:  Chunked\r\n%s\r\n%s" % (close, chunked)
+        if self.style == "http10":   # no length: the body ends when the server closes
+            return b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body
+        raise AssertionError(self.style)
+
+    def stop(self):
+        self.stopped = True
+        self.listener.close()
+
+
+@pytest.mark.parametrize("style,close_after,silent_after", [
+    ("length", None, None),
+    ("chunks", None, None),
+    ("http10", None, None),          # one answer per connection
+    ("length", 7, None),             # nginx's keepalive_requests: the 7th answer says close
+    ("chunks", None, 5),             # the server drops the socket after 5 answers, saying nothing
+])
+def test_listdirs_survives_every_way_a_server_may_answer_or_close(style, close_after, silent_after):
+    server = FakeVolume(style, close_after, silent_after)
+    try:
+        host = f"127.0.0.1:{server.port}"
+        v = mkvlib.Volumes(timeout=5)
+        got = v.listdirs([(host, f"/{n}/") for n in range(40)], window=8)
+        assert got == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(40)]
+        if close_after or silent_after or style == "http10":
+            assert server.connections > 1
+        else:
+            assert server.connections == 1
+            assert v.listdirs([(host, "/3/")]) == [got[3]] and server.connections == 1   # kept alive
+    finally:
+        server.stop()
+
+
+def test_listdirs_of_a_server_that_never_answers_fails_within_its_timeout(monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0))   # accepts (the kernel does), never answers
+    try:
+        monkeypatch.setattr(mkvlib, "TRANSFER_TIMEOUT", 1.0)
+        host = f"127.0.0.1:{listener.getsockname()[1]}"
+        v = mkvlib.Volumes(timeout=1)
+        started = time.monotonic()
+        got = v.listdirs([(host, f"/{n}/") for n in range(10)])
+        assert time.monotonic() - started < 5
+        assert all(isinstance(g, mkvlib.VolumeDown) for g in got)
+        assert v.known_down(host)
+    finally:
+        listener.close()
+
+
+def test_rebuild_into_a_new_index_with_a_volume_that_cannot_be_listed(tmp_path):
+    """Every key the answering volumes hold is added; the dead volume's listing
+    is counted failed, named on stderr, and the exit status is 1."""
+    folders = [str(tmp_path / f"v{i}") for i in range(2)]
+    servers = [start_volume(f) for f in folders]
+    try:
+        names = [f"127.0.0.1:{s.port}" for s in servers]
+        dead = f"127.0.0.1:{free_port()}"
+        data = make_keys(60, "half", seed=21)
+        for key, value in data.items():
+            for v in mkvlib.key2volume(key.encode(), names, 2, 10):
+                host, _, sub = v.partition("/")
+                plant(folders[names.index(host)], sub + mkvlib.key2path(key.encode()), value)
+        db = str(tmp_path / "new.sqlite3")
+        p = run_tool("rebuild.py", names + [dead], db, replicas=2)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert f"cannot list {dead}/" in p.stderr
+        counts = summary(p.stdout, "rebuild")
+        assert counts["seen"] == counts["added"] == 60 and counts["failed"] == 1
+        got = rows(db)
+        settings = mkvlib.Settings.from_env({}, volumes=",".join(names + [dead]), db=db, replicas=2,
+                                            subvolumes=10)
+        for key, value in data.items():
+            state, volumes, size, md5 = got[key.encode()]
+            assert (state, size, md5) == ("live", len(value), None)
+            holders = mkvlib.key2volume(key.encode(), names, 2, 10)
+            assert volumes.split(",") == rebuild.order_replicas(key.encode(), holders, settings)
+    finally:
+        for s in servers:
+            s.stop()
