@@ -22,6 +22,7 @@ log = logging.getLogger("mkv")
 
 CLIENT_IDLE_TIMEOUT = 30.0   # seconds a client may send less than READ_PIECE before the PUT is dropped
 READ_PIECE = 64 << 10        # bytes read from a client at once, each read under CLIENT_IDLE_TIMEOUT
+VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
 
 ERROR_STATUS = {
     mkvlib.Unauthorized: falcon.HTTP_401,
@@ -206,6 +207,9 @@ class Master:
         length = req.content_length   # None for a chunked body
         if length == 0:
             raise mkvlib.EmptyValue("empty value: a PUT needs a body")
+        if length is not None and length > VALUE_MAX:
+            # passed on, it would be the volumes' 400 and our 502 for the client's lie
+            raise falcon.HTTPContentTooLarge(title=f"Content-Length over {VALUE_MAX}: no volume takes it")
         md5, size = self.store.put(key, read_body(req.stream, length), length)
         resp.status = falcon.HTTP_201
         resp.set_header("Content-Md5", md5)
