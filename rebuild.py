@@ -117,7 +117,7 @@ class Rebuild:
         folder whose volume did not give it (one failure counted for each)."""
         out = []
         for (volume, path), got in zip(folders, self.volumes.listdirs(folders)):
-            if isinstance(got, mkvlib.VolumeError):
+            if not isinstance(got, list):    # the VolumeError this folder got
                 self.progress.count("failed")
                 self.progress.message(f"{PROG}: cannot list {volume}{path}: {got}")
                 got = None

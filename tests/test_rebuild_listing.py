@@ -68,8 +68,10 @@ class FakeVolume:
     """A server that answers each GET of a folder /N/ with the listing
     [{"name": "fN", "type": "file", "size": N}] in the way `style` says."""
 
-    def __init__(self, style, close_after=None, silent_after=None):
+    def __init__(self, style, close_after=None, silent_after=None, freeze_after=None):
         self.style, self.close_after, self.silent_after = style, close_after, silent_after
+        self.freeze_after = freeze_after
+        self.thaw = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.connections = 0
@@ -98,6 +100,9 @@ class FakeVolume:
                 n = int(head.split()[1].strip(b"/"))
                 if self.silent_after is not None and answered == self.silent_after:
                     return   # as nginx closing an idle socket just as a request arrives
+                if self.freeze_after is not None and answered == self.freeze_after:
+                    self.thaw.wait(30)   # as a volume stopped with SIGSTOP
+                    return
                 last = self.close_after is not None and answered + 1 == self.close_after
                 conn.sendall(self._answer(n, last))
                 answered += 1
@@ -119,6 +124,7 @@ class FakeVolume:
 
     def stop(self):
         self.stopped = True
+        self.thaw.set()
         self.listener.close()
 
 
@@ -158,6 +164,20 @@ def test_listdirs_of_a_server_that_never_answers_fails_within_its_timeout(monkey
         assert v.known_down(host)
     finally:
         listener.close()
+
+
+def test_listdirs_of_a_server_that_freezes_midway_keeps_what_it_answered_and_marks_it_down(monkeypatch):
+    server = FakeVolume("length", freeze_after=4)
+    try:
+        monkeypatch.setattr(mkvlib, "TRANSFER_TIMEOUT", 1.0)
+        host = f"127.0.0.1:{server.port}"
+        v = mkvlib.Volumes(timeout=1)
+        got = v.listdirs([(host, f"/{n}/") for n in range(10)])
+        assert got[:4] == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(4)]
+        assert all(isinstance(g, mkvlib.VolumeDown) for g in got[4:])
+        assert v.known_down(host)
+    finally:
+        server.stop()
 
 
 def test_rebuild_into_a_new_index_with_a_volume_that_cannot_be_listed(tmp_path):
