@@ -65,7 +65,7 @@ class Server:
         try:
             requests.get(f"http://127.0.0.1:{self.port}/", timeout=1, allow_redirects=False)
             return True
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):   # a loaded machine: ask again
             return False
 
     def stop(self, sig=None):
@@ -136,11 +136,15 @@ def start_master(workdir, volumes, port=None, workers=2, **settings):
 class Cluster:
     """n volumes and a master over them; url() for keys."""
 
-    def __init__(self, workdir, n_volumes=3, workers=2, **settings):
+    def __init__(self, workdir, n_volumes=3, workers=2, volume_dirs=None, **settings):
+        """volume_dirs: the volumes' folders (default workdir/volumeN), e.g.
+        mount points a test made; db= (MKV_DB) puts the index elsewhere than
+        workdir/index.sqlite3."""
         self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)   # the master's log, when no volume folder is in it
         self.settings = settings
         self.workers = workers
-        self.volume_dirs = [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)]
+        self.volume_dirs = list(volume_dirs or [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)])
         self.volumes, self.master = [], None
         try:
             # a volume refuses writes without the master's MKV_SECRET
@@ -167,7 +171,7 @@ class Cluster:
                                    workers=self.workers, **self.settings)
 
     def db(self):
-        return os.path.join(self.workdir, "index.sqlite3")
+        return str(self.settings.get("db") or os.path.join(self.workdir, "index.sqlite3"))
 
     def folder_of(self, volume):
         """The folder of a volume named 'host:port[/svXX]'."""

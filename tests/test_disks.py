@@ -1,0 +1,351 @@
+"""Full and read-only disks, made for real: a small tmpfs (or an ext4 loop
+mount) under a volume's folder or under the index (MKV_DB), filled up or
+turned read-only while the servers run.
+
+Every test needs root and a machine that lets it mount (not so in many
+containers): otherwise it is skipped, with the reason. Every mount is undone
+in teardown, pass or fail (umount, then umount -l as a last resort), after
+the servers on it have stopped."""
+import base64
+import contextlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+import mkvlib
+from conftest import Cluster, Http, wait_until
+
+VALUE_DISK = "8m"      # the size of a volume's or an index's small disk
+
+
+# ---------------------------------------------------------------- mounts
+
+def _run(argv, timeout=30):
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def first_line(text):
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+_why_not = []
+
+
+def mount_problem():
+    """None if this machine lets us mount a tmpfs, else why not (asked once)."""
+    if not _why_not:
+        if os.geteuid() != 0:
+            _why_not.append("not root: mounting a small disk needs root")
+        elif shutil.which("mount") is None or shutil.which("umount") is None:
+            _why_not.append("no mount/umount command")
+        else:
+            folder = tempfile.mkdtemp(prefix="mkv-mount-check-")
+            try:
+                p = _run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", folder])
+                if p.returncode != 0:
+                    _why_not.append(f"cannot mount a tmpfs here (a container without the "
+                                    f"permission?): {first_line(p.stderr)}")
+                else:
+                    _run(["umount", folder])
+                    _why_not.append(None)
+            finally:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+    return _why_not[0]
+
+
+class Mounts:
+    """The mounts of one test; undone() unmounts every one, whatever happened."""
+
+    def __init__(self):
+        self.points = []   # mount points, in the order mounted
+        self.images = []   # loop images, detached in undone() if still attached
+
+    def tmpfs(self, folder, size=VALUE_DISK, options=""):
+        os.makedirs(folder, exist_ok=True)
+        p = _run(["mount", "-t", "tmpfs", "-o", f"size={size}{',' + options if options else ''}", "tmpfs", folder])
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {first_line(p.stderr)}")
+        self.points.append(folder)
+        return folder
+
+    def ext4(self, folder, image, size="32M"):
+        """An ext4 file system in `image` on a loop device, mounted with
+        errors=remount-ro (as most distributions mount their disks).
+        Returns the loop device's name (loop0)."""
+        for tool in ("losetup", "mkfs.ext4", "e2fsck", "truncate"):
+            if shutil.which(tool) is None:
+                pytest.skip(f"no {tool}: cannot make an ext4 loop mount")
+        os.makedirs(folder, exist_ok=True)
+        _run(["truncate", "-s", size, image])
+        p = _run(["mkfs.ext4", "-q", "-F", image], timeout=60)
+        if p.returncode != 0:
+            pytest.skip(f"mkfs.ext4 failed: {first_line(p.stderr)}")
+        self.images.append(image)
+        self.mount_ext4(folder, image)
+        return os.path.basename(_run(["findmnt", "-no", "SOURCE", folder]).stdout.strip())
+
+    def mount_ext4(self, folder, image):
+        p = _run(["mount", "-o", "loop,errors=remount-ro", image, folder])
+        if p.returncode != 0:
+            pytest.skip(f"cannot loop-mount an ext4 image here: {first_line(p.stderr)}")
+        self.points.append(folder)
+
+    def remount(self, folder, mode):
+        """mount -o remount,MODE: the CompletedProcess (the kernel may refuse)."""
+        return _run(["mount", "-o", f"remount,{mode}", folder])
+
+    def umount(self, folder):
+        """Unmount now, waiting a little for processes that are exiting;
+        then lazily, as a last resort. Returns how it went."""
+        deadline = time.monotonic() + 10
+        while True:
+            p = _run(["umount", folder])
+            if p.returncode == 0 or "not mounted" in p.stderr:
+                how = "unmounted"
+                break
+            if time.monotonic() > deadline:
+                _run(["umount", "-l", folder])
+                how = f"lazily unmounted ({first_line(p.stderr)})"
+                break
+            time.sleep(0.2)
+        if folder in self.points:
+            self.points.remove(folder)
+        return how
+
+    def undone(self):
+        problems = []
+        for folder in reversed(list(self.points)):
+            how = self.umount(folder)
+            if how != "unmounted":
+                problems.append(f"{folder}: {how}")
+        for image in self.images:
+            for line in _run(["losetup", "-j", image]).stdout.splitlines():
+                _run(["losetup", "-d", line.split(":", 1)[0]])
+        return problems
+
+
+@pytest.fixture
+def mounts():
+    problem = mount_problem()
+    if problem:
+        pytest.skip(problem)
+    m = Mounts()
+    try:
+        yield m
+    finally:
+        problems = m.undone()
+    assert not problems, f"mounts that needed umount -l: {problems}"
+
+
+@pytest.fixture
+def disk_cluster(mounts, tmp_path):
+    """Clusters of this test, stopped before its mounts are undone (the
+    mounts fixture is torn down after this one)."""
+    clusters = []
+
+    def make(**kw):
+        c = Cluster(str(tmp_path / f"c{len(clusters)}"), **kw)
+        clusters.append(c)
+        return c
+    try:
+        yield make
+    finally:
+        for c in clusters:
+            c.stop()
+
+
+# ---------------------------------------------------------------- helpers
+
+def free_bytes(folder):
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def fill(path, leave=0):
+    """Write the file `path` until its file system has at most `leave`
+    bytes free (0: until it says ENOSPC to the last byte)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        folder = os.path.dirname(path)
+        while free_bytes(folder) > leave + (1 << 20):
+            os.write(fd, b"\0" * (1 << 20))
+        if leave:
+            rest = free_bytes(folder) - leave
+            if rest > 0:
+                os.write(fd, b"\0" * rest)
+            return
+        for size in (1 << 20, 1 << 16, 4096, 512, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+
+
+def fill_inodes(folder):
+    """Make empty files in `folder` until its file system has no inode left."""
+    os.makedirs(folder, exist_ok=True)
+    n = 0
+    while True:
+        try:
+            open(os.path.join(folder, str(n)), "w").close()
+        except OSError:
+            return n
+        n += 1
+
+
+def one_line(r):
+    """An error answer: its status and one line of text, no traceback."""
+    assert r.text.endswith("\n") and r.text.count("\n") == 1 and r.text.strip(), repr(r.text)
+    assert "Traceback" not in r.text and len(r.text) < 500, r.text
+    return r.text.strip()
+
+
+def data_files(folders, key: bytes):
+    """Every file named as the key's data file on these volumes (any svXX, not
+    under .tmp or .mkv): no failed write may leave one."""
+    name = base64.b64encode(key).decode()
+    found = []
+    for folder in folders:
+        for top, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            found += [os.path.join(top, f) for f in files if f == name]
+    return found
+
+
+def uploads(folders):
+    """What lies under each volume's .tmp (a write's uploads)."""
+    return {f: sorted(os.listdir(os.path.join(f, ".tmp"))) for f in folders
+            if os.path.isdir(os.path.join(f, ".tmp")) and os.listdir(os.path.join(f, ".tmp"))}
+
+
+def read_back(c, http, values):
+    """Each key reads back byte-exact through the master, from every replica."""
+    for k, v in values.items():
+        r = http.get(c.url(k))
+        assert r.status_code == 302, (k, r.status_code, r.text)
+        for volume in r.headers["Key-Volumes"].split(","):
+            got = http.get(f"http://{volume}{mkvlib.key2path(k.encode())}")
+            assert got.status_code == 200 and got.content == v, (k, volume, got.status_code)
+        assert http.get(c.url(k), follow=True).content == v, k
+
+
+def integrity(db):
+    """PRAGMA integrity_check by the sqlite3 command-line tool (Python's module
+    if it is not installed)."""
+    if shutil.which("sqlite3"):
+        p = _run(["sqlite3", db, "PRAGMA integrity_check;"])
+        return (p.stdout + p.stderr).strip()
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        return "\n".join(r[0] for r in con.execute("PRAGMA integrity_check"))
+
+
+def nobody_holds_the_index(db):
+    """No connection has a transaction left open: a writer gets the write lock
+    at once, and a TRUNCATE checkpoint finds no reader of an old snapshot."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None, timeout=2)) as con:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+        busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0, "a reader holds an old snapshot of the index"
+
+
+def truncate_wal(db):
+    """Checkpoint the WAL into the database and cut it to 0 bytes, so that the
+    index's next write must grow a file (a WAL that is only reused needs no
+    new space: writes then go on, even on a full disk)."""
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None, timeout=5)) as con:
+        busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    assert busy == 0 and os.path.getsize(db + "-wal") == 0
+
+
+@contextlib.contextmanager
+def closing_index(db):
+    """An Index of the test's own, closed after: a connection left open
+    would keep its disk from being unmounted."""
+    index = mkvlib.Index(db)
+    try:
+        yield index
+    finally:
+        index.close()
+
+
+def timed(fn, *args, **kw):
+    start = time.monotonic()
+    r = fn(*args, **kw)
+    return r, time.monotonic() - start
+
+
+# ---------------------------------------------------------------- 4. a volume's disk is full
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_put_to_a_volume_whose_disk_is_full_is_an_error_and_leaves_nothing(mounts, disk_cluster, tmp_path):
+    full = mounts.tmpfs(str(tmp_path / "full-volume"))
+    c = disk_cluster(volume_dirs=[full, str(tmp_path / "v1"), str(tmp_path / "v2")], replicas=3)
+    http = Http()
+    before = {f"/before{i}": os.urandom(100_000) for i in range(5)}
+    before["/before-big"] = os.urandom(1 << 20)
+    for k, v in before.items():
+        assert http.put(c.url(k), data=v).status_code == 201
+    fill(os.path.join(full, ".mkv", "filler"))        # root's file, in the folder nginx never serves
+    assert free_bytes(full) == 0
+    full_name = c.volume_names()[0]
+    bodies = {"/small": b"v" * 1000, "/medium": os.urandom(200_000), "/large": os.urandom(3_000_000),
+              "/chunked": [os.urandom(100_000)] * 3}
+    for k, body in bodies.items():
+        r, took = timed(http.put, c.url(k), data=iter(body) if isinstance(body, list) else body)
+        assert 500 <= r.status_code < 600, (k, r.status_code, r.text)
+        line = one_line(r)
+        assert full_name in line, line          # names the volume that failed
+        print(f"PUT {k} to a full volume: {r.status_code} {line!r} in {took:.2f} s")
+        assert took < 10                          # no transfer timeout waited out
+        assert http.get(c.url(k)).status_code == 404
+        with closing_index(c.db()) as index:
+            assert index.get(k.encode()) is None and index.notes(k.encode()) == {}
+        assert data_files(c.volume_dirs, k.encode()) == []
+        assert uploads(c.volume_dirs) == {}      # the uploads that did complete elsewhere: removed
+    read_back(c, http, before)                   # the keys stored before: untouched
+    os.remove(os.path.join(full, ".mkv", "filler"))
+    for k, body in bodies.items():               # space again: the same keys go in, at once
+        value = b"".join(body) if isinstance(body, list) else body
+        r = http.put(c.url(k), data=value)
+        assert r.status_code == 201, (k, r.status_code, r.text)
+        before[k] = value
+    read_back(c, http, before)
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_value_larger_than_the_space_left_fails_midway_and_gives_the_space_back(mounts, disk_cluster, tmp_path):
+    full = mounts.tmpfs(str(tmp_path / "nearly-full-volume"))
+    c = disk_cluster(volume_dirs=[full, str(tmp_path / "v1")], replicas=2, subvolumes=1)
+    http = Http()
+    before = {f"/before{i}": os.urandom(300_000) for i in range(3)}
+    for k, v in before.items():
+        assert http.put(c.url(k), data=v).status_code == 201
+    fill(os.path.join(full, ".mkv", "filler"), leave=1 << 20)
+    left = free_bytes(full)
+    assert (1 << 20) - 8192 <= left <= 1 << 20
+    r = http.put(c.url("/too-big"), data=os.urandom(3 << 20))
+    assert 500 <= r.status_code < 600, (r.status_code, r.text)
+    print(f"PUT of 3 MB with {left} bytes left: {r.status_code} {one_line(r)!r}")
+    assert data_files(c.volume_dirs, b"/too-big") == [] and uploads(c.volume_dirs) == {}
+    with closing_index(c.db()) as index:
+        assert index.get(b"/too-big") is None
+    # nginx kept nothing of the part it had written: the space is there again
+    wait_until(lambda: free_bytes(full) == left, 5, "the volume's space to come back")
+    r = http.put(c.url("/fits"), data=os.urandom(200_000))
+    assert r.status_code == 201, r.text
+    read_back(c, http, before)
+    os.remove(os.path.join(full, ".mkv", "filler"))
+    value = os.urandom(3 << 20)
+    assert http.put(c.url("/too-big"), data=value).status_code == 201
+    read_back(c, http, {**before, "/too-big": value})
