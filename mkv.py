@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import sqlite3
 import sys
 from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
@@ -241,6 +242,17 @@ def handle_storage_error(req, resp, exc, params):
     raise falcon.HTTPError(status, title=str(exc), headers=headers)
 
 
+def handle_index_error(req, resp, exc, params):
+    """SQLite failed under a request: the index's disk is full (507) or
+    read-only or failing (503). The client gets SQLite's reason in one line;
+    the log gets the traceback."""
+    log.exception("index error on %s %r", req.method, req.env.get("PATH_INFO"))
+    full = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    raise falcon.HTTPError(falcon.HTTP_507 if full else falcon.HTTP_503,
+                           title=f"index error (MKV_DB): {reason[:200]}; see the master's log")
+
+
 def handle_unexpected(req, resp, exc, params):
     if isinstance(exc, falcon.HTTPError):
         raise exc
@@ -258,6 +270,7 @@ def create_app(settings: mkvlib.Settings) -> falcon.App:
     app.add_sink(Master(settings), prefix="/")
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(sqlite3.Error, handle_index_error)
     app.add_error_handler(mkvlib.MkvError, handle_storage_error)
     return app
 

@@ -7,18 +7,21 @@ containers): otherwise it is skipped, with the reason. Every mount is undone
 in teardown, pass or fail (umount, then umount -l as a last resort), after
 the servers on it have stopped."""
 import base64
+import concurrent.futures
 import contextlib
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 
 import pytest
 
 import mkvlib
-from conftest import Cluster, Http, wait_until
+from conftest import TIMEOUT, Cluster, Http, wait_until
 
 VALUE_DISK = "8m"      # the size of a volume's or an index's small disk
 
@@ -349,3 +352,250 @@ def test_a_value_larger_than_the_space_left_fails_midway_and_gives_the_space_bac
     value = os.urandom(3 << 20)
     assert http.put(c.url("/too-big"), data=value).status_code == 201
     read_back(c, http, {**before, "/too-big": value})
+
+
+# ---------------------------------------------------------------- 5. the index's disk is full or read-only
+
+def index_cluster(mounts, disk_cluster, tmp_path, **kw):
+    folder = mounts.tmpfs(str(tmp_path / "index-disk"))
+    return disk_cluster(n_volumes=2, replicas=2, subvolumes=1, db=os.path.join(folder, "index.sqlite3"), **kw)
+
+
+def store_some(c, http, n=20, prefix="/before"):
+    values = {f"{prefix}{i}": os.urandom(1000 + i) for i in range(n)}
+    for k, v in values.items():
+        assert http.put(c.url(k), data=v).status_code == 201
+    return values
+
+
+def writes_fail_clearly(c, http, live_key, words):
+    """PUT, DELETE and UNLINK: each a 5xx and one line saying why (one of
+    `words`), at once. Returns {method: (status, line)}."""
+    seen = {}
+    for method, key, body in (("PUT", "/new", b"new value"), ("DELETE", live_key, None),
+                              ("UNLINK", live_key, None)):
+        r, took = timed(http.request, method, c.url(key), data=body)
+        assert 500 <= r.status_code < 600, (method, r.status_code, r.text)
+        line = one_line(r)
+        assert any(w in line for w in words), (method, line)
+        assert took < 10, (method, took)
+        seen[method] = (r.status_code, line)
+    return seen
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_full_index_disk_is_a_clear_error_and_writes_come_back_with_the_space(mounts, disk_cluster, tmp_path):
+    c = index_cluster(mounts, disk_cluster, tmp_path)
+    db, http = c.db(), Http()
+    values = store_some(c, http)
+    pids = c.master.pids()
+    truncate_wal(db)
+    fill(os.path.join(os.path.dirname(db), "filler"))
+    seen = writes_fail_clearly(c, http, "/before0", ["full"])
+    print("index disk full:", seen)
+    # many at once: every one answered, none hangs
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: Http().put(c.url(f"/many{i}"), data=b"v").status_code, range(32)))
+    assert all(500 <= s < 600 for s in answers), answers
+    # reads go on: redirects and listings need no space
+    read_back(c, http, values)
+    r = http.get(c.url("/before?list"))
+    assert r.status_code == 200 and len(r.json()["keys"]) == len(values)
+    assert c.master.pids() == pids, "a worker died on a full index"
+    os.remove(os.path.join(os.path.dirname(db), "filler"))
+    # no restart: the very same workers write again, and no key was left locked
+    r = http.put(c.url("/new"), data=b"new value")
+    assert r.status_code == 201, r.text
+    for i in range(32):
+        assert http.put(c.url(f"/many{i}"), data=b"v").status_code == 201
+    assert http.request("UNLINK", c.url("/before1")).status_code == 204
+    assert http.delete(c.url("/before0")).status_code == 204
+    del values["/before0"], values["/before1"]
+    assert c.master.pids() == pids
+    nobody_holds_the_index(db)
+    assert integrity(db) == "ok"
+    read_back(c, http, {**values, "/new": b"new value"})
+
+
+@pytest.mark.timeout(150, method="signal")
+def test_an_index_disk_that_fills_during_a_put_leaves_no_value_and_no_lock_for_good(mounts, disk_cluster, tmp_path):
+    """The key is claimed (a write to the index), then the disk fills while
+    the body comes: the PUT fails, the key is invisible, and once there is
+    space it is writable again within a lock's lease (the claim's lock
+    expires by itself: the index could not be told to drop it)."""
+    c = index_cluster(mounts, disk_cluster, tmp_path)
+    db, http = c.db(), Http()
+    values = store_some(c, http, n=5)
+    pids = c.master.pids()
+    go = threading.Event()
+
+    def body():
+        yield b"x" * 1000
+        go.wait(TIMEOUT)
+        yield b"y" * 1000
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=Http().put(c.url("/mid"), data=body(), timeout=60)))
+    t.start()
+    with closing_index(db) as index:
+        wait_until(lambda: index.get(b"/mid") is not None, 10, "the PUT to claim its key")
+    truncate_wal(db)
+    fill(os.path.join(os.path.dirname(db), "filler"))
+    go.set()
+    t.join(60)
+    r = out["r"]
+    assert 500 <= r.status_code < 600, (r.status_code, r.text)
+    print(f"index disk filled during a PUT: {r.status_code} {one_line(r)!r}")
+    assert "full" in r.text
+    assert http.get(c.url("/mid")).status_code == 404
+    assert data_files(c.volume_dirs, b"/mid") == []
+    os.remove(os.path.join(os.path.dirname(db), "filler"))
+    freed = time.monotonic()
+    seen = set()
+
+    def writable():
+        r = http.put(c.url("/mid"), data=b"the value")
+        seen.add((r.status_code, r.text.strip()))
+        assert r.status_code in (201, 409), (r.status_code, r.text)
+        return r.status_code == 201
+    wait_until(writable, mkvlib.LOCK_LEASE + 10, "the key to be writable again")
+    print(f"writable again {time.monotonic() - freed:.1f} s after the space came back; answers meanwhile: {seen}")
+    assert c.master.pids() == pids, "a worker died on a full index"
+    assert http.get(c.url("/mid"), follow=True).content == b"the value"
+    nobody_holds_the_index(db)
+    assert integrity(db) == "ok"
+    read_back(c, http, values)
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_master_started_on_a_full_index_disk_serves_reads_and_writes_once_there_is_space(
+        mounts, disk_cluster, tmp_path):
+    c = index_cluster(mounts, disk_cluster, tmp_path)
+    db, http = c.db(), Http()
+    values = store_some(c, http)
+    truncate_wal(db)
+    fill(os.path.join(os.path.dirname(db), "filler"))
+    c.restart_master()
+    read_back(c, http, values)
+    r = http.put(c.url("/new"), data=b"v")
+    assert 500 <= r.status_code < 600 and "full" in one_line(r), (r.status_code, r.text)
+    pids = c.master.pids()
+    os.remove(os.path.join(os.path.dirname(db), "filler"))
+    r = http.put(c.url("/new"), data=b"v")
+    assert r.status_code == 201, r.text
+    assert c.master.pids() == pids
+    assert integrity(db) == "ok"
+    read_back(c, http, {**values, "/new": b"v"})
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_a_read_only_index_disk_is_a_clear_error_and_serves_reads(mounts, disk_cluster, tmp_path):
+    """`mount -o remount,ro` under a running master: the kernel refuses while
+    the master has the index open for writing. So the master is started on
+    the read-only disk: reads are served, writes are a clear 5xx; once the
+    disk is read-write again, a worker that opened the index read-only stays
+    so until it is replaced: `kill -HUP` (gunicorn's graceful reload) does it."""
+    c = index_cluster(mounts, disk_cluster, tmp_path)
+    folder = os.path.dirname(c.db())
+    db, http = c.db(), Http()
+    # no keep-alive: gunicorn's graceful reload (below) waits up to 30 s for an idle connection
+    http.headers["Connection"] = "close"
+    values = store_some(c, http)
+    p = mounts.remount(folder, "ro")
+    print(f"remount,ro under the running master: exit {p.returncode} {first_line(p.stderr)!r}")
+    if p.returncode == 0:       # a kernel that allows it: the same checks, then back to rw
+        writes_fail_clearly(c, http, "/before0", ["read", "I/O"])
+        read_back(c, http, values)
+        assert mounts.remount(folder, "rw").returncode == 0
+    c.master.stop()
+    assert mounts.remount(folder, "ro").returncode == 0
+    c.master.start()
+    read_back(c, http, values)
+    pids = c.master.pids()
+    seen = writes_fail_clearly(c, http, "/before0", ["read"])
+    print("index disk read-only:", seen)
+    read_back(c, http, values)
+    assert c.master.pids() == pids, "a worker died on a read-only index"
+    assert mounts.remount(folder, "rw").returncode == 0
+    statuses = [http.put(c.url(f"/rw{i}"), data=b"v").status_code for i in range(6)]
+    print(f"read-write again, before any restart: PUTs answered {statuses}")
+    old = c.master.pids()
+    os.kill(c.master.proc.pid, signal.SIGHUP)
+    wait_until(lambda: not set(old[1:]) & set(c.master.pids()[1:]) and len(c.master.pids()) == len(old),
+               20, "gunicorn to replace its workers")
+    for i in range(6):
+        r = http.put(c.url(f"/rw{i}"), data=b"v")
+        assert r.status_code in (201, 403), r.text          # 403: written before the reload
+    r = http.put(c.url("/new"), data=b"new value")
+    assert r.status_code == 201, r.text
+    assert http.delete(c.url("/before0")).status_code == 204
+    del values["/before0"]
+    nobody_holds_the_index(db)
+    assert integrity(db) == "ok"
+    read_back(c, http, {**values, "/new": b"new value"})
+
+
+def ext4_index_cluster(mounts, disk_cluster, tmp_path):
+    folder = str(tmp_path / "index-disk")
+    device = mounts.ext4(folder, str(tmp_path / "index-disk.img"))
+    trigger = f"/sys/fs/ext4/{device}/trigger_fs_error"
+    if not os.path.exists(trigger):
+        pytest.skip(f"no {trigger}: cannot make the disk fail")
+    c = disk_cluster(n_volumes=2, replicas=2, subvolumes=1, db=os.path.join(folder, "index.sqlite3"))
+    return c, folder, trigger
+
+
+def fail_disk_and_recover(mounts, c, folder, trigger, tmp_path):
+    """Make ext4 take the index's disk read-only under the running master
+    (errors=remount-ro, as after an I/O error), check the master's answers,
+    then stop it, fsck the disk, mount it again and start the master: the
+    only way back, since the kernel will not remount it read-write."""
+    http = Http()
+    pids = c.master.pids()
+    with open(trigger, "w") as f:
+        f.write("mkv test: the index's disk fails\n")
+    options = _run(["findmnt", "-no", "OPTIONS", folder]).stdout.strip().split(",")
+    assert "ro" in options or "emergency_ro" in options, options
+    seen = writes_fail_clearly(c, http, "/before0", ["I/O", "read"])
+    print("index disk failed (ext4 errors=remount-ro):", seen)
+    assert c.master.pids() == pids
+    p = mounts.remount(folder, "rw")
+    print(f"remount,rw of the failed disk: exit {p.returncode} {first_line(p.stderr)!r}")
+    c.master.stop()
+    assert mounts.umount(folder) == "unmounted"
+    p = _run(["e2fsck", "-fy", str(tmp_path / "index-disk.img")], timeout=60)
+    assert p.returncode in (0, 1), p.stdout + p.stderr
+    mounts.mount_ext4(folder, str(tmp_path / "index-disk.img"))
+    assert integrity(c.db()) == "ok"
+    c.master.start()
+
+
+@pytest.mark.timeout(120, method="signal")
+def test_an_index_disk_that_fails_read_only_under_the_master_keeps_every_synced_key(
+        mounts, disk_cluster, tmp_path):
+    c, folder, trigger = ext4_index_cluster(mounts, disk_cluster, tmp_path)
+    http = Http()
+    values = store_some(c, http)
+    os.sync()               # on the disk: what the kernel had in memory only is another test's
+    fail_disk_and_recover(mounts, c, folder, trigger, tmp_path)
+    read_back(c, http, values)
+    assert http.put(c.url("/new"), data=b"new value").status_code == 201
+    assert http.delete(c.url("/before0")).status_code == 204
+    assert integrity(c.db()) == "ok"
+
+
+@pytest.mark.xfail(reason="MKV_DB runs with synchronous=NORMAL: a commit is not fsynced, so the last "
+                          "keys acknowledged before the index's disk fails (ext4 aborts its journal and "
+                          "drops unwritten pages, as power loss would) are lost; synchronous=FULL keeps them",
+                   strict=False)
+@pytest.mark.timeout(120, method="signal")
+def test_keys_acknowledged_just_before_the_index_disk_fails_are_kept(mounts, disk_cluster, tmp_path):
+    c, folder, trigger = ext4_index_cluster(mounts, disk_cluster, tmp_path)
+    http = Http()
+    synced = store_some(c, http, n=5, prefix="/synced")
+    os.sync()
+    values = store_some(c, http, n=5)         # acknowledged (201), not synced yet
+    fail_disk_and_recover(mounts, c, folder, trigger, tmp_path)
+    read_back(c, http, synced)
+    lost = [k for k in values if http.get(c.url(k)).status_code == 404]
+    print(f"acknowledged keys lost with the index's disk: {len(lost)} of {len(values)}")
+    assert not lost
