@@ -1132,7 +1132,11 @@ class Volumes:
         try:
             md5, size = self._upload(volumes, names, chunks, length)
             if fence is not None:
-                fence(md5, size)
+                try:
+                    fence(md5, size)
+                except Exception:
+                    self._drop_uploads(names)   # complete, never to be moved: they only take space
+                    raise
         except BaseException as e:
             e.outcomes = {}
             raise
@@ -1148,6 +1152,8 @@ class Volumes:
                 errors[volume] = e
         _run_all(one, volumes)
         if errors:
+            # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
+            self._drop_uploads({v: names[v] for v in errors if v not in outcomes})
             error = next(errors[v] for v in volumes if v in errors)
             error.outcomes = outcomes
             raise error

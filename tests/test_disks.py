@@ -354,6 +354,37 @@ def test_a_value_larger_than_the_space_left_fails_midway_and_gives_the_space_bac
     read_back(c, http, {**before, "/too-big": value})
 
 
+@pytest.mark.timeout(120, method="signal")
+def test_a_volume_out_of_inodes_refuses_the_move_and_the_write_leaves_nothing(mounts, disk_cluster, tmp_path):
+    """Room for the upload, none for the folders of its data path: the upload
+    lands under .tmp, the MOVE onto /xx/yy/NAME fails (mkdir: ENOSPC)."""
+    full = mounts.tmpfs(str(tmp_path / "no-inodes-volume"), options="nr_inodes=200")
+    c = disk_cluster(volume_dirs=[full, str(tmp_path / "v1")], replicas=2, subvolumes=1)
+    http = Http()
+    before = {"/before": os.urandom(100_000)}
+    assert http.put(c.url("/before"), data=before["/before"]).status_code == 201
+    filler = os.path.join(full, ".mkv", "inodes")
+    fill_inodes(filler)
+    os.remove(os.path.join(filler, "0"))          # one inode left: the upload's
+    key = "/needs-new-folders"
+    assert not os.path.exists(os.path.join(full, mkvlib.key2path(key.encode()).split("/")[1]))
+    r = http.put(c.url(key), data=os.urandom(1000))
+    assert r.status_code == 502, (r.status_code, r.text)
+    line = one_line(r)
+    assert c.volume_names()[0] in line and "MOVE" in line, line
+    print(f"PUT to a volume out of inodes: {r.status_code} {line!r}")
+    assert http.get(c.url(key)).status_code == 404
+    with closing_index(c.db()) as index:
+        assert index.get(key.encode()) is None
+    assert data_files(c.volume_dirs, key.encode()) == []   # the other volume's copy was removed
+    assert uploads(c.volume_dirs) == {}, "the refused upload stays on the full volume, taking its space"
+    read_back(c, http, before)
+    shutil.rmtree(filler)
+    value = os.urandom(1000)
+    assert http.put(c.url(key), data=value).status_code == 201
+    read_back(c, http, {**before, key: value})
+
+
 # ---------------------------------------------------------------- 5. the index's disk is full or read-only
 
 def index_cluster(mounts, disk_cluster, tmp_path, **kw):
@@ -448,6 +479,7 @@ def test_an_index_disk_that_fills_during_a_put_leaves_no_value_and_no_lock_for_g
     assert "full" in r.text
     assert http.get(c.url("/mid")).status_code == 404
     assert data_files(c.volume_dirs, b"/mid") == []
+    assert uploads(c.volume_dirs) == {}, "complete uploads that will never be moved"
     os.remove(os.path.join(os.path.dirname(db), "filler"))
     freed = time.monotonic()
     seen = set()
