@@ -68,9 +68,10 @@ class FakeVolume:
     """A server that answers each GET of a folder /N/ with the listing
     [{"name": "fN", "type": "file", "size": N}] in the way `style` says."""
 
-    def __init__(self, style, close_after=None, silent_after=None, freeze_after=None):
+    def __init__(self, style, close_after=None, silent_after=None, freeze_after=None, delay=0):
         self.style, self.close_after, self.silent_after = style, close_after, silent_after
-        self.freeze_after = freeze_after
+        self.freeze_after, self.delay = freeze_after, delay
+        self.backlog = 0   # most bytes of requests received and not answered yet
         self.thaw = threading.Event()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -92,12 +93,15 @@ class FakeVolume:
         with conn:
             while True:
                 while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
+                    time.sleep(self.delay)   # a slow server: requests pile up meanwhile
+                    data = conn.recv(1 << 20)
                     if not data:
                         return
                     buf += data
+                    self.backlog = max(self.backlog, len(buf))
                 head, buf = buf.split(b"\r\n\r\n", 1)
-                n = int(head.split()[1].strip(b"/"))
+                n = int(head.split()[1].split(b"/")[1])
+                time.sleep(self.delay)
                 if self.silent_after is not None and answered == self.silent_after:
                     return   # as nginx closing an idle socket just as a request arrives
                 if self.freeze_after is not None and answered == self.freeze_after:
@@ -147,6 +151,21 @@ def test_listdirs_survives_every_way_a_server_may_answer_or_close(style, close_a
         else:
             assert server.connections == 1
             assert v.listdirs([(host, "/3/")]) == [got[3]] and server.connections == 1   # kept alive
+    finally:
+        server.stop()
+
+
+def test_listdirs_keeps_its_unanswered_requests_under_max_bytes():
+    """Long paths (base64 names cut into folders): a slow server never holds
+    more than MAX_BYTES of requests it has not answered, so a send cannot wait
+    on a server that waits for its answers to be read."""
+    server = FakeVolume("length", delay=0.001)
+    try:
+        host = f"127.0.0.1:{server.port}"
+        long = "Zm9v" * 300
+        got = mkvlib.Volumes(timeout=5).listdirs([(host, f"/{n}/{long}/") for n in range(120)])
+        assert got == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(120)]
+        assert 0 < server.backlog <= mkvlib._ListingPipe.MAX_BYTES
     finally:
         server.stop()
 
