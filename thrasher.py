@@ -238,7 +238,7 @@ def one_key_direct(http, volumes, replicas, subvolumes, key, size):
                 return f"{method} {key} -> {host}{p}: {job.value[0]}"
         return None
 
-    failure = on_each("PUT", value, (201, 204))
+    failure = on_each("PUT", value, (201,))   # a new file: 201 (204 would be an overwrite)
     if failure:
         return failure
     host, p = places[0]
