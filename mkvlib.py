@@ -520,12 +520,6 @@ class Index:
         threads, a read in the middle of another thread's transaction would
         see its uncommitted rows. A read that finds SQLite busy (another
         process recovering the WAL after a crash, say) is tried again."""
-        with self._mutex:
-            try:
-                return self.db.execute(sql, params).fetchall()
-            except sqlite3.OperationalError as e:
-                if not _busy(e):
-                    raise
         for _ in self._patience():
             with self._mutex:
                 try:
@@ -982,13 +976,14 @@ class Volumes:
         if self._down_until.pop(host, None) is not None:
             log.warning("volume %s is back up", host)
 
-    def _request(self, method, volume, path, timeout=None, **kw):
+    def _request(self, method, volume, path, timeout=None, mark=True, **kw):
         host = volume_host(volume)
         try:
             r = self.http.request(method, "http://" + volume + quote(path, safe="/=+"),
                                   timeout=timeout or self.timeout, retries=False, redirect=False, **kw)
         except (urllib3.exceptions.HTTPError, OSError) as e:
-            self.mark_down(host, _reason(e))
+            if mark:
+                self.mark_down(host, _reason(e))
             raise VolumeDown(f"volume {host} is unreachable: {_reason(e)}") from None
         self.mark_up(host)
         return r
@@ -1052,11 +1047,11 @@ class Volumes:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def identity(self, volume):
+    def identity(self, volume, mark=True):
         """The identity of the disk behind a volume (its /.id); '' for a volume
         that has none (served by an earlier launcher, or the original's nginx).
-        VolumeDown if it does not answer."""
-        r = self._request("GET", volume_host(volume), ID_PATH)
+        VolumeDown if it does not answer (marked down unless `mark` is False)."""
+        r = self._request("GET", volume_host(volume), ID_PATH, mark=mark)
         if r.status == 200:
             return r.data.decode("ascii", "replace").strip()
         if r.status in (403, 404):
@@ -1308,7 +1303,7 @@ class Volumes:
 
     # -- many listings at once (rebuild.py)
 
-    def listdirs(self, folders, window=64):
+    def listdirs(self, folders, window=128):
         """listdir() of many folders at once: [(volume, path)] -> a list in the
         same order, each item the folder's entries ([] if it is missing) or the
         VolumeError that folder got.
@@ -1317,7 +1312,9 @@ class Volumes:
         file: through urllib3 a listing cost about 500 us of CPU here. So the
         requests to each server go pipelined on one keep-alive socket (nginx
         answers pipelined requests in order), at most `window` of them
-        unanswered at a time, and all servers' at once. A socket that nginx
+        unanswered at a time, and all servers' at once. Unanswered requests
+        stay under _ListingPipe.MAX_BYTES, so that a send never waits on a
+        server that waits for its answers to be read. A socket that nginx
         closed (an idle one it timed out, or its keepalive_requests reached)
         is replaced and the requests it had not answered are sent again: a GET
         changes nothing."""
@@ -1325,10 +1322,14 @@ class Volumes:
         by_host = {}
         for i, (volume, path) in enumerate(folders):
             host = volume_host(volume)
-            target = quote(volume[len(host):] + path.rstrip("/") + "/", safe="/=+")
+            target = volume[len(host):] + path.rstrip("/") + "/"
+            if target.strip(_ListingPipe.SAFE):   # quote() only what needs it: it costs a few us
+                target = quote(target, safe="/=+")
             by_host.setdefault(host, []).append(
                 (i, path, b"GET %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target.encode(), host.encode())))
-        pipes = [_ListingPipe(self, host, asked, results, window) for host, asked in by_host.items()]
+        idle = vars(self).setdefault("_list_socks", {})   # host -> [(socket, since)], listdirs' own
+        pipes = [_ListingPipe(self, idle.setdefault(host, []), host, asked, results, window)
+                 for host, asked in by_host.items()]
         for pipe in pipes:
             pipe.send()
         for pipe in pipes:
@@ -1338,10 +1339,17 @@ class Volumes:
 
 class _ListingPipe:
     """Volumes.listdirs' requests to one server, pipelined on one keep-alive
-    socket (taken from, and given back to, the sockets has() keeps idle)."""
+    socket, taken from (and given back to) `idle`."""
 
-    def __init__(self, volumes, host, asked, results, window):
-        self.volumes, self.host, self.results, self.window = volumes, host, results, window
+    # what quote(path, safe="/=+") leaves as it is: hex, svXX and base64 folder names are
+    SAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/=+"
+    # bytes of requests sent and not answered: less than the socket buffers
+    # of both ends hold, so sendall() returns even while the server waits for
+    # us to read its answers
+    MAX_BYTES = 32768
+
+    def __init__(self, volumes, idle, host, asked, results, window):
+        self.volumes, self.idle, self.host, self.results, self.window = volumes, idle, host, results, window
         self.todo = asked[::-1]   # (result index, path, request) not sent yet, next one last
         self.sent = []            # sent on self.sock and not answered yet, oldest first
         self.sock = None
@@ -1350,13 +1358,13 @@ class _ListingPipe:
         self.up = False
 
     def send(self):
-        """Send requests until `window` are unanswered (a new socket if needed)."""
+        """Send requests until `window` (or MAX_BYTES) are unanswered (a new
+        socket if needed)."""
         if self.sock is None:
             sock = None
-            idle = self.volumes._head_socks.setdefault(self.host, [])
             while sock is None:
                 try:
-                    sock, since = idle.pop()
+                    sock, since = self.idle.pop()
                 except IndexError:
                     break
                 if time.monotonic() - since >= KEEPALIVE_IDLE:
@@ -1370,9 +1378,15 @@ class _ListingPipe:
                     return self.fail(e)
             sock.settimeout(TRANSFER_TIMEOUT)
             self.sock, self.buf, self.pos = sock, b"", 0
-        batch = []
-        while self.todo and len(self.sent) < self.window:
+        batch, room = [], self.MAX_BYTES - sum(len(request) for _, _, request in self.sent)
+        while self.todo and len(self.sent) + len(batch) < self.window:
+            size = len(self.todo[-1][2])
+            if size > room and (batch or self.sent):   # one request always goes
+                break
+            room -= size
             batch.append(self.todo.pop())
+        if not batch:
+            return
         self.sent += batch
         try:
             self.sock.sendall(b"".join(request for _, _, request in batch))
@@ -1397,25 +1411,23 @@ class _ListingPipe:
                 self.drop()
             elif self.todo and len(self.sent) <= self.window // 2:
                 self.send()
-        if self.up:
-            self.volumes.mark_up(self.host)
         if self.sock is not None:
-            idle = self.volumes._head_socks.setdefault(self.host, [])
-            if self.pos == len(self.buf) and len(idle) < self.volumes._maxsize:
-                self.sock.settimeout(self.volumes.timeout)
-                idle.append((self.sock, time.monotonic()))
+            if self.pos == len(self.buf) and len(self.idle) < self.volumes._maxsize:
+                self.idle.append((self.sock, time.monotonic()))
             else:
                 self.sock.close()
             self.sock = None
 
     def outcome(self, path, status, body):
-        self.up = True
+        if not self.up:   # it answers (a failure after this marks it down again)
+            self.up = True
+            self.volumes.mark_up(self.host)
         if status == 404:
             return []
         if status != 200:
             return VolumeError(f"volume {self.host} answered GET {path} with {status}")
         try:
-            return json.loads(body)
+            return json.loads(body.decode())   # a str skips json.loads' encoding guess
         except ValueError:
             return VolumeError(f"volume {self.host}: {path} is not a JSON listing")
 
@@ -1483,19 +1495,31 @@ class _ListingPipe:
     def answer(self):
         """(status, body, keep-alive?) of the next answer."""
         head = self.upto(b"\r\n\r\n")
-        first, _, rest = head.partition(b"\r\n")
+        first = head[:head.find(b"\r\n")] if b"\r\n" in head else head
         status_line = first.split(None, 2)
         if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
             raise ValueError(f"not an HTTP answer: {first[:80]!r}")
         status = int(status_line[1])
-        headers = {}
-        for line in rest.lower().split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            headers[name.strip()] = value.strip()
-        tokens = headers.get(b"connection", b"").replace(b" ", b"").split(b",")
-        # HTTP/1.1 keeps the connection unless told otherwise, HTTP/1.0 only if told
-        keep = b"close" not in tokens and (status_line[0] == b"HTTP/1.1" or b"keep-alive" in tokens)
-        if b"chunked" in headers.get(b"transfer-encoding", b""):
+        if 100 <= status < 200:   # an interim answer (no body); the real one follows
+            return self.answer()
+        low = head.lower()
+        connection = _header(low, b"\r\nconnection:")
+        if connection is None or connection == b"keep-alive":
+            keep = connection is not None or status_line[0] == b"HTTP/1.1"
+        else:   # HTTP/1.1 keeps the connection unless told otherwise, HTTP/1.0 only if told
+            tokens = connection.replace(b" ", b"").split(b",")
+            keep = b"close" not in tokens and (status_line[0] == b"HTTP/1.1" or b"keep-alive" in tokens)
+        if status in (204, 304):   # never a body
+            return status, b"", keep
+        if b"chunked" in (_header(low, b"\r\ntransfer-encoding:") or b""):
+            # nginx sends a small listing as one chunk and the last one: take both at once
+            buf, pos = self.buf, self.pos
+            eol = buf.find(b"\r\n", pos, pos + 20)
+            if eol > pos and buf[pos:eol].isalnum():
+                end = eol + 2 + int(buf[pos:eol], 16)
+                if buf.startswith(b"\r\n0\r\n\r\n", end):
+                    self.pos = end + 7
+                    return status, buf[eol + 2:end], keep
             parts = []
             while True:
                 size = int(self.upto(b"\r\n").split(b";", 1)[0], 16)
@@ -1504,14 +1528,24 @@ class _ListingPipe:
                         pass
                     return status, b"".join(parts), keep
                 parts.append(self.take(size + 2)[:-2])   # each chunk ends in CRLF
-        if b"content-length" in headers:
-            return status, self.take(int(headers[b"content-length"])), keep
+        length = _header(low, b"\r\ncontent-length:")
+        if length is not None:
+            return status, self.take(int(length)), keep
         while True:   # no length: the body ends when the server closes
             try:
                 self.more()
             except ConnectionResetError:
                 return status, self.take(len(self.buf) - self.pos), False
 
+
+def _header(head, needle):
+    """The value of a header in an answer's header block (lower case, without
+    its final blank line), found by `needle` (b"\\r\\nname:"); None if absent."""
+    at = head.find(needle)
+    if at < 0:
+        return None
+    end = head.find(b"\r\n", at + 2)
+    return head[at + len(needle):end if end >= 0 else len(head)].strip()
 
 
 LANDED, UNKNOWN = "landed", "unknown"   # what a failed put() may have left at a volume's path
@@ -1586,6 +1620,7 @@ class Prober:
         self.index, self.volumes, self.hosts, self.every = index, volumes, list(hosts), every
         self._answered = {}      # host -> time.monotonic() of its last good answer
         self.replaced = set()    # hosts that answer with an identity the index does not know
+        self._seen = set()       # hosts that answered once
         self._thread = None
 
     def start(self):
@@ -1608,10 +1643,14 @@ class Prober:
 
         def one(host):
             try:
-                found[host] = self.volumes.identity(host)
+                found[host] = self.volumes.identity(host, mark=False)
             except VolumeError:
-                pass             # Volumes marked it down
-        _run_all(one, list(hosts or self.hosts))
+                pass   # not vouched for: a look that a busy worker made late is no proof it is down
+        asked = list(hosts or self.hosts)
+        _run_all(one, asked)
+        for host in asked:
+            if host not in found and self._answered.pop(host, None) is not None:
+                log.warning("volume %s did not answer the prober: reads go to the other replicas", host)
         known = self.index.volume_ids()
         for host, ident in found.items():
             if host not in known:
@@ -1626,6 +1665,9 @@ class Prober:
             if host in self.replaced:
                 log.warning("volume %s is the disk the index knows again", host)
                 self.replaced.discard(host)
+            elif host not in self._answered and host in self._seen:
+                log.warning("volume %s answers the prober again", host)
+            self._seen.add(host)
             self._answered[host] = time.monotonic()
 
     def servable(self, host):
@@ -1670,7 +1712,7 @@ class Store:
             for volume in order:
                 if self.prober.servable(volume_host(volume)):
                     return "http://" + volume + key2path(key), rec
-            raise Unavailable("no volume holding this key is up")
+            # none vouched for (all down, or this worker too busy to look lately): ask them now
         path = key2path(key)
         missing = []
         for volume in order:
@@ -1710,7 +1752,7 @@ class Store:
                 if first is None:
                     raise EmptyValue("empty value: a PUT needs a body")
                 for v in volumes:
-                    if not self.volumes.ready(v):
+                    if not self.reachable(v):
                         raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
                 md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
                                              tmp=tmp, fence=lambda md5, size: self.fence(key, owner))
@@ -1722,6 +1764,17 @@ class Store:
             if not self.index.finish_put(key, owner, md5, size, resolved):
                 raise KeyBusy("lost the lock on the key while writing it; try again")
         return md5, size
+
+    def reachable(self, volume, always_ask=False):
+        """Whether to send a volume a value or a DELETE now: yes if the prober
+        heard from it a moment ago. Otherwise it is asked now (one HEAD,
+        MKV_VOLTIMEOUT: a hung volume costs that, not a transfer's timeout);
+        while it stays down, once per DOWN_RETRY only, unless `always_ask`
+        (a DELETE: rare, and right after the volume's return it must work)."""
+        host = volume_host(volume)
+        if self.prober.servable(host):
+            return True
+        return (always_ask or self.volumes.usable(host)) and self.volumes.probe(volume)
 
     def fence(self, key, owner):
         """Right before a write's bytes land on their paths: the lock must be
@@ -1758,7 +1811,7 @@ class Store:
         with Lease(self.index, key, owner):
             # a volume remembered down is asked again now: it may be back
             failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
-                      if self.volumes.known_down(volume_host(v)) and not self.volumes.probe(v)}
+                      if not self.reachable(v, always_ask=True)}
             failed.update(self.volumes.delete_all([v for v in rec.volumes if v not in failed], path))
         if failed:
             self.index.release(key, owner)
