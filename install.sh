@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what mkv needs, only what is missing, and can be run again at any time:
-#   - nginx (Debian/Ubuntu package nginx-light: WebDAV, JSON autoindex)
+#   - nginx (Debian/Ubuntu package nginx-light: WebDAV, JSON autoindex); wrk and curl for bench.py
 #   - a Python virtualenv in .venv with requirements.txt
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,9 +19,14 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
 
-if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
-  command -v apt-get >/dev/null || { echo "install.sh: install nginx (with the dav module) first" >&2; exit 1; }
-  apt_install nginx-light
+# nginx-light: the volume server; wrk and curl: bench.py and its test
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+  command -v apt-get >/dev/null || { echo "install.sh: install ${missing[*]} first (nginx with the dav module)" >&2; exit 1; }
+  apt_install "${missing[@]}"
 fi
 
 if [ ! -x .venv/bin/pip ]; then
