@@ -321,25 +321,8 @@ def peak_rss(pid):
 
 def plant(folder, volume, key, value, owner, made=None):
     """Write a key's file straight onto the disk of `volume` ('host:port/svXX')
-    served from `folder`, owned like the folder (nginx's workers add files there).
-    `made`: a set of the folders known to exist, kept up to date."""
-    sub = volume.partition("/")[2]
-    *parts, name = [p for p in [sub] + mkvlib.key2path(key).split("/") if p]
-    path = folder
-    for part in parts:
-        path = os.path.join(path, part)
-        if made is not None and path in made:
-            continue
-        if not os.path.isdir(path):
-            os.mkdir(path)
-            os.chown(path, owner.st_uid, owner.st_gid)
-        if made is not None:
-            made.add(path)
-    path = os.path.join(path, name)
-    with open(path, "wb") as f:
-        f.write(value)
-    os.chown(path, owner.st_uid, owner.st_gid)
-    return path
+    served from `folder`, owned like the folder (tests/conftest.py plant_file)."""
+    return conftest().plant_file(folder, volume.partition("/")[2] + mkvlib.key2path(key), value, made, owner)
 
 
 def leaf_folders(folders):

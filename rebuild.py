@@ -309,6 +309,19 @@ class Rebuild:
         self.progress.message(f"{PROG}: {tools.show(key)}: conflict, its copies differ ({detail}); not added: "
                               "remove the wrong copies (or all but the one you trust) and run rebuild again")
 
+    def agreed_sum(self, key, volumes):
+        """(md5, size) that the key's copies on `volumes` agree on, read off
+        them; None if they disagree (reported as a conflict); Unavailable if
+        none can be read."""
+        sums = {v: self.checksum(key, v) for v in volumes}
+        readable = {v: s for v, s in sums.items() if s is not None}
+        if not readable:
+            raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+        if len(set(readable.values())) > 1:
+            self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
+            return None
+        return next(iter(readable.values()))
+
     def add_fresh(self, key, found, rows):
         """A key for a new index, which nobody else writes: no claim, no lock,
         no second look at the volumes; a row for insert(). Copies that
@@ -318,13 +331,10 @@ class Rebuild:
         volumes = order_replicas(key, found, self.settings)
         size, md5 = found[volumes[0]], None
         if self.md5:
-            sums = {v: self.checksum(key, v) for v in volumes}
-            readable = {v: s for v, s in sums.items() if s is not None}
-            if not readable:
-                raise mkvlib.Unavailable("could not read the file from any volume for --md5")
-            if len(set(readable.values())) > 1:
-                return self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
-            md5, size = next(iter(readable.values()))
+            agreed = self.agreed_sum(key, volumes)
+            if agreed is None:
+                return
+            md5, size = agreed
         rows.append((key, mkvlib.LIVE, ",".join(volumes), md5, size))
 
     def insert(self, rows):
@@ -369,13 +379,10 @@ class Rebuild:
                     return self.progress.count("unchanged")   # deleted since the listing
                 size, md5 = found[volumes[0]], None
                 if self.md5:
-                    sums = {v: self.checksum(key, v) for v in volumes}
-                    readable = {v: s for v, s in sums.items() if s is not None}
-                    if not readable:
-                        raise mkvlib.Unavailable("could not read the file from any volume for --md5")
-                    if len(set(readable.values())) > 1:
-                        return self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
-                    md5, size = next(iter(readable.values()))
+                    agreed = self.agreed_sum(key, volumes)
+                    if agreed is None:
+                        return
+                    md5, size = agreed
                 if self.index.set_facts(key, self.owner, volumes, size, md5) and \
                         self.index.finish_put(key, self.owner, md5, size):
                     done = True

@@ -112,6 +112,30 @@ class Server:
             return ""
 
 
+def plant_file(folder, path, value, made=None, owner=None):
+    """Write `value` at `path` ('/'-separated) under a volume's folder, making
+    the folders on the way, all owned like the volume's folder: nginx's
+    workers (nobody, when started as root) add and remove files there later.
+    `made`: a set of the folders known to exist, kept up to date (many files)."""
+    owner = owner or os.stat(folder)
+    *dirs, name = [p for p in path.split("/") if p]
+    full = folder
+    for d in dirs:
+        full = os.path.join(full, d)
+        if made is not None and full in made:
+            continue
+        if not os.path.isdir(full):
+            os.mkdir(full)
+            os.chown(full, owner.st_uid, owner.st_gid)
+        if made is not None:
+            made.add(full)
+    full = os.path.join(full, name)
+    with open(full, "wb") as f:
+        f.write(value)
+    os.chown(full, owner.st_uid, owner.st_gid)
+    return full
+
+
 def start_volume(folder, port=None, **env_vars):
     port = port or free_port()
     env = dict(os.environ, PORT=str(port), **env_vars)
@@ -186,22 +210,9 @@ class Cluster:
 
     def plant(self, volume, key: bytes, value: bytes):
         """Write a key's file straight onto a volume's disk, as a crash, an old
-        disk or the original Go mkv leaves one: owned like the volume's folder,
-        since nginx's workers (nobody, when started as root) work there later."""
+        disk or the original Go mkv leaves one."""
         import mkvlib
-        owner = os.stat(self.folder_of(volume))
-        path = self.folder_of(volume)
-        *folders, name = [p for p in [volume.partition("/")[2]] + mkvlib.key2path(key).split("/") if p]
-        for part in folders:
-            path = os.path.join(path, part)
-            if not os.path.isdir(path):
-                os.mkdir(path)
-                os.chown(path, owner.st_uid, owner.st_gid)
-        path = os.path.join(path, name)
-        with open(path, "wb") as f:
-            f.write(value)
-        os.chown(path, owner.st_uid, owner.st_gid)
-        return path
+        return plant_file(self.folder_of(volume), volume.partition("/")[2] + mkvlib.key2path(key), value)
 
     def stop(self):
         if self.master:

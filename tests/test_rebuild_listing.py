@@ -2,7 +2,6 @@
 keep-alive sockets) against real nginx and against small fake servers that
 answer the ways HTTP allows, and rebuild.py into a new index with a volume that
 fails its listings."""
-import os
 import socket
 import threading
 import time
@@ -11,24 +10,8 @@ import pytest
 
 import mkvlib
 import rebuild
-from conftest import free_port, start_volume
+from conftest import free_port, plant_file, start_volume
 from test_tools import make_keys, rows, run_tool, summary
-
-
-def plant(folder, path, value=b"x"):
-    """A file under a volume's folder, owned like it (nginx's workers read it)."""
-    owner = os.stat(folder)
-    full = folder
-    *dirs, name = [p for p in path.split("/") if p]
-    for d in dirs:
-        full = os.path.join(full, d)
-        if not os.path.isdir(full):
-            os.mkdir(full)
-            os.chown(full, owner.st_uid, owner.st_gid)
-    full = os.path.join(full, name)
-    with open(full, "wb") as f:
-        f.write(value)
-    os.chown(full, owner.st_uid, owner.st_gid)
 
 
 @pytest.fixture
@@ -44,7 +27,7 @@ def test_listdirs_answers_like_listdir_in_order_past_its_window(volume):
     folders = []
     for i in range(300):
         sub = f"sv{i % 3:02X}"
-        plant(folder, f"{sub}/{i % 256:02x}/{i:04d}/file{i}", b"y" * i)
+        plant_file(folder, f"{sub}/{i % 256:02x}/{i:04d}/file{i}", b"y" * i)
         folders.append((f"{name}/{sub}", f"/{i % 256:02x}/{i:04d}/"))
     folders.insert(7, (name, "/no/such/folder/"))
     folders.insert(150, (name, "/.mkv/"))                      # refused by the volume: 403
@@ -211,7 +194,7 @@ def test_rebuild_into_a_new_index_with_a_volume_that_cannot_be_listed(tmp_path):
         for key, value in data.items():
             for v in mkvlib.key2volume(key.encode(), names, 2, 10):
                 host, _, sub = v.partition("/")
-                plant(folders[names.index(host)], sub + mkvlib.key2path(key.encode()), value)
+                plant_file(folders[names.index(host)], sub + mkvlib.key2path(key.encode()), value)
         db = str(tmp_path / "new.sqlite3")
         p = run_tool("rebuild.py", names + [dead], db, replicas=2)
         assert p.returncode == 1, p.stdout + p.stderr
