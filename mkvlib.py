@@ -31,7 +31,6 @@ CHUNK = 1 << 20            # bytes read from a client and sent to volumes at onc
 QUEUE_DEPTH = 2            # chunks buffered per replica: bounds a PUT's memory
 LOCK_LEASE = 30.0          # seconds a per-key lock lives unless renewed
 DOWN_RETRY = 5.0           # seconds a volume that failed is skipped before one retry
-FRESH = 5.0                # seconds a volume's last answer vouches for it before a transfer
 TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall a data transfer (per chunk sent or read)
 BUSY_TIMEOUT = 10.0        # seconds SQLite waits for another writer
 CHECKPOINT_EVERY = 60.0    # seconds between WAL checkpoints of one process
@@ -719,10 +718,6 @@ class Index:
         rows = self._read("SELECT key, volume, since FROM pending_deletes ORDER BY since")
         return [(bytes(k), v, s) for k, v, s in rows]
 
-    def noted_keys(self):
-        """The keys that have notes (few: they are copies waiting to be removed)."""
-        return {bytes(r[0]) for r in self._read("SELECT DISTINCT key FROM pending_deletes")}
-
     def pending_done(self, key, volume):
         with self._write() as db:
             self._unnote(db, key, [volume])
@@ -922,7 +917,6 @@ class Volumes:
         self.retry_after = retry_after
         self.http = urllib3.PoolManager(num_pools=256, maxsize=maxsize, block=False, retries=False)
         self._down_until = {}
-        self._last_ok = {}      # host -> when it last answered
         self._head_socks = {}   # host -> idle keep-alive sockets for has()
         self._maxsize = maxsize
 
@@ -943,19 +937,6 @@ class Volumes:
         """True while `host` failed less than DOWN_RETRY seconds ago."""
         return time.monotonic() < self._down_until.get(host, 0)
 
-    def ready(self, volume):
-        """Whether to start a data transfer to `volume`: False while it is
-        known down. One that is due for a retry, or has not answered anything
-        for FRESH seconds, is probed with a HEAD first, so a hung volume costs
-        one `timeout`, not a whole transfer's TRANSFER_TIMEOUT."""
-        host = volume_host(volume)
-        if host not in self._down_until:
-            if time.monotonic() - self._last_ok.get(host, -FRESH) < FRESH:
-                return True
-        elif not self.usable(host):
-            return False
-        return self.probe(host)
-
     def probe(self, volume):
         """Ask the volume now (one HEAD, `timeout`): True if it answers at all."""
         try:
@@ -972,7 +953,6 @@ class Volumes:
         self._down_until[host] = time.monotonic() + self.retry_after
 
     def mark_up(self, host):
-        self._last_ok[host] = time.monotonic()
         if self._down_until.pop(host, None) is not None:
             log.warning("volume %s is back up", host)
 
@@ -1183,8 +1163,8 @@ class Volumes:
                 # urllib3 sends a request body under the *connect* timeout, so that
                 # one is TRANSFER_TIMEOUT; the answer comes once nginx has the
                 # whole body (it wrote the rest on the way), so a volume that
-                # froze meanwhile costs op_timeout. A volume known down is not
-                # tried at all (Store.put asks ready() first).
+                # froze meanwhile costs op_timeout. A volume not vouched for is
+                # asked first (Store.reachable).
                 r = self.http.urlopen(
                     "PUT", "http://" + host + quote(names[volume], safe="/=+"), body=body(i),
                     headers=headers, chunked=length is None, retries=False, redirect=False,
