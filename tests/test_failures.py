@@ -33,13 +33,18 @@ def index_of(cluster):
 
 def test_with_get_check_a_get_never_redirects_to_a_killed_volume(private_cluster):
     c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5, get_check="on")
+    http, keys, dead = put_keys_and_kill_a_volume(c)
+    assert_reads_avoid(c, http, keys, dead)
+
+
+def put_keys_and_kill_a_volume(c):
+    """20 keys, each its own name as value, then the first volume SIGKILLed."""
     http = Http()
     keys = [f"/k{i}" for i in range(20)]
     for k in keys:
         assert http.put(c.url(k), data=k.encode()).status_code == 201
-    dead = c.volume_names()[0]
     c.volumes[0].kill()
-    assert_reads_avoid(c, http, keys, dead)
+    return http, keys, c.volume_names()[0]
 
 
 def assert_reads_avoid(c, http, keys, dead):
@@ -53,12 +58,7 @@ def assert_reads_avoid(c, http, keys, dead):
 
 def test_a_killed_volume_leaves_the_redirect_set_within_seconds(private_cluster):
     c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5)
-    http = Http()
-    keys = [f"/k{i}" for i in range(20)]
-    for k in keys:
-        assert http.put(c.url(k), data=k.encode()).status_code == 201
-    dead = c.volume_names()[0]
-    c.volumes[0].kill()
+    http, keys, dead = put_keys_and_kill_a_volume(c)
     time.sleep(mkvlib.PROBE_FRESH + 0.5)     # no answer from it since: out of every worker's redirect set
     assert_reads_avoid(c, http, keys * 3, dead)
 
