@@ -1,8 +1,8 @@
 # gunicorn reads this file from the working directory by default; flags on the
 # command line win over it.
 # The gevent worker monkey-patches the standard library when it starts; this
-# file is read by the arbiter before that, and mkvlib imports urllib3 (and so
-# ssl), so patch first, as gevent asks, or every worker warns about ssl.
+# file is read by the arbiter before that, and it imports mkvlib (socket,
+# threading), so patch first, as gevent asks.
 from gevent import monkey
 
 monkey.patch_all()

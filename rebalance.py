@@ -292,11 +292,9 @@ class Rebalance:
             if r is None:
                 last = f"{src} lost the file"
                 continue
-            length = r.headers.get("Content-Length")
             ok = False
             try:
-                md5, size = self.volumes.put(targets, path, r.stream(mkvlib.CHUNK),
-                                             int(length) if length and length.isdigit() else None,
+                md5, size = self.volumes.put(targets, path, r.stream(mkvlib.CHUNK), r.length,
                                              tmp=tmp, fence=fence)
                 ok = True
             except mkvlib.KeyBusy:
@@ -308,9 +306,7 @@ class Rebalance:
                     raise CopyFailed(f"could not copy to {','.join(targets)} ({last}), and could not "
                                      "remove what landed: it stays noted for the next run") from None
             finally:
-                if not ok:
-                    r.close()
-                r.release_conn()
+                r.close()   # the connection is kept only if the whole file was read
             if ok:
                 self.progress.add(nbytes=size * len(targets))
                 return

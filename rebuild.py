@@ -299,7 +299,7 @@ class Rebuild:
             self.progress.message(f"{PROG}: {tools.show(key)}: reading {volume} failed: {e}")
             return None
         finally:
-            r.release_conn()
+            r.close()
         return h.hexdigest(), n
 
     def conflict(self, key, facts):
