@@ -852,28 +852,25 @@ class Lease:
     """Holds a per-key lock while a long transfer runs: renews it in the
     background, so a lock outlives a slow upload but not a killed process.
 
-    Renewals come every lease/6 seconds; one may wait up to BUSY_TIMEOUT for
-    the index, so a lock survives the index being busy for a while. If the
-    lock is lost anyway, `lost` is set and `check()` raises: the holder
-    must stop, since another request may own the key by now."""
+    One thread per process (a greenlet in the master) renews every lease
+    held: a request costs no thread of its own. Each lease is renewed every
+    lease/6 seconds; a renewal may wait up to BUSY_TIMEOUT for the index, so
+    a lock survives the index being busy for a while. If the lock is lost
+    anyway, `lost` is set and `check()` raises: the holder must stop, since
+    another request may own the key by now."""
+
+    TICK = 0.5                 # seconds between two looks of the renewer
+    _held = {}                 # id(lease) -> every Lease this process holds now
+    _renewer_pid = None        # the process whose renewer runs (a fork has none)
+    _start = threading.Lock()
 
     def __init__(self, index, key, owner, lease=LOCK_LEASE):
         self.index, self.key, self.owner, self.lease = index, key, owner, lease
-        self._stop = threading.Event()
-        self.lost = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="lease")
-
-    def _run(self):
-        while not self._stop.wait(self.lease / 6):
-            try:
-                if not self.index.renew(self.key, self.owner, self.lease):
-                    self.lost.set()
-                    return
-            except (sqlite3.Error, IndexBusy):
-                pass   # busy now; the next renewal comes long before the lease runs out
+        self.lost = False
+        self.renewed = time.monotonic()
 
     def check(self):
-        if self.lost.is_set():
+        if self.lost:
             raise KeyBusy("lost the lock on the key (the index was busy too long); try again")
 
     def guard(self, chunks):
@@ -883,13 +880,35 @@ class Lease:
             yield chunk
 
     def __enter__(self):
-        self._thread.start()
+        self.renewed = time.monotonic()
+        Lease._held[id(self)] = self
+        if Lease._renewer_pid != os.getpid():
+            with Lease._start:
+                if Lease._renewer_pid != os.getpid():
+                    Lease._renewer_pid = os.getpid()
+                    threading.Thread(target=Lease._renew_all, daemon=True, name="leases").start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        Lease._held.pop(id(self), None)
         return False
+
+    @staticmethod
+    def _renew_all():
+        while True:
+            time.sleep(Lease.TICK)
+            for lease in list(Lease._held.values()):
+                if lease.lost or time.monotonic() - lease.renewed < lease.lease / 6:
+                    continue
+                try:
+                    if lease.index.renew(lease.key, lease.owner, lease.lease):
+                        lease.renewed = time.monotonic()
+                    else:
+                        lease.lost = True
+                except (sqlite3.Error, IndexBusy):
+                    pass   # busy now; the next renewal comes long before the lease runs out
+                except Exception:
+                    log.exception("renewing a lock failed")
 
 
 # ---------------------------------------------------------------- volume calls
@@ -996,34 +1015,77 @@ class Volumes:
         else:
             conn.close()
 
-    def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None):
-        """(status, body) of a request without a body. VolumeDown if it could
-        not be sent; `kind` (VolumeDown by default) if it was sent and no answer
-        came within `timeout` (MKV_VOLTIMEOUT by default). A connection that
-        the server closed between two requests is replaced, once, for the
-        requests that change nothing or nothing more when repeated."""
-        host = volume_host(volume)
-        request = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
-            method.encode(), _target(volume, host, path), host.encode(), headers)
+    def _fan(self, method, calls, timeout=None, mark=True, kind=None):
+        """Requests without a body, one to each (volume, path, extra header
+        lines) of `calls`, all at once without a thread each: every request
+        is sent, then every answer read, so a frozen volume costs `timeout`
+        (MKV_VOLTIMEOUT by default) once, not once per volume. Returns, in
+        order, (status, body) or the error: VolumeDown if the request could
+        not be sent, `kind` (VolumeDown by default) if it was sent and no
+        answer came. A connection that the server closed while it was idle
+        is replaced, once, for requests that change nothing, or nothing more,
+        when repeated."""
+        timeout = timeout or self.timeout
         repeatable = method in ("GET", "HEAD", "DELETE")
+        results = [None] * len(calls)
+        todo = []
+        for i, (volume, path, headers) in enumerate(calls):
+            host = volume_host(volume)
+            todo.append((i, host, b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
+                method.encode(), _target(volume, host, path), host.encode(), headers)))
         for attempt in (1, 2):
-            try:
-                conn = self._take(host, new=attempt == 2)
-            except OSError as e:
-                raise self._down(host, e, mark) from None
-            try:
-                conn.sock.settimeout(timeout or self.timeout)
-                conn.sock.sendall(request)
-                status, body, keep = conn.answer(to_head=method == "HEAD")
-            except (OSError, ValueError) as e:
-                conn.close()
-                if conn.used and repeatable and attempt == 1 and not isinstance(e, socket.timeout):
-                    continue   # closed while idle: once more, on a new connection
-                raise self._down(host, e, mark, f"did not answer {method}", kind) from None
-            conn.used = True
-            self._give(host, conn, keep)
-            self.mark_up(host)
-            return status, body
+            sent = []
+            for i, host, request in todo:
+                try:
+                    conn = self._take(host, new=attempt == 2)
+                except OSError as e:
+                    results[i] = self._down(host, e, mark)
+                    continue
+                try:
+                    conn.sock.settimeout(timeout)
+                    conn.sock.sendall(request)
+                    sent.append((i, host, request, conn, None))
+                except OSError as e:
+                    sent.append((i, host, request, conn, e))
+            todo = []
+            for i, host, request, conn, error in sent:
+                if error is None:
+                    try:
+                        status, body, keep = conn.answer(to_head=method == "HEAD")
+                    except (OSError, ValueError) as e:
+                        error = e
+                if error is not None:
+                    conn.close()
+                    if conn.used and repeatable and attempt == 1 and not isinstance(error, socket.timeout):
+                        todo.append((i, host, request))   # closed while idle: once more, on a new one
+                    else:
+                        results[i] = self._down(host, error, mark, f"did not answer {method}", kind)
+                    continue
+                conn.used = True
+                self._give(host, conn, keep)
+                self.mark_up(host)
+                results[i] = (status, body)
+            if not todo:
+                return results
+
+    def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None):
+        """(status, body) of one request without a body; raises what _fan() returns."""
+        result = self._fan(method, [(volume, path, headers)], timeout, mark, kind)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _deletes(self, calls):
+        """DELETE of each (volume, path) at once: None for each file removed
+        (or already gone), else the VolumeError it got."""
+        out = []
+        for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
+                                                        timeout=self.op_timeout)):
+            if not isinstance(result, Exception) and result[0] not in (200, 204, 404):
+                result = VolumeError(f"volume {volume_host(volume)} answered DELETE with {result[0]}: "
+                                     f"{_nginx_reason(result[1])}")
+            out.append(result if isinstance(result, Exception) else None)
+        return out
 
     # -- single calls
 
@@ -1040,31 +1102,36 @@ class Volumes:
         """The identity of the disk behind a volume (its /.id); '' for a volume
         that has none (served by an earlier launcher, or the original's nginx).
         VolumeDown if it does not answer (marked down unless `mark` is False)."""
-        status, body = self._call("GET", volume_host(volume), ID_PATH, mark=mark)
-        if status == 200:
-            return body.decode("ascii", "replace").strip()
-        if status in (403, 404):
-            return ""
-        raise VolumeError(f"volume {volume_host(volume)} answered GET {ID_PATH} with {status}")
+        found = self.identities([volume_host(volume)], mark)[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def identities(self, hosts, mark=True):
+        """identity() of each host, asked at once: the identity or the VolumeError."""
+        out = []
+        for host, result in zip(hosts, self._fan("GET", [(h, ID_PATH, b"") for h in hosts], mark=mark)):
+            if not isinstance(result, Exception):
+                status, body = result
+                if status == 200:
+                    result = body.decode("ascii", "replace").strip()
+                elif status in (403, 404):
+                    result = ""
+                else:
+                    result = VolumeError(f"volume {host} answered GET {ID_PATH} with {status}")
+            out.append(result)
+        return out
 
     def delete(self, volume, path):
         """Remove a file; a file that is already gone is fine."""
-        status, body = self._call("DELETE", volume, path, self.write_headers, timeout=self.op_timeout)
-        if status not in (200, 204, 404):
-            raise VolumeError(f"volume {volume_host(volume)} answered DELETE with {status}: "
-                              f"{_nginx_reason(body)}")
+        error = self._deletes([(volume, path)])[0]
+        if error is not None:
+            raise error
 
     def delete_all(self, volumes, path):
         """Remove a file from each volume at once; returns {volume: reason} of those that failed."""
-        failed = {}
-
-        def one(v):
-            try:
-                self.delete(v, path)
-            except VolumeError as e:
-                failed[v] = str(e)
-        _run_all(one, volumes)
-        return failed
+        errors = self._deletes([(v, path) for v in volumes])
+        return {v: str(e) for v, e in zip(volumes, errors) if e is not None}
 
     def listdir(self, volume, path="/"):
         """Entries of a folder from nginx's JSON autoindex: [{'name', 'type', 'size'?}].
@@ -1141,16 +1208,13 @@ class Volumes:
             e.outcomes = {}
             raise
         outcomes, errors = {}, {}
-
-        def one(volume):
-            try:
-                self.move(volume, names[volume], path)
+        for volume, error in zip(volumes, self._moves(volumes, names, path)):
+            if error is None:
                 outcomes[volume] = LANDED
-            except MoveUnknown as e:
-                outcomes[volume], errors[volume] = UNKNOWN, e
-            except VolumeError as e:
-                errors[volume] = e
-        _run_all(one, volumes)
+            elif isinstance(error, MoveUnknown):
+                outcomes[volume], errors[volume] = UNKNOWN, error
+            else:
+                errors[volume] = error
         if errors:
             # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
             self._drop_uploads({v: names[v] for v in errors if v not in outcomes})
@@ -1242,30 +1306,50 @@ class Volumes:
     def _drop_uploads(self, names):
         """Remove uploads that will not be moved (tidiness: a temp file is
         never read; rebalance.py sweeps what is left)."""
-        _run_all(lambda v: self._quietly(self.delete, volume_host(v), names[v]),
-                 [v for v in names if not self.known_down(volume_host(v))])
+        self._deletes([(volume_host(v), names[v]) for v in names if not self.known_down(volume_host(v))])
 
-    @staticmethod
-    def _quietly(fn, *args):
-        try:
-            fn(*args)
-        except VolumeError:
-            pass
+    def _moves(self, volumes, names, path):
+        """MOVE each volume's upload onto `path` at once, as move() does: None
+        for each that landed, else the VolumeError (MoveUnknown: it may land yet)."""
+        calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
+        out = []
+        for volume, result in zip(volumes, self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown)):
+            if not isinstance(result, Exception):
+                status, body = result
+                if status in (201, 204):
+                    result = None
+                elif status == 412:     # a file is there: remove it and try again, this volume alone
+                    try:
+                        self.move(volume, names[volume], path, delete_first=True)
+                        result = None
+                    except VolumeError as e:
+                        result = e
+                else:
+                    result = VolumeError(f"volume {volume_host(volume)} answered MOVE with {status}: "
+                                         f"{_nginx_reason(body)}")
+            out.append(result)
+        return out
 
-    def move(self, volume, name, path):
+    def _move_headers(self, volume, path):
+        return b"Destination: %s\r\nOverwrite: F\r\n%s" % (
+            _target(volume, volume_host(volume), path), self.write_headers)
+
+    def move(self, volume, name, path, delete_first=False):
         """MOVE the upload `name` onto `path` without replacing a file (the
         volume checks and renames at once): a file found there (a stray
         copy, or a late writer's) is deleted and the MOVE tried again.
         VolumeError: nothing moved; MoveUnknown: no answer, it may land yet."""
         host = volume_host(volume)
-        headers = b"Destination: %s\r\nOverwrite: F\r\n%s" % (_target(volume, host, path), self.write_headers)
+        headers = self._move_headers(volume, path)
         for _ in range(MOVE_TRIES):
+            if delete_first:
+                self.delete(volume, path)
+            delete_first = True
             status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout, kind=MoveUnknown)
             if status in (201, 204):
                 return
             if status != 412:
                 raise VolumeError(f"volume {host} answered MOVE with {status}: {_nginx_reason(body)}")
-            self.delete(volume, path)
         raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
 
     def remove(self, volume, path, tmp=None):
@@ -1280,16 +1364,12 @@ class Volumes:
     def remove_all(self, notes, path):
         """remove() of {volume: tmp} at once, except on volumes known down;
         returns the volumes removed for sure."""
-        removed = []
-
-        def one(v):
-            try:
-                self.remove(v, path, notes[v])
-                removed.append(v)
-            except VolumeError:
-                pass
-        _run_all(one, [v for v in notes if not self.known_down(volume_host(v))])
-        return removed
+        asked = [v for v in notes if not self.known_down(volume_host(v))]
+        uploads = [v for v in asked if notes[v]]
+        gone = {v for v, e in zip(uploads, self._deletes([(volume_host(v), upload_name(notes[v], v))
+                                                           for v in uploads])) if e is None}
+        asked = [v for v in asked if v in gone or not notes[v]]
+        return [v for v, e in zip(asked, self._deletes([(v, path) for v in asked])) if e is None]
 
     # -- many listings at once (rebuild.py)
 
@@ -1628,17 +1708,6 @@ def upload_name(tmp, volume):
     return TMP_DIR + tmp + volume[len(volume_host(volume)):].replace("/", ".")
 
 
-def _run_all(fn, items):
-    """fn(item) for every item at once (greenlets under gevent, threads elsewhere)."""
-    if len(items) == 1:
-        return fn(items[0])
-    threads = [threading.Thread(target=fn, args=(item,), daemon=True) for item in items]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-
 def _reason(exc):
     """One line saying why a connection failed."""
     while getattr(exc, "reason", None) is not None and exc.reason is not exc:
@@ -1691,15 +1760,11 @@ class Prober:
                 log.exception("probing the volumes failed")
 
     def look(self, hosts=None):
-        found = {}
-
-        def one(host):
-            try:
-                found[host] = self.volumes.identity(host, mark=False)
-            except VolumeError:
-                pass   # not vouched for: a look that a busy worker made late is no proof it is down
         asked = list(hosts or self.hosts)
-        _run_all(one, asked)
+        # a host that did not answer is not vouched for, and not marked down
+        # either: a look that a busy worker made late is no proof it is down
+        found = {host: ident for host, ident in zip(asked, self.volumes.identities(asked, mark=False))
+                 if not isinstance(ident, Exception)}
         for host in asked:
             if host not in found and self._answered.pop(host, None) is not None:
                 log.warning("volume %s did not answer the prober: reads go to the other replicas", host)
@@ -1839,7 +1904,7 @@ class Store:
     def _abandon(self, key, owner, path, tmp, claim, outcomes, lease):
         """A claimed PUT failed: undo what it can, and leave every copy that
         may remain either in a record or noted (rebalance.py removes those)."""
-        if lease.lost.is_set():
+        if lease.lost:
             return   # the key is another request's now: our notes stay, its record is its own
         if not outcomes:
             # no path was touched: the replaced record, if any, vouches for its copies again
