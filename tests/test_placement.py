@@ -198,6 +198,43 @@ def test_a_slow_but_steady_client_is_not_taken_for_gone():
     assert sum(map(len, chunks)) == 10_000
 
 
+def test_a_fast_client_is_read_a_chunk_at_a_time():
+    class Fast:
+        def __init__(self):
+            self.asked = []
+            self.left = 8 * mkvlib.CHUNK
+
+        def read(self, n):
+            self.asked.append(n)
+            n = min(n, self.left)
+            self.left -= n
+            return b"f" * n
+    fast = Fast()
+    chunks = list(mkv.read_body(fast, 8 * mkvlib.CHUNK))
+    assert b"".join(chunks) == b"f" * 8 * mkvlib.CHUNK
+    assert fast.asked[0] == mkv.READ_PIECE and fast.asked.count(mkvlib.CHUNK) >= 6
+    assert all(len(c) < 2 * mkvlib.CHUNK for c in chunks)
+
+
+def test_a_fast_client_that_gets_8_times_slower_is_not_taken_for_gone():
+    import gevent
+
+    class Slowing:
+        """2 MB at 32 MB/s, then 2 MB at 4 MB/s."""
+        def __init__(self):
+            self.sent = 0
+
+        def read(self, n):
+            n = min(n, 4 * mkvlib.CHUNK - self.sent)
+            gevent.sleep(n / ((32 if self.sent < 2 * mkvlib.CHUNK else 4) * mkvlib.CHUNK))
+            self.sent += n
+            return b"s" * n
+    # read pieces of 1 MB at the fast rate; at the slow one such a read takes
+    # 0.25 s: within the 0.5 s idle timeout
+    chunks = list(mkv.read_body(Slowing(), 4 * mkvlib.CHUNK, idle_timeout=0.5))
+    assert sum(map(len, chunks)) == 4 * mkvlib.CHUNK
+
+
 def test_a_client_that_stops_sending_is_gone_after_the_idle_timeout():
     import gevent
 
