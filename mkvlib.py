@@ -46,6 +46,7 @@ PROBE_EVERY = 1.0          # seconds between two looks of a process at each volu
 PROBE_FRESH = 2.5          # seconds a volume's last answer keeps it a redirect target
 OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
+OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 
 WRITING, LIVE, UNLINKED, DELETING = "writing", "live", "unlinked", "deleting"
 SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
@@ -126,6 +127,11 @@ class IndexBusy(MkvError):
 def _busy(error: sqlite3.OperationalError) -> bool:
     """SQLITE_BUSY or one of its extended codes: another connection is in the way."""
     return getattr(error, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _read_only(error: sqlite3.Error) -> bool:
+    """SQLITE_READONLY, any of its kinds."""
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_READONLY
 
 
 # ---------------------------------------------------------------- settings
@@ -404,53 +410,82 @@ class Index:
 
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
+        self.busy_timeout = busy_timeout
         self._mutex = threading.RLock()
-        self._last_checkpoint = self._last_look = time.monotonic()
+        self._last_checkpoint = self._last_look = self._last_reopen = time.monotonic()
+        self.db = self._open()
+
+    def _open(self):
+        """A connection to the index, in WAL mode, with the schema set up."""
+        path = self.path
         folder = os.path.dirname(os.path.abspath(path))
+        db = None
         try:
             os.makedirs(folder, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                      timeout=busy_timeout)
-            mode = self.db.execute("PRAGMA journal_mode=wal").fetchone()[0]
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout)
+            mode = db.execute("PRAGMA journal_mode=wal").fetchone()[0]
             if mode != "wal":
                 raise SettingsError(f"MKV_DB={path}: SQLite would not switch to WAL mode (got {mode})")
             # NORMAL in WAL mode survives any process crash; only power loss can
             # drop the last commits (nginx does not fsync values either).
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            self.db.execute("BEGIN IMMEDIATE")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+            db.execute("BEGIN IMMEDIATE")
             try:
                 for statement in SCHEMA.split(";\n"):   # not executescript: it COMMITs first
                     if statement.strip():
-                        self.db.execute(statement)
-                self._upgrade()
-                self.db.execute("COMMIT")
+                        db.execute(statement)
+                self._upgrade(db)
+                db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
             # From here on SQLite never waits for a lock by itself: its busy
             # handler sleeps in C, which would stall every greenlet of a gevent
             # worker. _Tx waits instead, with time.sleep (a greenlet switch there).
-            self.db.execute("PRAGMA busy_timeout=0")
-            self.busy_timeout = busy_timeout
-        except sqlite3.Error as e:
-            raise SettingsError(f"MKV_DB={path}: cannot open the index: {e}") from None
-        except OSError as e:
-            raise SettingsError(f"MKV_DB={path}: cannot create {folder}: {e.strerror}") from None
+            db.execute("PRAGMA busy_timeout=0")
+            return db
+        except BaseException as e:
+            if db is not None:
+                db.close()
+            if isinstance(e, sqlite3.Error):
+                raise SettingsError(f"MKV_DB={path}: cannot open the index: {e}") from None
+            if isinstance(e, OSError):
+                raise SettingsError(f"MKV_DB={path}: cannot create {folder}: {e.strerror}") from None
+            raise
 
-    def _upgrade(self):
+    def _reopen_if_writable(self):
+        """SQLite opens an index on a read-only disk read-only, and that
+        connection stays read-only after the disk is writable again: then a
+        new connection replaces it (looked at once a second at most). The old
+        one is closed first: SQLite shares one WAL index per file in a
+        process, and the new connection would find it read-only too."""
+        now = time.monotonic()
+        if now - self._last_reopen < 1.0 or not os.access(self.path, os.W_OK):
+            return
+        self._last_reopen = now
+        with self._mutex:
+            self.db.close()
+            try:
+                self.db = self._open()
+                log.warning("MKV_DB=%s is writable again: index reopened", self.path)
+            except SettingsError as e:
+                log.warning("the index is still not writable: %s", e)
+                self.db = self._open()   # read-only again, as it was
+
+    def _upgrade(self, db):
         """Bring an index of an earlier mkv up to SCHEMA, and drop the locks of
         an earlier boot (inside the setup transaction)."""
-        columns = [r[1] for r in self.db.execute("PRAGMA table_info(pending_deletes)")]
+        columns = [r[1] for r in db.execute("PRAGMA table_info(pending_deletes)")]
         if "tmp" not in columns:
-            self.db.execute("ALTER TABLE pending_deletes ADD COLUMN tmp TEXT")
+            db.execute("ALTER TABLE pending_deletes ADD COLUMN tmp TEXT")
         # lock_until is on lock_clock(), which starts again at every boot; no
         # holder survives a reboot, and an index of an earlier mkv kept wall-clock times
-        row = self.db.execute("SELECT value FROM meta WHERE name = 'boot_id'").fetchone()
+        row = db.execute("SELECT value FROM meta WHERE name = 'boot_id'").fetchone()
         boot = boot_id()
         if row is None or row[0] != boot:
-            self.db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE lock_owner IS NOT NULL")
-            self.db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('boot_id', ?)", (boot,))
+            db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE lock_owner IS NOT NULL")
+            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('boot_id', ?)", (boot,))
 
     def close(self):
         self.db.close()
@@ -477,6 +512,8 @@ class Index:
                     self.index._mutex.release()
             if not exc_type and self.mode == "IMMEDIATE":
                 self.index._maybe_checkpoint()
+            elif isinstance(exc, sqlite3.Error) and _read_only(exc):
+                self.index._reopen_if_writable()
             return False
 
     def _write(self):
@@ -506,6 +543,8 @@ class Index:
                 return
             except sqlite3.OperationalError as e:
                 self._mutex.release()
+                if _read_only(e):
+                    self._reopen_if_writable()
                 if not _busy(e):
                     raise
             except BaseException:
@@ -929,8 +968,12 @@ class Volumes:
     gevent's, so a call waits without blocking the worker; in the tools'
     threads they are the standard library's."""
 
-    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64, secret=None):
+    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64, secret=None, offload=None):
         self.timeout = timeout
+        # offload(fn, arg): starts fn(arg) in a real thread and returns a
+        # function that waits for it; an upload hashes its chunks that way
+        # (hashlib lets go of the GIL) while it sends them. None: hash inline.
+        self.offload = offload
         # writes carry MKV_SECRET: a volume started with it refuses writes without it
         self.write_headers = b"%s: %s\r\n" % (SECRET_HEADER.encode(), secret.encode()) if secret else b""
         # a MOVE or DELETE is a rename or an unlink, and a volume that takes
@@ -1240,6 +1283,7 @@ class Volumes:
         conns, sent = {}, set()       # sent: volumes that got the whole body
         errors, done = {}, []         # done: volumes whose upload completed
         md5, size = hashlib.md5(), 0
+        hashing = None                # waits for the md5 of the chunk before
         try:
             for v in volumes:
                 try:
@@ -1250,11 +1294,19 @@ class Volumes:
             for chunk in chunks:
                 if not chunk:
                     continue   # chunked, it would say the body ended
-                md5.update(chunk)
+                if hashing is not None:
+                    hashing()
+                    hashing = None
+                if self.offload is not None and len(chunk) >= OFFLOAD_MIN:
+                    hashing = self.offload(md5.update, chunk)   # on another core while we send
+                else:
+                    md5.update(chunk)
                 size += len(chunk)
                 data = chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
                 for v in volumes:
                     self._send(hosts[v], conns[v], heads.pop(v, b"") + data)
+            if hashing is not None:
+                hashing()
             if length is not None and size != length:
                 raise VolumeError(f"the value was {size} bytes, not the {length} announced")
             end = b"" if length is not None else b"0\r\n\r\n"   # a chunked body's last chunk
@@ -1804,10 +1856,10 @@ class Store:
     Opened lazily per process, so that each gunicorn worker has its own SQLite
     connection and HTTP pools, made after the fork."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, offload=None):
         self.settings = settings
         self.index = Index(settings.db)
-        self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret)
+        self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret, offload=offload)
         self.prober = Prober(self.index, self.volumes, settings.volumes).start()
 
     def placement(self, key):
