@@ -25,6 +25,7 @@ log = logging.getLogger("mkv")
 CLIENT_IDLE_TIMEOUT = 30.0   # seconds a read of a PUT's body may take before the PUT is dropped
 READ_PIECE = 64 << 10        # bytes read from a client at once, at least (see read_body)
 READ_SLACK = 16              # how many times slower than its last read a client may get at once
+PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole chunk before going on
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
 
 ERROR_STATUS = {
@@ -112,6 +113,7 @@ def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
     remaining = length
     chunk = bytearray()
     piece = READ_PIECE
+    passed_on = time.monotonic()
     while remaining is None or remaining > 0:
         want = piece if remaining is None else min(piece, remaining)
         started = time.monotonic()
@@ -130,16 +132,21 @@ def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
                                         "value not stored")
             break
         rate = len(data) / max(time.monotonic() - started, 1e-6)
-        piece = int(min(mkvlib.CHUNK, max(READ_PIECE, rate * idle_timeout / READ_SLACK)))
+        # at most twice the last piece: one fast burst of a bursty client is no rate
+        piece = int(min(mkvlib.CHUNK, 2 * piece, max(READ_PIECE, rate * idle_timeout / READ_SLACK)))
         if remaining is not None:
             remaining -= len(data)
         if not chunk and len(data) >= mkvlib.CHUNK:
             yield bytes(data)    # a whole chunk as read: no copy (bytes() of bytes is itself)
+            passed_on = time.monotonic()
             continue
         chunk += data
-        if len(chunk) >= mkvlib.CHUNK:
+        # a slow client's bytes go on before a volume waits for them too long
+        # (nginx drops an upload after client_body_timeout, 20 s, without a byte)
+        if len(chunk) >= mkvlib.CHUNK or time.monotonic() - passed_on > PASS_ON_EVERY:
             yield bytes(chunk)
             chunk.clear()
+            passed_on = time.monotonic()
     if chunk:
         yield bytes(chunk)
 

@@ -8,6 +8,7 @@ greenlets and gevent sockets there, and real ones in the tools.
 import base64
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,6 +17,8 @@ import random
 import re
 import socket
 import sqlite3
+import struct
+import termios
 import threading
 import time
 import uuid
@@ -47,6 +50,7 @@ PROBE_FRESH = 2.5          # seconds a volume's last answer keeps it a redirect 
 OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
+SEND_SLICE = 256 << 10     # bytes of an upload a volume must take within OP_TIMEOUT: 51 KB/s at least
 
 WRITING, LIVE, UNLINKED, DELETING = "writing", "live", "unlinked", "deleting"
 SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
@@ -415,14 +419,16 @@ class Index:
         self._last_checkpoint = self._last_look = self._last_reopen = time.monotonic()
         self.db = self._open()
 
-    def _open(self):
-        """A connection to the index, in WAL mode, with the schema set up."""
+    def _open(self, setup=True):
+        """A connection to the index, in WAL mode, with the schema set up
+        (unless not `setup`: then it never waits for another process)."""
         path = self.path
         folder = os.path.dirname(os.path.abspath(path))
         db = None
         try:
             os.makedirs(folder, exist_ok=True)
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                 timeout=self.busy_timeout if setup else 0)
             mode = db.execute("PRAGMA journal_mode=wal").fetchone()[0]
             if mode != "wal":
                 raise SettingsError(f"MKV_DB={path}: SQLite would not switch to WAL mode (got {mode})")
@@ -430,16 +436,17 @@ class Index:
             # drop the last commits (nginx does not fsync values either).
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in SCHEMA.split(";\n"):   # not executescript: it COMMITs first
-                    if statement.strip():
-                        db.execute(statement)
-                self._upgrade(db)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            if setup:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in SCHEMA.split(";\n"):   # not executescript: it COMMITs first
+                        if statement.strip():
+                            db.execute(statement)
+                    self._upgrade(db)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
             # From here on SQLite never waits for a lock by itself: its busy
             # handler sleeps in C, which would stall every greenlet of a gevent
             # worker. _Tx waits instead, with time.sleep (a greenlet switch there).
@@ -459,7 +466,8 @@ class Index:
         connection stays read-only after the disk is writable again: then a
         new connection replaces it (looked at once a second at most). The old
         one is closed first: SQLite shares one WAL index per file in a
-        process, and the new connection would find it read-only too."""
+        process, and the new connection would find it read-only too. The
+        schema is there already: the new connection waits for nobody."""
         now = time.monotonic()
         if now - self._last_reopen < 1.0 or not os.access(self.path, os.W_OK):
             return
@@ -467,11 +475,11 @@ class Index:
         with self._mutex:
             self.db.close()
             try:
-                self.db = self._open()
+                self.db = self._open(setup=False)
                 log.warning("MKV_DB=%s is writable again: index reopened", self.path)
             except SettingsError as e:
-                log.warning("the index is still not writable: %s", e)
-                self.db = self._open()   # read-only again, as it was
+                log.warning("the index could not be reopened: %s", e)
+                self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=0)
 
     def _upgrade(self, db):
         """Bring an index of an earlier mkv up to SCHEMA, and drop the locks of
@@ -936,18 +944,23 @@ class Lease:
     def _renew_all():
         while True:
             time.sleep(Lease.TICK)
-            for lease in list(Lease._held.values()):
-                if lease.lost or time.monotonic() - lease.renewed < lease.lease / 6:
-                    continue
-                try:
-                    if lease.index.renew(lease.key, lease.owner, lease.lease):
-                        lease.renewed = time.monotonic()
-                    else:
-                        lease.lost = True
-                except (sqlite3.Error, IndexBusy):
-                    pass   # busy now; the next renewal comes long before the lease runs out
-                except Exception:
-                    log.exception("renewing a lock failed")
+            try:
+                Lease._renew_due()
+            except Exception:   # whatever it was, this thread must go on renewing
+                log.exception("renewing locks failed")
+
+    @staticmethod
+    def _renew_due():
+        for lease in list(Lease._held.values()):
+            if lease.lost or time.monotonic() - lease.renewed < lease.lease / 6:
+                continue
+            try:
+                if lease.index.renew(lease.key, lease.owner, lease.lease):
+                    lease.renewed = time.monotonic()
+                else:
+                    lease.lost = True
+            except (sqlite3.Error, IndexBusy):
+                pass   # busy now; the next renewal comes long before the lease runs out
 
 
 # ---------------------------------------------------------------- volume calls
@@ -1305,6 +1318,8 @@ class Volumes:
                 data = chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
                 for v in volumes:
                     self._send(hosts[v], conns[v], heads.pop(v, b"") + data)
+                    if size == length:
+                        sent.add(v)   # its upload is complete: it may land even if we break off now
             if hashing is not None:
                 hashing()
             if length is not None and size != length:
@@ -1316,14 +1331,23 @@ class Volumes:
                 sent.add(v)
         except BaseException:
             # broken off (the client went away, a volume failed): a volume
-            # ends an upload whose connection closes before its last byte
-            for conn in conns.values():
+            # ends an upload whose connection closes before its last byte.
+            # One that got the last byte completes it: its answer is awaited
+            # (op_timeout), so that the DELETE of the upload comes after it.
+            for v, conn in conns.items():
+                if v in sent:
+                    try:
+                        conn.sock.settimeout(self.op_timeout)
+                        status, head, _ = conn.head()
+                        conn.body(status, head)
+                    except (OSError, ValueError):
+                        pass
                 conn.close()
             self._drop_uploads({v: names[v] for v in sent})
             raise
         for v in volumes:
             try:
-                status, head, keep = conns[v].head()
+                status, head, keep = self._answer_to_upload(conns[v])
                 body = conns[v].body(status, head)
             except (OSError, ValueError) as e:
                 conns[v].close()
@@ -1341,12 +1365,37 @@ class Volumes:
             raise next(errors[v] for v in volumes if v in errors)   # the first in placement order
         return md5.hexdigest(), size
 
+    def _answer_to_upload(self, conn):
+        """head() of the answer to an upload, waiting op_timeout from the
+        volume's last progress: while bytes of ours that the volume has not
+        taken yet (TIOCOUTQ: a megabyte or more in socket buffers) go down, it
+        is slow, not frozen."""
+        conn.sock.settimeout(self.op_timeout)
+        left = _unsent(conn.sock)
+        while True:
+            try:
+                return conn.head()    # a timeout takes nothing from conn.buf: it can be asked again
+            except socket.timeout:
+                now = _unsent(conn.sock)
+                if left is None or now is None or now >= left:
+                    raise
+                left = now
+
     def _send(self, host, conn, data):
-        """Part of an upload; on failure, the volume's answer if it gave one
-        (a refusal: it stopped reading), else VolumeDown."""
+        """Part of an upload, in slices of SEND_SLICE bytes, each of which the
+        volume must take within op_timeout (a sendall's timeout is for the
+        whole call). On failure, the volume's answer if it gave one (a
+        refusal: it stopped reading), else VolumeDown."""
         try:
-            conn.sock.sendall(data)
+            if len(data) <= SEND_SLICE:
+                conn.sock.sendall(data)
+            else:
+                view = memoryview(data)
+                for at in range(0, len(view), SEND_SLICE):
+                    conn.sock.sendall(view[at:at + SEND_SLICE])
         except OSError as e:
+            if isinstance(e, socket.timeout):
+                raise self._down(host, e, what="failed during upload") from None
             try:
                 conn.sock.settimeout(min(self.timeout, 1.0))
                 status, head, _ = conn.head()
@@ -1454,6 +1503,11 @@ class Volumes:
         return results
 
 
+class _Closed(ConnectionError):
+    """The server closed the connection (an end of file, not a reset): the
+    end of a body that has no length, else a failure like any other."""
+
+
 class _Conn:
     """One keep-alive HTTP/1.1 connection to a volume server, and the bytes
     read from it that no answer has taken yet."""
@@ -1489,7 +1543,7 @@ class _Conn:
     def more(self):
         data = self.sock.recv(1 << 18)
         if not data:
-            raise ConnectionResetError("connection closed")
+            raise _Closed("connection closed")
         self.buf = self.buf[self.pos:] + data
         self.pos = 0
 
@@ -1512,7 +1566,7 @@ class _Conn:
             while have < n:
                 data = self.sock.recv(max(n - have, 1 << 18))
                 if not data:
-                    raise ConnectionResetError("connection closed")
+                    raise _Closed("connection closed")
                 parts.append(data)
                 have += len(data)
             self.buf, self.pos = b"".join(parts), 0
@@ -1562,7 +1616,7 @@ class _Conn:
         while True:   # no length: the body ends when the server closes
             try:
                 self.more()
-            except ConnectionResetError:
+            except _Closed:
                 return b"".join(parts) + self.take(len(self.buf) - self.pos)
             parts.append(self.take(len(self.buf) - self.pos))
 
@@ -1603,7 +1657,7 @@ class _Download:
                 while True:
                     try:
                         conn.more()
-                    except ConnectionResetError:
+                    except _Closed:
                         break
                     yield conn.take(len(conn.buf) - conn.pos)
                 self.keep = False
@@ -1736,6 +1790,15 @@ def _header(head, needle):
         return None
     end = head.find(b"\r\n", at + 2)
     return head[at + len(needle):end if end >= 0 else len(head)].strip()
+
+
+def _unsent(sock):
+    """Bytes sent on `sock` that the peer has not acknowledged yet (Linux's
+    TIOCOUTQ); None where it cannot be asked."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, AttributeError, ValueError):
+        return None
 
 
 # what quote(path, safe="/=+") leaves as it is: hex, svXX and base64 folder names are

@@ -2,6 +2,7 @@
 import base64
 import os
 import socket
+import time
 
 import falcon.testing
 import pytest
@@ -233,6 +234,23 @@ def test_a_fast_client_that_gets_8_times_slower_is_not_taken_for_gone():
     # 0.25 s: within the 0.5 s idle timeout
     chunks = list(mkv.read_body(Slowing(), 4 * mkvlib.CHUNK, idle_timeout=0.5))
     assert sum(map(len, chunks)) == 4 * mkvlib.CHUNK
+
+
+def test_a_slow_clients_bytes_are_passed_on_before_a_volume_would_give_up_waiting(monkeypatch):
+    """nginx drops an upload that gets no byte for 20 s: a slow client's
+    bytes go on every PASS_ON_EVERY seconds, not once a megabyte is in."""
+    import gevent
+    monkeypatch.setattr(mkv, "PASS_ON_EVERY", 0.2)
+
+    class Slow:
+        def read(self, n):
+            gevent.sleep(0.05)
+            return b"s" * min(n, 1000)
+    started, when = time.monotonic(), []
+    for chunk in mkv.read_body(Slow(), 20_000):
+        when.append((time.monotonic() - started, len(chunk)))
+    assert sum(n for _, n in when) == 20_000
+    assert len(when) >= 3 and when[0][0] < 0.5, when
 
 
 def test_a_client_that_stops_sending_is_gone_after_the_idle_timeout():

@@ -3,6 +3,9 @@
 MOVEs, downloads, and what a closed, frozen or refusing volume does to them."""
 import hashlib
 import os
+import socket
+import struct
+import threading
 import time
 
 import pytest
@@ -147,3 +150,65 @@ def test_a_move_never_replaces_a_file_a_delete_of_a_missing_file_is_fine(two_vol
     volumes.delete(volume, "/aa/bb/moved")
     volumes.delete(volume, "/aa/bb/moved")
     assert not volumes.has(volume, "/aa/bb/moved")
+
+
+def fake_volume(serve):
+    """A server on a free port whose every connection goes to serve(conn)
+    (small receive buffers: what it does not read soon stops the sender)."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def accept():
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_an_upload_complete_on_one_volume_when_another_resets_is_removed(two_volumes):
+    servers, folders = two_volumes
+
+    def reset(conn):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+    broken = fake_volume(reset)
+
+    def body():
+        time.sleep(0.3)        # the reset has come by the time the value is sent
+        yield b"v" * 1000
+    with pytest.raises(mkvlib.VolumeDown):
+        mkvlib.Volumes().put([names(servers)[0], broken], "/aa/bb/reset", body(), 1000)
+    time.sleep(0.5)
+    assert os.listdir(os.path.join(folders[0], ".tmp")) == []
+    assert not os.path.exists(os.path.join(folders[0], "aa/bb/reset"))
+
+
+def test_a_slow_but_steady_volume_is_not_taken_for_down(tmp_path):
+    """A volume taking 400 KB/s: the value takes about 4 s, more than its
+    op_timeout, but it never takes nothing for that long."""
+    got = []
+
+    def slow(conn):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+                     .split(b":")[1])
+        while len(body) < length:
+            tick = len(body) + 40960          # 40 KB each tenth of a second
+            while len(body) < min(tick, length):
+                body += conn.recv(min(tick, length) - len(body))
+            time.sleep(0.1)
+        got.append(len(body))
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    volume = fake_volume(slow)
+    volumes = mkvlib.Volumes(timeout=0.5)
+    volumes.op_timeout = 1.0                  # the same rule, sooner
+    value = b"s" * (mkvlib.SEND_SLICE * 6)    # 1.5 MB
+    with pytest.raises(mkvlib.VolumeError, match="MOVE"):   # a fake volume knows no MOVE
+        volumes.put([volume], "/aa/bb/slow", [value], len(value))
+    assert got == [len(value)]
