@@ -24,17 +24,27 @@ _running = []         # every Server started, for the logs of a failing test
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
-def wait_until(predicate, timeout, what):
+def free_ports(n):
+    """n different free ports (each socket held until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_until(predicate, timeout, what, every=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.05)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
@@ -47,13 +57,21 @@ class Server:
         self.proc = None
 
     def start(self):
+        return self.spawn().wait_answering()
+
+    def spawn(self):
+        """Start the process; wait_answering() waits for its first answer
+        (several servers spawned first start side by side)."""
         self.log = open(self.log_path, "ab")
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         _running.append(self)
+        return self
+
+    def wait_answering(self):
         try:
-            wait_until(self._answers, START_TIMEOUT, f"{self.name} on port {self.port}")
+            wait_until(self._answers, START_TIMEOUT, f"{self.name} on port {self.port}", every=0.01)
         except BaseException:
             self.stop(signal.SIGKILL)
             raise
@@ -137,11 +155,16 @@ def plant_file(folder, path, value, made=None, owner=None):
 
 
 def start_volume(folder, port=None, **env_vars):
+    return volume_server(folder, port, **env_vars).start()
+
+
+def volume_server(folder, port=None, **env_vars):
+    """A volume's Server, not started yet."""
     port = port or free_port()
     env = dict(os.environ, PORT=str(port), **env_vars)
     os.makedirs(folder, exist_ok=True)
     return Server(f"volume :{port}", [sys.executable, "volume", folder], env,
-                  os.path.join(os.path.dirname(folder), f"volume-{port}.log"), port).start()
+                  os.path.join(os.path.dirname(folder), f"volume-{port}.log"), port)
 
 
 def start_master(workdir, volumes, port=None, workers=2, **settings):
@@ -173,8 +196,11 @@ class Cluster:
         try:
             # a volume refuses writes without the master's MKV_SECRET
             secret = {"MKV_SECRET": str(settings["secret"])} if settings.get("secret") else {}
-            for d in self.volume_dirs:
-                self.volumes.append(start_volume(d, **secret))
+            # side by side; the master once every one answers
+            for d, port in zip(self.volume_dirs, free_ports(len(self.volume_dirs))):
+                self.volumes.append(volume_server(d, port, **secret).spawn())
+            for v in self.volumes:
+                v.wait_answering()
             self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
         except BaseException:
             self.stop()
