@@ -149,7 +149,7 @@ def mounts():
 
 @pytest.fixture
 def disk_cluster(mounts, tmp_path):
-    """Clusters of this test, stopped before its mounts are undone (the
+    """Clusters of this test, killed before its mounts are undone (the
     mounts fixture is torn down after this one)."""
     clusters = []
 
@@ -161,7 +161,7 @@ def disk_cluster(mounts, tmp_path):
         yield make
     finally:
         for c in clusters:
-            c.stop()
+            c.kill()
 
 
 # ---------------------------------------------------------------- helpers

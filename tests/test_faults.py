@@ -34,7 +34,7 @@ def thrash_cluster(tmp_path):
     from conftest import Cluster
     c = Cluster(str(tmp_path), n_volumes=3, replicas=3, voltimeout=0.5)
     yield c
-    c.stop()
+    c.kill()
 
 
 def test_the_master_sigkilled_20_times_under_load_loses_nothing(thrash_cluster):

@@ -207,7 +207,7 @@ FALLBACK = "127.0.0.1:9"
 def fallback_cluster(tmp_path_factory):
     c = Cluster(str(tmp_path_factory.mktemp("fallback")), n_volumes=1, replicas=1, fallback=FALLBACK)
     yield c
-    c.stop()
+    c.kill()
 
 
 def fallback_path(port, target):

@@ -17,7 +17,7 @@ def guarded(tmp_path_factory):
     from conftest import Cluster
     c = Cluster(str(tmp_path_factory.mktemp("secret")), n_volumes=2, replicas=2, subvolumes=1, secret=SECRET)
     yield c
-    c.stop()
+    c.kill()
 
 
 def with_secret(secret=SECRET):
