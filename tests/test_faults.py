@@ -5,6 +5,7 @@ every key may hold), no lock stays held, and rebalance.py leaves nothing for
 rebuild.py --check to report. `pytest -m faults` runs these alone; faults.py
 runs the long soak."""
 import os
+import random
 import sys
 import time
 
@@ -37,10 +38,36 @@ def thrash_cluster(tmp_path):
     c.kill()
 
 
+class InRounds(random.Random):
+    """faults.Faults' random source, but its choice among the fault kinds
+    deals them in rounds: every kind once per round, in a shuffled order."""
+
+    def __init__(self, seed, kinds):
+        super().__init__(seed)
+        self.kinds, self.round = kinds, []
+
+    def choice(self, seq):
+        if seq is not self.kinds:
+            return super().choice(seq)
+        if not self.round:
+            self.round = self.sample(seq, len(seq))
+        return self.round.pop()
+
+
+class FaultsInRounds(faults.Faults):
+    """faults.Faults dealing its faults in rounds: the first len(kinds)
+    faults injected hold every kind once (a short run misses none)."""
+
+    def __init__(self, cluster, every, seed, stop, kinds=faults.FAULTS):
+        super().__init__(cluster, every, seed, stop, kinds)
+        self.rnd = InRounds(seed, self.kinds)
+
+
 def test_the_master_sigkilled_20_times_under_load_loses_nothing(thrash_cluster):
     kinds = ["master killed"]
+    # the load runs 10 s, and on until the 20th kill (a restart takes about half a second)
     counts, injected, rebalanced, checked = faults.thrash(
-        thrash_cluster, seconds=25, every=0.2, clients=6, keys=20, kinds=kinds, at_least=20)
+        thrash_cluster, seconds=10, every=0.2, clients=6, keys=20, kinds=kinds, at_least=20)
     assert injected["master killed"] >= 20, injected
     assert_nothing_lost(counts, injected, rebalanced, checked, kinds)
 
@@ -48,15 +75,17 @@ def test_the_master_sigkilled_20_times_under_load_loses_nothing(thrash_cluster):
 def test_workers_sigkilled_under_load_lose_nothing_and_the_others_keep_serving(thrash_cluster):
     kinds = ["worker killed"]
     counts, injected, rebalanced, checked = faults.thrash(
-        thrash_cluster, seconds=10, every=1, clients=6, keys=20, kinds=kinds)
+        thrash_cluster, seconds=4, every=1, clients=6, keys=20, kinds=kinds, at_least=4)
     assert_nothing_lost(counts, injected, rebalanced, checked, kinds)
     assert counts["acknowledged"] > 10 * counts["no answer"], counts   # only the killed worker's requests
 
 
-def test_a_short_thrash_of_every_fault_loses_nothing(thrash_cluster):
-    counts, injected, rebalanced, checked = faults.thrash(thrash_cluster, seconds=25, every=1.5, clients=6,
-                                                          keys=20)
-    assert_nothing_lost(counts, injected, rebalanced, checked, [])
+def test_a_short_thrash_of_every_fault_loses_nothing(thrash_cluster, monkeypatch):
+    # the load runs 5 s, and on until one fault of each kind was injected
+    monkeypatch.setattr(faults, "Faults", FaultsInRounds)
+    counts, injected, rebalanced, checked = faults.thrash(thrash_cluster, seconds=5, every=1, clients=6,
+                                                          keys=20, at_least=len(faults.FAULTS))
+    assert_nothing_lost(counts, injected, rebalanced, checked, faults.FAULTS)
 
 
 @pytest.mark.parametrize("fault", ["kill", "pause"])
