@@ -170,6 +170,11 @@ def volume_server(folder, port=None, **env_vars):
 
 def start_master(workdir, volumes, port=None, workers=2, **settings):
     """gunicorn -k gevent mkv:app; settings are MKV_* names without the prefix, lowercased."""
+    return master_server(workdir, volumes, port, workers, **settings).start()
+
+
+def master_server(workdir, volumes, port=None, workers=2, **settings):
+    """The master's Server, not started yet."""
     port = port or free_port()
     env = dict(os.environ, MKV_VOLUMES=",".join(volumes),
                MKV_DB=os.path.join(workdir, "index.sqlite3"))
@@ -178,7 +183,7 @@ def start_master(workdir, volumes, port=None, workers=2, **settings):
             "-b", f"127.0.0.1:{port}", "mkv:app"]
     # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for idle keep-alive clients)
     return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port,
-                  stop_signal=signal.SIGINT).start()
+                  stop_signal=signal.SIGINT)
 
 
 class Cluster:
@@ -197,12 +202,15 @@ class Cluster:
         try:
             # a volume refuses writes without the master's MKV_SECRET
             secret = {"MKV_SECRET": str(settings["secret"])} if settings.get("secret") else {}
-            # side by side; the master once every one answers
-            for d, port in zip(self.volume_dirs, free_ports(len(self.volume_dirs))):
+            # every server starts at once: the master asks its volumes nothing
+            # before its first request (mkv.Master opens its Store on first
+            # use), and the first is ours, once every volume answers
+            ports = free_ports(len(self.volume_dirs) + 1)
+            for d, port in zip(self.volume_dirs, ports):
                 self.volumes.append(volume_server(d, port, **secret).spawn())
-            for v in self.volumes:
-                v.wait_answering()
-            self.master = start_master(workdir, self.volume_names(), workers=workers, **settings)
+            self.master = master_server(workdir, self.volume_names(), ports[-1], workers, **settings).spawn()
+            for server in self.volumes + [self.master]:
+                server.wait_answering()
         except BaseException:
             self.stop()
             raise
