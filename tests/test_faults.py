@@ -65,9 +65,9 @@ class FaultsInRounds(faults.Faults):
 
 def test_the_master_sigkilled_20_times_under_load_loses_nothing(thrash_cluster):
     kinds = ["master killed"]
-    # the load runs 10 s, and on until the 20th kill (a restart takes about half a second)
+    # the load runs 12 s, and on until the 20th kill (a restart takes about half a second)
     counts, injected, rebalanced, checked = faults.thrash(
-        thrash_cluster, seconds=10, every=0.2, clients=6, keys=20, kinds=kinds, at_least=20)
+        thrash_cluster, seconds=12, every=0.2, clients=6, keys=20, kinds=kinds, at_least=20)
     assert injected["master killed"] >= 20, injected
     assert_nothing_lost(counts, injected, rebalanced, checked, kinds)
 
