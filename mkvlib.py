@@ -1377,7 +1377,9 @@ class Volumes:
                 return conn.head()    # a timeout takes nothing from conn.buf: it can be asked again
             except socket.timeout:
                 now = _unsent(conn.sock)
-                if left is None or now is None or now >= left:
+                # all taken (a frozen volume's kernel takes what fits, then
+                # nothing): no progress to wait for
+                if left is None or now is None or not 0 < now < left:
                     raise
                 left = now
 
