@@ -909,6 +909,7 @@ class Lease:
     TICK = 0.5                 # seconds between two looks of the renewer
     _held = {}                 # id(lease) -> every Lease this process holds now
     _renewer_pid = None        # the process whose renewer runs (a fork has none)
+    _later = []                # (undo, until): index writes to try again, see later()
     _start = threading.Lock()
 
     def __init__(self, index, key, owner, lease=LOCK_LEASE):
@@ -929,12 +930,25 @@ class Lease:
     def __enter__(self):
         self.renewed = time.monotonic()
         Lease._held[id(self)] = self
+        Lease._start_renewer()
+        return self
+
+    @staticmethod
+    def _start_renewer():
         if Lease._renewer_pid != os.getpid():
             with Lease._start:
                 if Lease._renewer_pid != os.getpid():
                     Lease._renewer_pid = os.getpid()
+                    Lease._later.clear()   # a fork's parent's: not ours to do
                     threading.Thread(target=Lease._renew_all, daemon=True, name="leases").start()
-        return self
+
+    @staticmethod
+    def later(undo, within):
+        """Call undo() (an index write that failed: the release of a lock, the
+        undoing of a claim) every TICK until it gets through, for `within`
+        seconds at most: by then the lock has expired by itself."""
+        Lease._start_renewer()
+        Lease._later.append((undo, time.monotonic() + within))
 
     def __exit__(self, *exc):
         Lease._held.pop(id(self), None)
@@ -946,8 +960,22 @@ class Lease:
             time.sleep(Lease.TICK)
             try:
                 Lease._renew_due()
+                Lease._try_later()
             except Exception:   # whatever it was, this thread must go on renewing
                 log.exception("renewing locks failed")
+
+    @staticmethod
+    def _try_later():
+        for job in list(Lease._later):
+            undo, until = job
+            try:
+                undo()
+            except (sqlite3.Error, IndexBusy):
+                if time.monotonic() < until:
+                    continue   # still not writable: next tick
+            except Exception:
+                log.exception("undoing a failed write in the index failed")
+            Lease._later.remove(job)
 
     @staticmethod
     def _renew_due():
@@ -2026,15 +2054,22 @@ class Store:
         if not outcomes:
             # no path was touched: the replaced record, if any, vouches for its copies again
             if claim.old is not None:
-                self.index.restore(key, owner, claim.old, resolved=claim.added)
+                undo = lambda: self.index.restore(key, owner, claim.old, resolved=claim.added)  # noqa: E731
             else:
-                self.index.abandon_put(key, owner, resolved=claim.added)
-            return
-        removed = self.volumes.remove_all({v: tmp for v in outcomes}, path)
-        old = set(claim.old.volumes) if claim.old is not None else set()
-        # untouched paths are as they were: clean, unless the replaced record had a copy there
-        resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in old)]
-        self.index.abandon_put(key, owner, resolved=resolved)
+                undo = lambda: self.index.abandon_put(key, owner, resolved=claim.added)  # noqa: E731
+        else:
+            removed = self.volumes.remove_all({v: tmp for v in outcomes}, path)
+            old = set(claim.old.volumes) if claim.old is not None else set()
+            # untouched paths are as they were: clean, unless the replaced record had a copy there
+            resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in old)]
+            undo = lambda: self.index.abandon_put(key, owner, resolved=resolved)  # noqa: E731
+        try:
+            undo()
+        except (sqlite3.Error, IndexBusy):
+            # the index cannot be written now (its disk full, say): the key
+            # would stay locked until the lease ends; tried again meanwhile
+            Lease.later(undo, LOCK_LEASE)
+            raise
 
     def delete(self, key):
         """Remove a key: invisible at once, then its replicas, then its record.
