@@ -322,6 +322,14 @@ class Rebuild:
             return None
         return next(iter(readable.values()))
 
+    def facts(self, key, found, volumes):
+        """(md5, size) of a new key whose copies are on `volumes`: the listed
+        size and no md5, or with --md5 the md5 its copies agree on; None if
+        they do not (agreed_sum has reported it)."""
+        if not self.md5:
+            return None, found[volumes[0]]
+        return self.agreed_sum(key, volumes)
+
     def add_fresh(self, key, found, rows):
         """A key for a new index, which nobody else writes: no claim, no lock,
         no second look at the volumes; a row for insert(). Copies that
@@ -329,12 +337,10 @@ class Rebuild:
         if len(set(found.values())) > 1:
             return self.conflict(key, {v: f"{s} bytes" for v, s in found.items()})
         volumes = order_replicas(key, found, self.settings)
-        size, md5 = found[volumes[0]], None
-        if self.md5:
-            agreed = self.agreed_sum(key, volumes)
-            if agreed is None:
-                return
-            md5, size = agreed
+        facts = self.facts(key, found, volumes)
+        if facts is None:
+            return
+        md5, size = facts
         rows.append((key, mkvlib.LIVE, ",".join(volumes), md5, size))
 
     def insert(self, rows):
@@ -377,12 +383,10 @@ class Rebuild:
                 volumes = self.present([(v, mkvlib.key2path(key)) for v in volumes])
                 if not volumes:
                     return self.progress.count("unchanged")   # deleted since the listing
-                size, md5 = found[volumes[0]], None
-                if self.md5:
-                    agreed = self.agreed_sum(key, volumes)
-                    if agreed is None:
-                        return
-                    md5, size = agreed
+                facts = self.facts(key, found, volumes)
+                if facts is None:
+                    return
+                md5, size = facts
                 if self.index.set_facts(key, self.owner, volumes, size, md5) and \
                         self.index.finish_put(key, self.owner, md5, size):
                     done = True
