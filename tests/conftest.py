@@ -52,9 +52,12 @@ def wait_until(predicate, timeout, what, every=0.05):
 class Server:
     """One server process, its log in a file, stopped terminate -> wait -> kill."""
 
-    def __init__(self, name, argv, env, log_path, port, stop_signal=signal.SIGTERM):
+    def __init__(self, name, argv, env, log_path, port, stop_signal=signal.SIGTERM, children=0):
+        """children: processes it runs when started (gunicorn's workers); a
+        test that compares pids() before and after must see them all."""
         self.name, self.argv, self.env, self.log_path, self.port = name, argv, env, log_path, port
         self.stop_signal = stop_signal
+        self.children = children
         self.proc = None
 
     def start(self):
@@ -83,9 +86,10 @@ class Server:
             raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
         try:
             requests.get(f"http://127.0.0.1:{self.port}/", timeout=1, allow_redirects=False)
-            return True
         except (requests.ConnectionError, requests.Timeout):   # a loaded machine: ask again
             return False
+        # one worker answers while the next may still be forking
+        return len(self.pids()) > self.children
 
     def stop(self, sig=None):
         if self.proc is None or self.proc.poll() is not None:
@@ -183,7 +187,7 @@ def master_server(workdir, volumes, port=None, workers=2, **settings):
             "-b", f"127.0.0.1:{port}", "mkv:app"]
     # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for idle keep-alive clients)
     return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port,
-                  stop_signal=signal.SIGINT)
+                  stop_signal=signal.SIGINT, children=workers)
 
 
 class Cluster:
