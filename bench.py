@@ -38,6 +38,7 @@ checks a volume before redirecting still redirects.
 live, volumes from mkvlib.key2volume over --volumes ($MKV_VOLUMES), md5 and
 size made up; in transactions of 100,000 rows.
 """
+
 import argparse
 import hashlib
 import multiprocessing
@@ -59,8 +60,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import mkvlib  # noqa: E402
 
+# ---------------------------------------------------------------- settings and helpers
+
+
 MB = 1 << 20
-FILL_BATCH = 100_000
 SUBVOLUMES = 10
 REPLICAS = 3
 WORKERS = 2
@@ -70,74 +73,6 @@ def say(*args):
     print("bench:", *args, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- fill
-
-def _placements(args):
-    """Worker of fill: the volumes column of keys start..stop-1."""
-    start, stop, volumes, replicas, subvolumes = args
-    return [",".join(mkvlib.key2volume(b"/fill/%09d" % i, volumes, replicas, subvolumes))
-            for i in range(start, stop)]
-
-
-def fill(db, keys, volumes, replicas=REPLICAS, subvolumes=SUBVOLUMES, start=0, progress=None):
-    """Write records /fill/START.. /fill/START+KEYS-1 into the index `db`
-    (created by mkvlib.Index if new); returns seconds taken."""
-    began = time.monotonic()
-    mkvlib.Index(db).close()          # the file, its schema and WAL mode, as the master makes it
-    conn = sqlite3.connect(db, isolation_level=None)
-    conn.execute("PRAGMA synchronous=OFF")
-    conn.execute("PRAGMA cache_size=-262144")      # 256 MB: inserts in key order, mostly appends
-    sql = ("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until) "
-           "VALUES (?, 'live', ?, ?, 1024, NULL, NULL)")
-    md5 = "d41d8cd98f00b204e9800998ecf8427e"       # made up: no file is behind these keys
-    batches = [(i, min(i + FILL_BATCH, start + keys), volumes, replicas, subvolumes)
-               for i in range(start, start + keys, FILL_BATCH)]
-    done = 0
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(max(1, os.cpu_count() or 1)) as pool:
-        for (lo, hi, *_), column in zip(batches, pool.imap(_placements, batches)):
-            conn.execute("BEGIN")
-            conn.executemany(sql, ((b"/fill/%09d" % i, v, md5) for i, v in zip(range(lo, hi), column)))
-            conn.execute("COMMIT")
-            done += hi - lo
-            if progress:
-                progress(done, time.monotonic() - began)
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    conn.close()
-    return time.monotonic() - began
-
-
-def fill_main(argv):
-    p = argparse.ArgumentParser(prog="bench.py fill",
-                                description="Write N records /fill/%09d straight into an mkv index.")
-    p.add_argument("--db", required=True, help="the SQLite index file (created if missing)")
-    p.add_argument("--keys", type=int, required=True, help="how many records")
-    p.add_argument("--volumes", default=os.environ.get("MKV_VOLUMES"),
-                   help="volume servers H:P,H:P,... (default: $MKV_VOLUMES)")
-    p.add_argument("--replicas", type=int, default=int(os.environ.get("MKV_REPLICAS", REPLICAS)))
-    p.add_argument("--subvolumes", type=int, default=int(os.environ.get("MKV_SUBVOLUMES", SUBVOLUMES)))
-    p.add_argument("--start", type=int, default=0, help="first key number (default 0)")
-    args = p.parse_args(argv)
-    volumes = [v for v in (args.volumes or "").split(",") if v]
-    if not volumes:
-        p.error("name the volumes with --volumes or MKV_VOLUMES")
-    if args.keys < 1 or not 1 <= args.replicas <= len(volumes) or not 1 <= args.subvolumes <= 256:
-        p.error("--keys >= 1, 1 <= --replicas <= volumes, 1 <= --subvolumes <= 256")
-    last = [0.0]
-
-    def progress(done, took):
-        if took - last[0] >= 5 or done == args.keys:
-            last[0] = took
-            print(f"fill: {done:,} keys, {took:.0f} s", file=sys.stderr, flush=True)
-    took = fill(args.db, args.keys, volumes, args.replicas, args.subvolumes, args.start, progress)
-    size = sum(os.path.getsize(f) for f in (args.db, args.db + "-wal") if os.path.exists(f))
-    print(f"fill: {args.keys:,} keys in {took:.1f} s ({args.keys / took:,.0f} keys/s); "
-          f"{args.db} is {size / MB:,.1f} MB, {size / args.keys:.0f} B/key")
-    return 0
-
-
-# ---------------------------------------------------------------- servers and tools
-
 def conftest():
     """tests/conftest.py: Server, start_volume, start_master (bounded waits,
     terminate -> wait -> kill, logs of each server in a file)."""
@@ -145,50 +80,39 @@ def conftest():
     return c
 
 
-def nginx_binary():
-    for path in (shutil.which("nginx"), "/usr/sbin/nginx", "/usr/local/sbin/nginx"):
-        if path and os.access(path, os.X_OK):
-            return path
-    raise SystemExit("bench: nginx is missing: run ./install.sh")
+def http(method, url, data=None, timeout=30):
+    import requests
+    return requests.request(method, url, data=data, timeout=timeout, allow_redirects=False)
 
 
-STUB_CONF = """\
-worker_processes auto;
-pid {dir}/nginx.pid;
-error_log stderr error;
-daemon off;
-events {{ worker_connections 4096; multi_accept on; }}
-http {{
-  access_log off;
-  keepalive_requests 100000;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  server {{
-    listen 127.0.0.1:{port} default_server backlog=4096;
-{body}
-  }}
-}}
-"""
-LIMIT_302 = "    location / { return 302 http://x/; }"
-# a volume with a file behind every name: 200 to every HEAD or GET; no /.id
-STUB_VOLUME = "    location = /.id { return 404; }\n    location / { return 200; }"
+def timed(argv, env=None, timeout=600):
+    """(seconds, CompletedProcess) of a command run from the repo."""
+    start = time.monotonic()
+    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return time.monotonic() - start, p
 
 
-def start_stub(workdir, name, body):
-    """A bare nginx of its own config in workdir/name."""
-    c = conftest()
-    folder = os.path.join(workdir, name)
-    os.makedirs(folder, exist_ok=True)
-    port = c.free_port()
-    conf = os.path.join(folder, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(STUB_CONF.format(dir=folder, port=port, body=body))
-    argv = [nginx_binary(), "-p", folder + "/", "-c", conf, "-e", "stderr"]
-    return c.Server(f"{name} :{port}", argv, dict(os.environ), os.path.join(workdir, f"{name}.log"),
-                    port).start()
+def timed_tool(script, names, db):
+    """(seconds, CompletedProcess) of `python SCRIPT --db DB` over the volume
+    servers `names`, with the bench's replicas and subvolumes."""
+    env = dict(os.environ, MKV_VOLUMES=",".join(names), MKV_DB=db,
+               MKV_REPLICAS=str(REPLICAS), MKV_SUBVOLUMES=str(SUBVOLUMES))
+    return timed([sys.executable, script, "--db", db], env=env)
+
+
+def failure(what, p):
+    """The error of a command `what` that failed: its exit code, output and
+    the end of its stderr."""
+    return RuntimeError(f"{what}: exit {p.returncode}\n{p.stdout}{p.stderr[-3000:]}")
+
+
+def peak_rss(pid):
+    """VmHWM of a process, in bytes (as tests/test_failures.py reads it)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def remove_tree(path):
@@ -198,18 +122,12 @@ def remove_tree(path):
         subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
 
 
-def ensure_wrk():
-    if shutil.which("wrk"):
-        return
-    say("wrk is missing: installing it with apt-get (apt-get install -y wrk)")
-    sudo = [] if os.geteuid() == 0 else ["sudo"]
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    cmd = sudo + ["apt-get", "install", "-y", "-q", "wrk"]
-    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-        subprocess.run(sudo + ["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
-    if not shutil.which("wrk"):
-        raise SystemExit("bench: could not install wrk")
+def ensure_curl():
+    if not shutil.which("curl"):
+        raise SystemExit("bench: curl is missing (apt-get install curl)")
+
+
+# ---------------------------------------------------------------- wrk
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
@@ -229,6 +147,20 @@ done = function(summary, latency, requests)
   for k, v in pairs(total) do io.write(string.format("status %d: %d\\n", k, v)) end
 end
 """
+
+
+def ensure_wrk():
+    if shutil.which("wrk"):
+        return
+    say("wrk is missing: installing it with apt-get (apt-get install -y wrk)")
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = sudo + ["apt-get", "install", "-y", "-q", "wrk"]
+    if subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(sudo + ["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, check=True)
+    if not shutil.which("wrk"):
+        raise SystemExit("bench: could not install wrk")
 
 
 def wrk(url, duration, threads=2, conns=100, lua="", tally=False):
@@ -298,25 +230,85 @@ end
 """
 
 
-def http(method, url, data=None, timeout=30):
-    import requests
-    return requests.request(method, url, data=data, timeout=timeout, allow_redirects=False)
+FILL_BATCH = 100_000
 
 
-def timed(argv, env=None, timeout=600):
-    """(seconds, CompletedProcess) of a command run from the repo."""
-    start = time.monotonic()
-    p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return time.monotonic() - start, p
+# ---------------------------------------------------------------- index files
+
+def _placements(args):
+    """Worker of fill: the volumes column of keys start..stop-1."""
+    start, stop, volumes, replicas, subvolumes = args
+    return [",".join(mkvlib.key2volume(b"/fill/%09d" % i, volumes, replicas, subvolumes))
+            for i in range(start, stop)]
 
 
-def peak_rss(pid):
-    """VmHWM of a process, in bytes (as tests/test_failures.py reads it)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def fill(db, keys, volumes, replicas=REPLICAS, subvolumes=SUBVOLUMES, start=0, progress=None):
+    """Write records /fill/START.. /fill/START+KEYS-1 into the index `db`
+    (created by mkvlib.Index if new); returns seconds taken."""
+    began = time.monotonic()
+    mkvlib.Index(db).close()          # the file, its schema and WAL mode, as the master makes it
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-262144")      # 256 MB: inserts in key order, mostly appends
+    sql = ("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until) "
+           "VALUES (?, 'live', ?, ?, 1024, NULL, NULL)")
+    md5 = "d41d8cd98f00b204e9800998ecf8427e"       # made up: no file is behind these keys
+    batches = [(i, min(i + FILL_BATCH, start + keys), volumes, replicas, subvolumes)
+               for i in range(start, start + keys, FILL_BATCH)]
+    done = 0
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(max(1, os.cpu_count() or 1)) as pool:
+        for (lo, hi, *_), column in zip(batches, pool.imap(_placements, batches)):
+            conn.execute("BEGIN")
+            conn.executemany(sql, ((b"/fill/%09d" % i, v, md5) for i, v in zip(range(lo, hi), column)))
+            conn.execute("COMMIT")
+            done += hi - lo
+            if progress:
+                progress(done, time.monotonic() - began)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return time.monotonic() - began
+
+
+def every(seconds, report, last_done=None):
+    """A progress(done, took) for fill that calls report(done, took) once
+    `seconds` have passed since it last did, and at `last_done` keys."""
+    last = [0.0]
+
+    def progress(done, took):
+        if took - last[0] >= seconds or done == last_done:
+            last[0] = took
+            report(done, took)
+    return progress
+
+
+def index_size(db):
+    """Bytes of the index file and its WAL."""
+    return sum(os.path.getsize(f) for f in (db, db + "-wal") if os.path.exists(f))
+
+
+def write_index(db, rows):
+    """A new index `db` holding `rows` (key, state, volumes, md5, size)."""
+    mkvlib.Index(db).close()
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO keys (key, state, volumes, md5, size) VALUES (?, ?, ?, ?, ?)", rows)
+    conn.execute("COMMIT")
+    conn.close()
+
+
+# ---------------------------------------------------------------- keys on volumes
+
+def placement(key, names):
+    """The volumes ('host:port/svXX') of `key` over the volume servers `names`,
+    with the bench's replicas and subvolumes."""
+    return mkvlib.key2volume(key, names, REPLICAS, SUBVOLUMES)
+
+
+def direct_urls(key, names):
+    """The URLs of `key`'s copies straight on the volume servers `names`."""
+    path = mkvlib.key2path(key)
+    return [f"http://{v}{path}" for v in placement(key, names)]
 
 
 def plant(folder, volume, key, value, owner, made=None):
@@ -325,20 +317,61 @@ def plant(folder, volume, key, value, owner, made=None):
     return conftest().plant_file(folder, volume.partition("/")[2] + mkvlib.key2path(key), value, made, owner)
 
 
-def leaf_folders(folders):
-    """Every svXX/aa/bb folder under the volume folders."""
-    leaves = []
-    for top in folders:
-        for sv in os.scandir(top):
-            if not (sv.is_dir() and re.fullmatch(r"sv[0-9A-F]{2}", sv.name)):
-                continue
-            for a in os.scandir(sv.path):
-                if a.is_dir():
-                    leaves += [b.path for b in os.scandir(a.path) if b.is_dir()]
-    return leaves
+def plant_copies(key, value, volumes, folders, names, owner, made):
+    """plant() `key` on each of `volumes`, where folders[i] is served as
+    names[i]; the files written."""
+    return [plant(folders[names.index(mkvlib.volume_host(v))], v, key, value, owner, made)
+            for v in volumes]
 
 
-# ---------------------------------------------------------------- the bench
+# ---------------------------------------------------------------- servers
+
+
+def nginx_binary():
+    for path in (shutil.which("nginx"), "/usr/sbin/nginx", "/usr/local/sbin/nginx"):
+        if path and os.access(path, os.X_OK):
+            return path
+    raise SystemExit("bench: nginx is missing: run ./install.sh")
+
+
+STUB_CONF = """\
+worker_processes auto;
+pid {dir}/nginx.pid;
+error_log stderr error;
+daemon off;
+events {{ worker_connections 4096; multi_accept on; }}
+http {{
+  access_log off;
+  keepalive_requests 100000;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  server {{
+    listen 127.0.0.1:{port} default_server backlog=4096;
+{body}
+  }}
+}}
+"""
+LIMIT_302 = "    location / { return 302 http://x/; }"
+# a volume with a file behind every name: 200 to every HEAD or GET; no /.id
+STUB_VOLUME = "    location = /.id { return 404; }\n    location / { return 200; }"
+
+
+def start_stub(workdir, name, body):
+    """A bare nginx of its own config in workdir/name."""
+    c = conftest()
+    folder = os.path.join(workdir, name)
+    os.makedirs(folder, exist_ok=True)
+    port = c.free_port()
+    conf = os.path.join(folder, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(STUB_CONF.format(dir=folder, port=port, body=body))
+    argv = [nginx_binary(), "-p", folder + "/", "-c", conf, "-e", "stderr"]
+    return c.Server(f"{name} :{port}", argv, dict(os.environ), os.path.join(workdir, f"{name}.log"),
+                    port).start()
+
 
 class Bench:
     """The temporary folder, the servers, and the shared setups."""
@@ -347,6 +380,7 @@ class Bench:
         self.args = args
         self.quick = args.quick
         self.duration = args.duration or (2 if args.quick else 5)
+        self.index_keys = 200_000 if args.quick else 10_000_000    # the big index's
         self.tmp = tempfile.mkdtemp(prefix="mkv-bench-", dir=args.tmp)
         self.c = conftest()
         self._cluster = self._limit302 = self._index = None
@@ -370,26 +404,11 @@ class Bench:
     def index(self):
         """(big master, small master, keys in the big index, notes) over stub volumes."""
         if self._index is None:
-            n = 200_000 if self.quick else 10_000_000
+            n = self.index_keys
             stubs = [start_stub(self.tmp, f"stub-volume{i}", STUB_VOLUME) for i in range(3)]
             names = [f"127.0.0.1:{s.port}" for s in stubs]
             big, small = os.path.join(self.tmp, "index-big"), os.path.join(self.tmp, "index-small")
-            for d in (big, small):
-                os.makedirs(d)
-            say(f"filling an index of {n:,} keys")
-            last = [0.0]
-
-            def progress(done, took):
-                if took - last[0] >= 10:
-                    last[0] = took
-                    say(f"fill: {done:,} keys in {took:.0f} s ({done / took:,.0f} keys/s)")
-            took = fill(os.path.join(big, "index.sqlite3"), n, names, progress=progress)
-            fill(os.path.join(small, "index.sqlite3"), 1000, names)
-            db = os.path.join(big, "index.sqlite3")
-            size = sum(os.path.getsize(f) for f in (db, db + "-wal") if os.path.exists(f))
-            say(f"fill: {n:,} keys in {took:.1f} s ({n / took:,.0f} keys/s), {size / MB:,.0f} MB")
-            notes = (f"fill {n:,} keys: {took:.0f} s ({n / took:,.0f} keys/s); "
-                     f"index {size / MB:,.0f} MB on disk, {size / n:.0f} B/key")
+            notes = self._fill_indexes(big, small, n, names)
             wait, self.c.START_TIMEOUT = self.c.START_TIMEOUT, max(self.c.START_TIMEOUT, 120)
             try:   # the master opens (and checks) an index of 10 million keys before it answers
                 masters = [self.c.start_master(d, names, workers=WORKERS, replicas=REPLICAS) for d in (big, small)]
@@ -403,23 +422,58 @@ class Bench:
             self._index = (masters[0], masters[1], n, notes)
         return self._index
 
+    def _fill_indexes(self, big, small, n, names):
+        """Fill index.sqlite3 in the new folders big (n keys) and small (1,000
+        keys) over the volume servers `names`; the notes on the big one."""
+        for d in (big, small):
+            os.makedirs(d)
+        say(f"filling an index of {n:,} keys")
+        progress = every(10, lambda done, took: say(f"fill: {done:,} keys in {took:.0f} s "
+                                                    f"({done / took:,.0f} keys/s)"))
+        took = fill(os.path.join(big, "index.sqlite3"), n, names, progress=progress)
+        fill(os.path.join(small, "index.sqlite3"), 1000, names)
+        size = index_size(os.path.join(big, "index.sqlite3"))
+        say(f"fill: {n:,} keys in {took:.1f} s ({n / took:,.0f} keys/s), {size / MB:,.0f} MB")
+        return (f"fill {n:,} keys: {took:.0f} s ({n / took:,.0f} keys/s); "
+                f"index {size / MB:,.0f} MB on disk, {size / n:.0f} B/key")
+
+    def start_volumes(self, folders):
+        """(servers, their names 'host:port') of new volumes serving `folders`."""
+        servers = [self.c.start_volume(f) for f in folders]
+        return servers, [f"127.0.0.1:{s.port}" for s in servers]
+
     def stop(self):
         for server in reversed(self.c._running):
             server.stop()
+
+    def close(self):
+        """Stop every server; remove the temporary folder unless --keep."""
+        self.stop()
+        if self.args.keep:
+            say(f"kept {self.tmp}")
+        else:
+            remove_tree(self.tmp)
 
     def show_logs(self):
         for server in self.c._running:
             say(f"---- log of {server.name} ({server.log_path}):\n{server.tail()}")
 
 
+# ---------------------------------------------------------------- the workloads
+
+
 class Workload:
     name = title = goal = ""
-    unit_note = ""
+    sizes = None      # (keys with --quick, keys without) of a workload over a number of keys
+    note = ""         # a first note, if any
 
     def __init__(self, bench):
         self.b = bench
-        self.notes = []
+        self.notes = [self.note] if self.note else []
         self.side = "mkv"      # which side the runner measures now: "mkv" or "limit"
+        if self.sizes:
+            self.keys = self.sizes[0] if bench.quick else self.sizes[1]
+            self.title = self.title.format(keys=self.keys)
 
     def setup(self):
         pass
@@ -435,6 +489,21 @@ class Workload:
 
     def ratio(self, mkv, limit):
         return mkv["value"] / limit["value"]
+
+    def goal_text(self):
+        return f">= {self.goal}"
+
+    def met(self, mkv, limit, ratio):
+        return ratio >= self.goal
+
+    def served(self, w, expect):
+        """The rate of the answers of the tallied wrk run `w` that had the
+        status `expect`, as a result; a note of this side's other answers."""
+        odd = unexpected(w, expect)
+        if odd:
+            self.notes.append(f"{self.side}: {odd} (not counted)")
+        rate = good_rate(w, expect)
+        return {"value": rate, "text": f"{rate:,.0f} req/s"}
 
 
 class Get(Workload):
@@ -457,12 +526,7 @@ class Get(Workload):
     def mkv(self):
         # the master's answers are counted by status (wrk's Lua costs it little at
         # a few thousand per second); nginx's only by wrk's non-2xx/3xx count
-        w = wrk(self.b.cluster().url(self.path), self.b.duration, tally=True)
-        odd = unexpected(w, self.expect)
-        if odd:
-            self.notes.append(f"mkv: {odd} (not counted)")
-        rate = good_rate(w, self.expect)
-        return {"value": rate, "text": f"{rate:,.0f} req/s"}
+        return self.served(wrk(self.b.cluster().url(self.path), self.b.duration, tally=True), self.expect)
 
     def limit(self):
         w = wrk(f"http://127.0.0.1:{self.b.limit302().port}{self.path}", self.b.duration)
@@ -470,38 +534,25 @@ class Get(Workload):
             self.notes.append(f"limit: {w['bad']} answers not 2xx/3xx, {w['errors']} socket errors")
         return {"value": w["rate"], "text": f"{w['rate']:,.0f} req/s"}
 
-    def goal_text(self):
-        return f">= {self.goal}"
-
-    def met(self, mkv, limit, ratio):
-        return ratio >= self.goal
-
 
 class Missing(Get):
     name, title, goal = "missing", "GET of a missing key (404)", 0.15
     path = "/bench/get-missing"
     expect = 404
-
-    def __init__(self, bench):
-        super().__init__(bench)
-        self.notes.append("limit: nginx `return 302`")
+    note = "limit: nginx `return 302`"
 
 
 class Thrash(Workload):
-    name, goal = "thrash", 0.85
-
-    def __init__(self, bench):
-        super().__init__(bench)
-        self.keys = 1000 if bench.quick else 10000
-        self.title = f"write/read/delete, 1 KB values, 16 at once ({self.keys:,} keys)"
-        self.notes.append("thrasher.py; limit: --direct, per key 3 PUTs, 1 GET, 3 DELETEs to nginx")
+    name, goal, sizes = "thrash", 0.85, (1000, 10000)
+    title = "write/read/delete, 1 KB values, 16 at once ({keys:,} keys)"
+    note = "thrasher.py; limit: --direct, per key 3 PUTs, 1 GET, 3 DELETEs to nginx"
 
     def run(self, where):
         took, p = timed([sys.executable, "thrasher.py", *where, "--keys", str(self.keys),
                          "--size", "1K", "--concurrency", "16"])
         m = re.search(r"^thats ([\d.]+)/sec$", p.stdout, re.M)
         if p.returncode != 0 or not m or " 0 failed" not in p.stdout:
-            raise RuntimeError(f"thrasher.py {' '.join(where)}: exit {p.returncode}\n{p.stdout}{p.stderr[-3000:]}")
+            raise failure(f"thrasher.py {' '.join(where)}", p)
         rate = float(m.group(1))
         return {"value": rate, "text": f"{rate:,.0f} keys/s"}
 
@@ -510,12 +561,6 @@ class Thrash(Workload):
 
     def limit(self):
         return self.run(["--direct", ",".join(self.b.cluster().volume_names())])
-
-    def goal_text(self):
-        return f">= {self.goal}"
-
-    def met(self, mkv, limit, ratio):
-        return ratio >= self.goal
 
 
 class BigPut(Workload):
@@ -564,11 +609,8 @@ class BigPut(Workload):
         return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
 
     def limit(self):
-        c = self.b.cluster()
         self.count += 1
-        key = f"/bench/big-{self.count}".encode()
-        path = mkvlib.key2path(key)
-        urls = [f"http://{v}{path}" for v in mkvlib.key2volume(key, c.volume_names(), REPLICAS, SUBVOLUMES)]
+        urls = direct_urls(f"/bench/big-{self.count}".encode(), self.b.cluster().volume_names())
         start = time.monotonic()
         procs = [self.curl_put(u) for u in urls]
         outs = [p.communicate(timeout=600) for p in procs]
@@ -581,7 +623,7 @@ class BigPut(Workload):
         return {"value": rate, "text": f"{rate:,.0f} MB/s"}
 
     def best(self, results):
-        best = max(results, key=lambda r: r["value"])
+        best = super().best(results)
         if "rss" in best:
             rss = max(self.growth)
             best = dict(best, text=f"{best['value']:,.0f} MB/s, peak RSS +{rss / MB:.0f} MB", rss=rss)
@@ -594,26 +636,28 @@ class BigPut(Workload):
         return ratio >= self.goal and mkv["rss"] <= 64 * MB
 
 
-def ensure_curl():
-    if not shutil.which("curl"):
-        raise SystemExit("bench: curl is missing (apt-get install curl)")
+def leaf_folders(folders):
+    """Every svXX/aa/bb folder under the volume folders."""
+    leaves = []
+    for top in folders:
+        for sv in os.scandir(top):
+            if not (sv.is_dir() and re.fullmatch(r"sv[0-9A-F]{2}", sv.name)):
+                continue
+            for a in os.scandir(sv.path):
+                if a.is_dir():
+                    leaves += [b.path for b in os.scandir(a.path) if b.is_dir()]
+    return leaves
 
 
 class Rebuild(Workload):
-    name, goal = "rebuild", 0.5
-
-    def __init__(self, bench):
-        super().__init__(bench)
-        self.keys = 5000 if bench.quick else 20000
-        self.title = f"rebuild of {self.keys:,} tiny keys on 3 volumes into a fresh index"
+    name, goal, sizes = "rebuild", 0.5, (5000, 20000)
+    title = "rebuild of {keys:,} tiny keys on 3 volumes into a fresh index"
 
     def setup(self):
         ensure_wrk()
-        c = self.b.c
         self.dir = os.path.join(self.b.tmp, "rebuild")
         self.folders = [os.path.join(self.dir, f"volume{i}") for i in range(3)]
-        self.volumes = [c.start_volume(f) for f in self.folders]
-        self.names = [f"127.0.0.1:{v.port}" for v in self.volumes]
+        self.volumes, self.names = self.b.start_volumes(self.folders)
         owner = os.stat(self.folders[0])
         began = time.monotonic()
         rng = random.Random(1)
@@ -621,8 +665,7 @@ class Rebuild(Workload):
         for i in range(self.keys):
             key = b"/rebuild/%06d" % i
             value = rng.randbytes(rng.randint(1, 100))
-            for v in mkvlib.key2volume(key, self.names, REPLICAS, SUBVOLUMES):
-                plant(self.folders[self.names.index(mkvlib.volume_host(v))], v, key, value, owner, made)
+            plant_copies(key, value, placement(key, self.names), self.folders, self.names, owner, made)
         self.leaves = leaf_folders(self.folders)
         leaf = self.leaves[0]
         i = self.folders.index(os.path.dirname(os.path.dirname(os.path.dirname(leaf))))
@@ -648,11 +691,9 @@ class Rebuild(Workload):
     def mkv(self):
         self.count += 1
         db = os.path.join(self.dir, f"new-{self.count}.sqlite3")
-        env = dict(os.environ, MKV_VOLUMES=",".join(self.names), MKV_DB=db,
-                   MKV_REPLICAS=str(REPLICAS), MKV_SUBVOLUMES=str(SUBVOLUMES))
-        took, p = timed([sys.executable, "rebuild.py", "--db", db], env=env)
+        took, p = timed_tool("rebuild.py", self.names, db)
         if p.returncode != 0 or f"{self.keys} added" not in p.stdout.replace(",", ""):
-            raise RuntimeError(f"rebuild.py: exit {p.returncode}\n{p.stdout}{p.stderr[-3000:]}")
+            raise failure("rebuild.py", p)
         for f in (db, db + "-wal", db + "-shm"):
             if os.path.exists(f):
                 os.unlink(f)
@@ -667,23 +708,13 @@ class Rebuild(Workload):
     def ratio(self, mkv, limit):
         return limit["seconds"] / mkv["seconds"]
 
-    def goal_text(self):
-        return f">= {self.goal}"
-
-    def met(self, mkv, limit, ratio):
-        return ratio >= self.goal
-
 
 class Rebalance(Workload):
-    name, goal = "rebalance", 1.0
-
-    def __init__(self, bench):
-        super().__init__(bench)
-        self.keys = 300 if bench.quick else 1500
-        self.title = f"rebalance 3 -> 4 volumes ({self.keys:,} keys of 10 B to 300 KB)"
-        self.notes.append("Go's rebalance is not available here; wall time, which includes "
-                          "rebalance.py's 2 s grace before old copies are deleted; "
-                          "limit: one sendfile copy per moved replica")
+    name, goal, sizes = "rebalance", 1.0, (300, 1500)
+    title = "rebalance 3 -> 4 volumes ({keys:,} keys of 10 B to 300 KB)"
+    note = ("Go's rebalance is not available here; wall time, which includes "
+            "rebalance.py's 2 s grace before old copies are deleted; "
+            "limit: one sendfile copy per moved replica")
 
     def setup(self):
         rng = random.Random(2)
@@ -702,26 +733,19 @@ class Rebalance(Workload):
         self.count += 1
         d = os.path.join(self.b.tmp, f"rebalance-{self.count}")
         folders = [os.path.join(d, f"volume{i}") for i in range(4)]
-        servers = [self.b.c.start_volume(f) for f in folders]
-        names = [f"127.0.0.1:{s.port}" for s in servers]
+        servers, names = self.b.start_volumes(folders)
         owner = os.stat(folders[0])
         db = os.path.join(d, "index.sqlite3")
         moves = []        # (a recorded copy's file, bytes) for every replica the rebalance must write
         rows = []
         made = set()
         for (key, value), md5 in zip(self.values, self.md5s):
-            old = mkvlib.key2volume(key, names[:3], REPLICAS, SUBVOLUMES)
-            files = [plant(folders[names.index(mkvlib.volume_host(v))], v, key, value, owner, made)
-                     for v in old]
-            new = mkvlib.key2volume(key, names, REPLICAS, SUBVOLUMES)
+            old = placement(key, names[:3])
+            files = plant_copies(key, value, old, folders, names, owner, made)
+            new = placement(key, names)
             moves += [(files[0], len(value))] * len([v for v in new if v not in old])
             rows.append((key, "live", ",".join(old), md5, len(value)))
-        mkvlib.Index(db).close()
-        conn = sqlite3.connect(db, isolation_level=None)
-        conn.execute("BEGIN")
-        conn.executemany("INSERT INTO keys (key, state, volumes, md5, size) VALUES (?, ?, ?, ?, ?)", rows)
-        conn.execute("COMMIT")
-        conn.close()
+        write_index(db, rows)
         self.round = (d, servers, names, db, moves)
 
     def clean(self):
@@ -753,29 +777,21 @@ class Rebalance(Workload):
         if self.round is None:
             self.prepare()
         _, _, names, db, moves = self.round
-        env = dict(os.environ, MKV_VOLUMES=",".join(names), MKV_DB=db,
-                   MKV_REPLICAS=str(REPLICAS), MKV_SUBVOLUMES=str(SUBVOLUMES))
-        took, p = timed([sys.executable, "rebalance.py", "--db", db], env=env)
+        took, p = timed_tool("rebalance.py", names, db)
         self.clean()
         if p.returncode != 0:
-            raise RuntimeError(f"rebalance.py: exit {p.returncode}\n{p.stdout}{p.stderr[-3000:]}")
+            raise failure("rebalance.py", p)
         moved = sum(n for _, n in moves)
         rate = moved / MB / took
         return {"value": rate, "text": f"{rate:,.1f} MB/s ({moved / MB:,.0f} MB in {took:.2f} s)",
                 "summary": p.stdout.strip().splitlines()[-1]}
 
     def best(self, results):
-        best = max(results, key=lambda r: r["value"])
+        best = super().best(results)
         if "summary" in best:
             said = re.sub(r"^rebalance: ", "", best["summary"])
             self.notes.append(f"its summary: {said}")
         return best
-
-    def goal_text(self):
-        return f">= {self.goal}"
-
-    def met(self, mkv, limit, ratio):
-        return ratio >= self.goal
 
 
 class Index(Workload):
@@ -783,8 +799,7 @@ class Index(Workload):
 
     def __init__(self, bench):
         super().__init__(bench)
-        n = 200_000 if bench.quick else 10_000_000
-        self.title = f"GET at random on an index of {n:,} keys"
+        self.title = f"GET at random on an index of {bench.index_keys:,} keys"
 
     def setup(self):
         ensure_wrk()
@@ -800,12 +815,8 @@ class Index(Workload):
         return 0
 
     def run(self, master):
-        w = wrk(f"http://127.0.0.1:{master.port}/", self.b.duration, lua=self.scripts[master.port], tally=True)
-        odd = unexpected(w, 302)
-        if odd:
-            self.notes.append(f"{self.side}: {odd} (not counted)")
-        rate = good_rate(w, 302)
-        return {"value": rate, "text": f"{rate:,.0f} req/s"}
+        return self.served(wrk(f"http://127.0.0.1:{master.port}/", self.b.duration,
+                               lua=self.scripts[master.port], tally=True), 302)
 
     def mkv(self):
         return self.run(self.big)
@@ -813,20 +824,13 @@ class Index(Workload):
     def limit(self):
         return self.run(self.small)
 
-    def goal_text(self):
-        return f">= {self.goal}"
-
-    def met(self, mkv, limit, ratio):
-        return ratio >= self.goal
-
 
 class List(Index):
     name, goal = "list", 20.0
 
     def __init__(self, bench):
         Workload.__init__(self, bench)
-        n = 200_000 if bench.quick else 10_000_000
-        self.title = f"?list&limit=1000 on that index ({n:,} keys)"
+        self.title = f"?list&limit=1000 on that index ({bench.index_keys:,} keys)"
 
     def setup(self):
         super().setup()
@@ -863,7 +867,56 @@ class List(Index):
         return mkv["value"] <= self.goal
 
 
-WORKLOADS = [Get, Missing, Thrash, BigPut, Rebuild, Rebalance, Index, List]
+# ---------------------------------------------------------------- running a workload
+
+
+def run(bench, cls, rounds):
+    """(the table row of workload class `cls`, whether it ran without failing)."""
+    w = cls(bench)
+    started = time.monotonic()
+    try:
+        say(f"{w.name}: {w.title}")
+        w.setup()
+        return measure(w, rounds), True
+    except Exception as e:
+        say(f"{w.name} failed: {type(e).__name__}: {e}")
+        bench.show_logs()
+        return (w.title, "failed", "", "", w.goal_text(), "",
+                f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"), False
+    finally:
+        try:
+            w.teardown()
+        except Exception as e:
+            say(f"{w.name} teardown: {type(e).__name__}: {e}")
+        say(f"{w.name}: {time.monotonic() - started:.0f} s")
+
+
+def measure(w, rounds):
+    """Best of `rounds` of the set-up workload `w` on each side: its row
+    (workload, mkv, limit, ratio, goal, met, notes)."""
+    mkvs, limits = [], []
+    for r in range(rounds):
+        order = [("limit", w.limit, limits), ("mkv", w.mkv, mkvs)]
+        if not w.limit_first(r):
+            order.reverse()
+        for side, fn, out in order:
+            w.side = side
+            out.append(fn())
+            say(f"{w.name} round {r + 1}: {side} {out[-1]['text']}")
+    mkv, limit = w.best(mkvs), w.best(limits)
+    ratio = w.ratio(mkv, limit)
+    return (w.title, mkv["text"], limit["text"], f"{ratio:.3f}", w.goal_text(),
+            "yes" if w.met(mkv, limit, ratio) else "no", "; ".join(dict.fromkeys(w.notes)))
+
+
+# ---------------------------------------------------------------- the table
+
+
+def print_table(rows):
+    print("| workload | mkv | limit | ratio | goal | met | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        print("| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |")
 
 
 def machine_line(bench):
@@ -890,10 +943,38 @@ def machine_line(bench):
             + ("; --quick" if bench.quick else ""))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["fill"]:
-        return fill_main(argv[1:])
+WORKLOADS = [Get, Missing, Thrash, BigPut, Rebuild, Rebalance, Index, List]
+
+
+# ---------------------------------------------------------------- the command line
+
+def fill_main(argv):
+    p = argparse.ArgumentParser(prog="bench.py fill",
+                                description="Write N records /fill/%09d straight into an mkv index.")
+    p.add_argument("--db", required=True, help="the SQLite index file (created if missing)")
+    p.add_argument("--keys", type=int, required=True, help="how many records")
+    p.add_argument("--volumes", default=os.environ.get("MKV_VOLUMES"),
+                   help="volume servers H:P,H:P,... (default: $MKV_VOLUMES)")
+    p.add_argument("--replicas", type=int, default=int(os.environ.get("MKV_REPLICAS", REPLICAS)))
+    p.add_argument("--subvolumes", type=int, default=int(os.environ.get("MKV_SUBVOLUMES", SUBVOLUMES)))
+    p.add_argument("--start", type=int, default=0, help="first key number (default 0)")
+    args = p.parse_args(argv)
+    volumes = [v for v in (args.volumes or "").split(",") if v]
+    if not volumes:
+        p.error("name the volumes with --volumes or MKV_VOLUMES")
+    if args.keys < 1 or not 1 <= args.replicas <= len(volumes) or not 1 <= args.subvolumes <= 256:
+        p.error("--keys >= 1, 1 <= --replicas <= volumes, 1 <= --subvolumes <= 256")
+    progress = every(5, lambda done, took: print(f"fill: {done:,} keys, {took:.0f} s", file=sys.stderr, flush=True),
+                     last_done=args.keys)
+    took = fill(args.db, args.keys, volumes, args.replicas, args.subvolumes, args.start, progress)
+    size = index_size(args.db)
+    print(f"fill: {args.keys:,} keys in {took:.1f} s ({args.keys / took:,.0f} keys/s); "
+          f"{args.db} is {size / MB:,.1f} MB, {size / args.keys:.0f} B/key")
+    return 0
+
+
+def parse_args(argv):
+    """(the options, the names of the chosen workloads)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="short runs, small data: under 3 minutes")
     p.add_argument("--rounds", type=int, default=3, help="rounds per workload, best kept (default %(default)s)")
@@ -908,54 +989,27 @@ def main(argv=None):
     if unknown or args.rounds < 1:
         p.error(f"unknown workload {','.join(unknown)} (known: {','.join(names)})" if unknown
                 else "--rounds must be at least 1")
+    return args, chosen
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fill"]:
+        return fill_main(argv[1:])
+    args, chosen = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     began = time.monotonic()
     bench = Bench(args)
     rows, failed = [], False
     try:
         for cls in WORKLOADS:
-            if cls.name not in chosen:
-                continue
-            w = cls(bench)
-            started = time.monotonic()
-            try:
-                say(f"{w.name}: {w.title}")
-                w.setup()
-                mkvs, limits = [], []
-                for r in range(args.rounds):
-                    order = [("limit", w.limit, limits), ("mkv", w.mkv, mkvs)]
-                    if not w.limit_first(r):
-                        order.reverse()
-                    for side, fn, out in order:
-                        w.side = side
-                        out.append(fn())
-                        say(f"{w.name} round {r + 1}: {side} {out[-1]['text']}")
-                mkv, limit = w.best(mkvs), w.best(limits)
-                ratio = w.ratio(mkv, limit)
-                rows.append((w.title, mkv["text"], limit["text"], f"{ratio:.3f}", w.goal_text(),
-                             "yes" if w.met(mkv, limit, ratio) else "no", "; ".join(dict.fromkeys(w.notes))))
-            except Exception as e:
-                failed = True
-                say(f"{w.name} failed: {type(e).__name__}: {e}")
-                bench.show_logs()
-                rows.append((w.title, "failed", "", "", w.goal_text() if hasattr(w, "goal_text") else "", "",
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"))
-            finally:
-                try:
-                    w.teardown()
-                except Exception as e:
-                    say(f"{w.name} teardown: {type(e).__name__}: {e}")
-                say(f"{w.name}: {time.monotonic() - started:.0f} s")
+            if cls.name in chosen:
+                row, ran = run(bench, cls, args.rounds)
+                rows.append(row)
+                failed = failed or not ran
     finally:
-        bench.stop()
-        if args.keep:
-            say(f"kept {bench.tmp}")
-        else:
-            remove_tree(bench.tmp)
-    print("| workload | mkv | limit | ratio | goal | met | notes |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        print("| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |")
+        bench.close()
+    print_table(rows)
     print()
     print(machine_line(bench))
     print(f"bench: took {time.monotonic() - began:.0f} s", flush=True)
