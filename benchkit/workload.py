@@ -1,0 +1,53 @@
+"""Workload: what the runner asks of every workload.
+
+The runner makes one per run (cls(bench)), calls setup(), then for each round
+limit() and mkv() (limit first in even rounds, unless limit_first says
+otherwise; `side` names the one running), each returning a result dict with
+at least 'text'; then best() of each side, ratio(mkv, limit) (higher is better
+for mkv), goal_text() and met() for the table; teardown() always. Notes added
+to `notes` go to the row's notes column, once each."""
+from benchkit.wrk import good_rate, unexpected
+
+
+class Workload:
+    name = title = goal = ""
+    sizes = None      # (keys with --quick, keys without) of a workload over a number of keys
+    note = ""         # a first note, if any
+
+    def __init__(self, bench):
+        self.b = bench
+        self.notes = [self.note] if self.note else []
+        self.side = "mkv"      # which side the runner measures now: "mkv" or "limit"
+        if self.sizes:
+            self.keys = self.sizes[0] if bench.quick else self.sizes[1]
+            self.title = self.title.format(keys=self.keys)
+
+    def setup(self):
+        pass
+
+    def teardown(self):
+        pass
+
+    def limit_first(self, round_no):
+        return round_no % 2 == 0
+
+    def best(self, results):
+        return max(results, key=lambda r: r["value"])
+
+    def ratio(self, mkv, limit):
+        return mkv["value"] / limit["value"]
+
+    def goal_text(self):
+        return f">= {self.goal}"
+
+    def met(self, mkv, limit, ratio):
+        return ratio >= self.goal
+
+    def served(self, w, expect):
+        """The rate of the answers of the tallied wrk run `w` that had the
+        status `expect`, as a result; a note of this side's other answers."""
+        odd = unexpected(w, expect)
+        if odd:
+            self.notes.append(f"{self.side}: {odd} (not counted)")
+        rate = good_rate(w, expect)
+        return {"value": rate, "text": f"{rate:,.0f} req/s"}
