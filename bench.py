@@ -35,7 +35,7 @@ answer 200 to everything (no files behind 10 million keys), so a master that
 checks a volume before redirecting still redirects.
 
 `fill` writes N records straight into an index file: keys /fill/%09d, state
-live, volumes from mkvlib.key2volume over --volumes ($MKV_VOLUMES), md5 and
+live, volumes from mkvlib.placement.key2volume over --volumes ($MKV_VOLUMES), md5 and
 size made up; in transactions of 100,000 rows.
 """
 

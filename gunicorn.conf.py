@@ -11,7 +11,9 @@ import sys  # noqa: E402
 
 import gunicorn.util  # noqa: E402
 
-import mkvlib  # noqa: E402
+from mkvlib.errors import SettingsError
+from mkvlib.index import Index
+from mkvlib.settings import Settings  # noqa: E402
 
 worker_class = "gevent"
 worker_connections = 1000
@@ -51,9 +53,9 @@ def on_starting(server):
     """Check the settings and create the index once, before any worker forks:
     bad settings stop the start with one line and exit status 1."""
     try:
-        settings = mkvlib.Settings.from_env()
-        mkvlib.Index(settings.db).close()
-    except mkvlib.SettingsError as e:
+        settings = Settings.from_env()
+        Index(settings.db).close()
+    except SettingsError as e:
         sys.exit(f"mkv: {e}")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)

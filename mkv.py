@@ -3,7 +3,7 @@
     MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003 MKV_DB=/tmp/mkv/index.sqlite3 \\
         gunicorn -k gevent -w 4 -b :3000 mkv:app
 
-Settings are read once, here at the edge (see mkvlib.Settings); the storage
+Settings are read once, here at the edge (see mkvlib.settings); the storage
 logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
 one status in ERROR_STATUS, rendered as a one-line reason by one serializer.
 """
@@ -18,7 +18,14 @@ from urllib.parse import quote, unquote_plus, unquote_to_bytes
 
 import falcon
 
-import mkvlib
+from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists,
+                           KeyMissing, KeyProtected, KeyTooLong, MkvError, SettingsError, Unauthorized,
+                           Unavailable, VolumeDown, VolumeError)
+from mkvlib.db import is_full
+from mkvlib.index import LIST_MAX, LIVE, UNLINKED
+from mkvlib.settings import SECRET_HEADER, Settings
+from mkvlib.store import Store
+from mkvlib.volumes import CHUNK
 
 log = logging.getLogger("mkv")
 
@@ -29,21 +36,21 @@ PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole ch
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
 
 ERROR_STATUS = {
-    mkvlib.Unauthorized: falcon.HTTP_401,
-    mkvlib.KeyMissing: falcon.HTTP_404,
-    mkvlib.KeyExists: falcon.HTTP_403,
-    mkvlib.KeyProtected: falcon.HTTP_403,
-    mkvlib.KeyBusy: falcon.HTTP_409,
-    mkvlib.KeyTooLong: falcon.HTTP_414,
-    mkvlib.BadKey: falcon.HTTP_400,
-    mkvlib.EmptyValue: falcon.HTTP_411,
-    mkvlib.ClientGone: falcon.HTTP_400,
-    mkvlib.VolumeDown: falcon.HTTP_503,
-    mkvlib.VolumeError: falcon.HTTP_502,
-    mkvlib.Unavailable: falcon.HTTP_503,
-    mkvlib.DeleteIncomplete: falcon.HTTP_500,
-    mkvlib.IndexBusy: falcon.HTTP_503,
-    mkvlib.SettingsError: falcon.HTTP_503,   # the index could not be opened in this worker
+    Unauthorized: falcon.HTTP_401,
+    KeyMissing: falcon.HTTP_404,
+    KeyExists: falcon.HTTP_403,
+    KeyProtected: falcon.HTTP_403,
+    KeyBusy: falcon.HTTP_409,
+    KeyTooLong: falcon.HTTP_414,
+    BadKey: falcon.HTTP_400,
+    EmptyValue: falcon.HTTP_411,
+    ClientGone: falcon.HTTP_400,
+    VolumeDown: falcon.HTTP_503,
+    VolumeError: falcon.HTTP_502,
+    Unavailable: falcon.HTTP_503,
+    DeleteIncomplete: falcon.HTTP_500,
+    IndexBusy: falcon.HTTP_503,
+    SettingsError: falcon.HTTP_503,   # the index could not be opened in this worker
 }
 
 QUERIES = {"list", "unlinked", "start", "limit", "encoding-type"}
@@ -82,8 +89,8 @@ def parse_query(query_string):
 def parse_limit(value):
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= mkvlib.LIST_MAX:
-        raise falcon.HTTPBadRequest(title=f"limit must be a whole number from 1 to {mkvlib.LIST_MAX}")
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= LIST_MAX:
+        raise falcon.HTTPBadRequest(title=f"limit must be a whole number from 1 to {LIST_MAX}")
     return int(value)
 
 
@@ -118,32 +125,32 @@ def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
         want = piece if remaining is None else min(piece, remaining)
         started = time.monotonic()
         try:
-            with gevent.Timeout(idle_timeout, mkvlib.ClientGone(
+            with gevent.Timeout(idle_timeout, ClientGone(
                     f"client sent less than {want >> 10} KB in {idle_timeout:.0f} s; value not stored")):
                 data = stream.read(want)
-        except mkvlib.ClientGone:
+        except ClientGone:
             raise
         except Exception as e:
-            raise mkvlib.ClientGone(f"client connection broke mid-body ({type(e).__name__}); "
+            raise ClientGone(f"client connection broke mid-body ({type(e).__name__}); "
                                     "value not stored") from None
         if not data:
             if remaining is not None:
-                raise mkvlib.ClientGone(f"body ended {remaining} bytes short of its Content-Length; "
+                raise ClientGone(f"body ended {remaining} bytes short of its Content-Length; "
                                         "value not stored")
             break
         rate = len(data) / max(time.monotonic() - started, 1e-6)
         # at most twice the last piece: one fast burst of a bursty client is no rate
-        piece = int(min(mkvlib.CHUNK, 2 * piece, max(READ_PIECE, rate * idle_timeout / READ_SLACK)))
+        piece = int(min(CHUNK, 2 * piece, max(READ_PIECE, rate * idle_timeout / READ_SLACK)))
         if remaining is not None:
             remaining -= len(data)
-        if not chunk and len(data) >= mkvlib.CHUNK:
+        if not chunk and len(data) >= CHUNK:
             yield bytes(data)    # a whole chunk as read: no copy (bytes() of bytes is itself)
             passed_on = time.monotonic()
             continue
         chunk += data
         # a slow client's bytes go on before a volume waits for them too long
         # (nginx drops an upload after client_body_timeout, 20 s, without a byte)
-        if len(chunk) >= mkvlib.CHUNK or time.monotonic() - passed_on > PASS_ON_EVERY:
+        if len(chunk) >= CHUNK or time.monotonic() - passed_on > PASS_ON_EVERY:
             yield bytes(chunk)
             chunk.clear()
             passed_on = time.monotonic()
@@ -155,15 +162,15 @@ class Master:
     """The HTTP face of the store. One instance per process; the Store (SQLite
     connection, HTTP pools) is opened on first use, i.e. after gunicorn forks."""
 
-    def __init__(self, settings: mkvlib.Settings):
+    def __init__(self, settings: Settings, store=None):
         self.settings = settings
-        self._store = None
-        self._pid = None
+        self._store = store
+        self._pid = None if store is None else "given"   # a store given is used as it is
 
     @property
-    def store(self) -> mkvlib.Store:
-        if self._pid != os.getpid():
-            self._store, self._pid = mkvlib.Store(self.settings, offload=in_a_thread), os.getpid()
+    def store(self) -> Store:
+        if self._pid not in (os.getpid(), "given"):
+            self._store, self._pid = Store(self.settings, offload=in_a_thread), os.getpid()
         return self._store
 
     HANDLERS = {"GET": "on_get", "HEAD": "on_get", "PUT": "on_put", "DELETE": "on_delete",
@@ -179,8 +186,8 @@ class Master:
         if query and handler != "on_get":
             raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
         if handler != "on_get" and self.settings.secret and not hmac.compare_digest(
-                (req.get_header(mkvlib.SECRET_HEADER) or "").encode(), self.settings.secret.encode()):
-            raise mkvlib.Unauthorized(f"{req.method} needs the header {mkvlib.SECRET_HEADER}: MKV_SECRET")
+                (req.get_header(SECRET_HEADER) or "").encode(), self.settings.secret.encode()):
+            raise Unauthorized(f"{req.method} needs the header {SECRET_HEADER}: MKV_SECRET")
         getattr(self, handler)(req, resp, key, query)
 
     def on_get(self, req, resp, key, query):
@@ -190,7 +197,7 @@ class Master:
         if query:
             raise falcon.HTTPBadRequest(title="start, limit and encoding-type go with ?list or ?unlinked")
         url, rec = self.store.locate(key)
-        if rec is not None and rec.state == mkvlib.LIVE:
+        if rec is not None and rec.state == LIVE:
             if rec.md5:
                 resp.set_header("Content-Md5", rec.md5)
             resp.set_header("Key-Volumes", ",".join(rec.volumes))
@@ -213,11 +220,11 @@ class Master:
             raise falcon.HTTPBadRequest(title="encoding-type must be url")
         limit = parse_limit(query.get("limit"))
         start = query.get("start", b"")
-        state = mkvlib.LIVE if listing[0] == "list" else mkvlib.UNLINKED
+        state = LIVE if listing[0] == "list" else UNLINKED
         keys, nxt = self.store.index.list(key, start, limit, state)
         if limit is None and nxt is not None:
             raise falcon.HTTPContentTooLarge(
-                title=f"more than {mkvlib.LIST_MAX} keys: page with &limit=N&start=NEXT")
+                title=f"more than {LIST_MAX} keys: page with &limit=N&start=NEXT")
         names = keys + ([nxt] if nxt is not None else [])
         if encoding is None:
             try:
@@ -237,10 +244,10 @@ class Master:
             key.decode("utf-8")
         except UnicodeDecodeError:
             # listings hand keys out as JSON text: a key that is not UTF-8 could not be paged through
-            raise mkvlib.BadKey("key is not UTF-8 once percent-decoded") from None
+            raise BadKey("key is not UTF-8 once percent-decoded") from None
         length = req.content_length   # None for a chunked body
         if length == 0:
-            raise mkvlib.EmptyValue("empty value: a PUT needs a body")
+            raise EmptyValue("empty value: a PUT needs a body")
         if length is not None and length > VALUE_MAX:
             # passed on, it would be the volumes' 400 and our 502 for the client's lie
             raise falcon.HTTPContentTooLarge(title=f"Content-Length over {VALUE_MAX}: no volume takes it")
@@ -269,9 +276,16 @@ def serialize_error(req, resp, exc):
         resp.text = (exc.title or exc.status) + "\n"
 
 
+def status_of(exc):
+    """The status of a storage error: that of the nearest class in its
+    hierarchy that ERROR_STATUS names (KeyTooLong before BadKey), as
+    Falcon finds an error handler."""
+    return next((ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS), falcon.HTTP_500)
+
+
 def handle_storage_error(req, resp, exc, params):
-    status = next((s for cls, s in ERROR_STATUS.items() if isinstance(exc, cls)), falcon.HTTP_500)
-    headers = {"WWW-Authenticate": f"{mkvlib.SECRET_HEADER}"} if status == falcon.HTTP_401 else None
+    status = status_of(exc)
+    headers = {"WWW-Authenticate": f"{SECRET_HEADER}"} if status == falcon.HTTP_401 else None
     raise falcon.HTTPError(status, title=str(exc), headers=headers)
 
 
@@ -280,7 +294,7 @@ def handle_index_error(req, resp, exc, params):
     read-only or failing (503). The client gets SQLite's reason in one line;
     the log gets the traceback."""
     log.exception("index error on %s %r", req.method, req.env.get("PATH_INFO"))
-    full = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    full = is_full(exc)
     reason = " ".join(str(exc).split()) or type(exc).__name__
     raise falcon.HTTPError(falcon.HTTP_507 if full else falcon.HTTP_503,
                            title=f"index error (MKV_DB): {reason[:200]}; see the master's log")
@@ -293,25 +307,28 @@ def handle_unexpected(req, resp, exc, params):
     raise falcon.HTTPInternalServerError(title=f"internal error ({type(exc).__name__}); see the master's log")
 
 
-def create_app(settings: mkvlib.Settings) -> falcon.App:
+def create_app(settings: Settings, store=None) -> falcon.App:
+    """The master's WSGI app. `store`: the Store to use (or any object with
+    its methods, for in-process tests of the HTTP contract); by default each
+    process opens its own on first use."""
     if not logging.getLogger().handlers:   # gunicorn configures only its own loggers
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
                             datefmt="%Y-%m-%d %H:%M:%S %z")
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
-    app.add_sink(Master(settings), prefix="/")
+    app.add_sink(Master(settings, store), prefix="/")
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(sqlite3.Error, handle_index_error)
-    app.add_error_handler(mkvlib.MkvError, handle_storage_error)
+    app.add_error_handler(MkvError, handle_storage_error)
     return app
 
 
 def _app_from_env():
     try:
-        return create_app(mkvlib.Settings.from_env())
-    except mkvlib.SettingsError as e:
+        return create_app(Settings.from_env())
+    except SettingsError as e:
         # gunicorn.conf.py checks the settings before any worker starts; this is
         # for a run without it: one line, and exit 3 so gunicorn stops retrying.
         print(f"mkv: {e}", file=sys.stderr)

@@ -36,7 +36,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import mkvlib
+from mkvlib.errors import KeyBusy, MkvError, VolumeError
+from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
+from mkvlib.lease import Lease, new_owner
+from mkvlib.placement import TMP_DIR, key2path, new_tmp, volume_host
+from mkvlib.volumes import CHUNK
 import tools
 
 PROG = "rebalance"
@@ -46,7 +50,7 @@ SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead wr
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 
 
-class CopyFailed(mkvlib.MkvError):
+class CopyFailed(MkvError):
     pass
 
 
@@ -54,7 +58,7 @@ class Rebalance:
     def __init__(self, settings, index, volumes, progress, forget=()):
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
         self.forget = set(forget)       # hosts gone for good: their copies count as lost
-        self.owner = mkvlib.new_owner("rebalance-")
+        self.owner = new_owner("rebalance-")
         self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
         self.again = []                 # keys busy or failed on the first try: one more at the end
         self._again_lock = threading.Lock()
@@ -62,8 +66,7 @@ class Rebalance:
         self.replaced = {}              # host -> identity of a disk the index does not know yet
 
     def placement(self, key):
-        s = self.settings
-        return mkvlib.key2volume(key, s.volumes, s.replicas, s.subvolumes)
+        return self.settings.placement(key)
 
     def fail(self, key, why):
         self.progress.count("failed")
@@ -79,9 +82,9 @@ class Rebalance:
         self.progress.set_total(self.index.count())
         self.identify()
         self.sweep()
-        for key, volume, since in self.index.pending_deletes():   # a killed run's, failed writes'
-            if mkvlib.volume_host(volume) in self.forget:
-                self.index.pending_done(key, volume)    # nothing left to delete there
+        for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
+            if volume_host(volume) in self.forget:
+                self.index.unnote(key, volume)    # nothing left to delete there
             else:
                 self.noted.add(key)
                 self.deletes.put((since + GRACE, key, volume))
@@ -102,7 +105,7 @@ class Rebalance:
         for key in self.again:    # once more, now that the others are done
             rec = self.index.get(key)
             if rec is not None:
-                self.locked(rec, final=True)
+                self.lock_and_move(rec, final=True)
         self.deletes.put(None)
         deleter.join()
         if self.replaced and not (self.progress.counts.get("failed") or self.progress.counts.get("busy")):
@@ -117,7 +120,7 @@ class Rebalance:
         for host in self.settings.volumes:
             try:
                 ident = self.volumes.identity(host)
-            except mkvlib.VolumeError:
+            except VolumeError:
                 continue    # the keys it holds say so
             if host not in known:
                 self.index.record_volume_id(host, ident)
@@ -132,9 +135,9 @@ class Rebalance:
         then never land."""
         for host in self.settings.volumes:
             try:
-                entries = self.volumes.listdir(host, mkvlib.TMP_DIR)
-            except mkvlib.VolumeError as e:
-                self.progress.message(f"{PROG}: cannot list {host}{mkvlib.TMP_DIR}: {e}")
+                entries = self.volumes.listdir(host, TMP_DIR)
+            except VolumeError as e:
+                self.progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
                 continue
             for e in entries:
                 try:
@@ -143,46 +146,46 @@ class Rebalance:
                     continue
                 if e.get("type") == "file" and age > SWEEP_AGE:
                     try:
-                        self.volumes.delete(host, mkvlib.TMP_DIR + e["name"])
-                    except mkvlib.VolumeError:
+                        self.volumes.delete(host, TMP_DIR + e["name"])
+                    except VolumeError:
                         pass   # the next run sweeps it
 
     def first_look(self, rec):
         self.progress.count("seen")
         self.progress.add(keys=1)
         try:
-            if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+            if rec.state not in (LIVE, UNLINKED):
                 if rec.locked() and not tools.owner_is_dead(rec.lock_owner):
                     return self.progress.count("skipped")   # being written or deleted: the master's
                 return self.purge(rec)   # a dead request's: its lock is taken over
             if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
-                    and not any(mkvlib.volume_host(v) in self.replaced for v in rec.volumes) \
+                    and not any(volume_host(v) in self.replaced for v in rec.volumes) \
                     and self.all_there(rec.key, rec.volumes):
                 return self.progress.count("unchanged")
-            self.locked(rec)
+            self.lock_and_move(rec)
         except Exception as e:   # one key's trouble never stops the run
             self.fail(rec.key, f"{type(e).__name__}: {e}")
 
     def all_there(self, key, volumes):
-        path = mkvlib.key2path(key)
+        path = key2path(key)
         try:
             return all(self.volumes.has(v, path) for v in volumes)
-        except mkvlib.VolumeError:
+        except VolumeError:
             return False    # the locked path looks again and says what is wrong
 
-    def locked(self, rec, final=False):
+    def lock_and_move(self, rec, final=False):
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
-        except mkvlib.KeyBusy as e:
+        except KeyBusy as e:
             if final:
                 return self.busy(rec.key, str(e))
             return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
         try:
-            with mkvlib.Lease(self.index, rec.key, self.owner):
+            with Lease(self.index, rec.key, self.owner):
                 self.move(rec)
-        except (mkvlib.MkvError, sqlite3.Error) as e:
+        except (MkvError, sqlite3.Error) as e:
             if final:
                 self.fail(rec.key, str(e))
             else:   # a volume may have been slow or restarting: one more try at the end
@@ -198,23 +201,23 @@ class Rebalance:
         retried DELETE would."""
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
-        except mkvlib.KeyBusy:
+        except KeyBusy:
             return self.progress.count("skipped")   # someone took the key up meanwhile
         if rec is None:
             return self.progress.count("unchanged")
         try:
-            if rec.state not in (mkvlib.WRITING, mkvlib.DELETING):
+            if rec.state not in (WRITING, DELETING):
                 return self.progress.count("skipped")
-            with mkvlib.Lease(self.index, rec.key, self.owner):
+            with Lease(self.index, rec.key, self.owner):
                 notes = self.index.notes(rec.key)
                 copies = {v: notes.get(v) for v in rec.volumes}
-                removed = self.volumes.remove_all(copies, mkvlib.key2path(rec.key))
-                if len(removed) < len(copies):
+                failed = self.volumes.delete_copies(copies, key2path(rec.key))
+                if failed:
                     return self.fail(rec.key, "could not remove the files of a dead write or delete on "
-                                     + ",".join(v for v in copies if v not in removed))
-                for v in removed:     # while the key is ours: a new PUT's notes are its own
+                                     + ",".join(v for v in copies if v in failed))
+                for v in copies:     # while the key is ours: a new PUT's notes are its own
                     if v in notes:
-                        self.index.pending_done(rec.key, v)
+                        self.index.unnote(rec.key, v)
             self.index.finish_delete(rec.key, self.owner)
             self.progress.count("purged")
         finally:
@@ -227,24 +230,24 @@ class Rebalance:
     # -- one key, locked
 
     def move(self, rec):
-        if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+        if rec.state not in (LIVE, UNLINKED):
             return self.progress.count("skipped")
-        key, path = rec.key, mkvlib.key2path(rec.key)
+        key, path = rec.key, key2path(rec.key)
         placement = self.placement(key)
         notes = self.index.notes(key)
         have, down = {}, []
         for v in dict.fromkeys(rec.volumes + placement):
-            if mkvlib.volume_host(v) in self.forget:
+            if volume_host(v) in self.forget:
                 have[v] = False
                 continue
             try:
                 have[v] = self.volumes.has(v, path)
-            except mkvlib.VolumeError as e:
+            except VolumeError as e:
                 have[v] = None
                 down.append(str(e))
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
-                   and mkvlib.volume_host(v) not in self.replaced]
+                   and volume_host(v) not in self.replaced]
         if not vouched:
             why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")
@@ -257,7 +260,7 @@ class Rebalance:
         if rec.volumes != placement or targets:
             dropped = [v for v in rec.volumes if v not in placement and have[v] is not False]
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
-                raise mkvlib.KeyBusy("lost the lock on the key while moving it")
+                raise KeyBusy("lost the lock on the key while moving it")
             due = time.time() + GRACE
             for v in dropped:
                 self.deletes.put((due, key, v))
@@ -271,8 +274,8 @@ class Rebalance:
         """Stream the value from the first source that gives a good copy to
         every target: noted first, uploaded, checked against the record, and
         only then MOVEd over whatever sat at the targets' paths."""
-        tmp = mkvlib.new_tmp()
-        self.index.note_pending(rec.key, targets, tmp)   # switch_volumes drops these notes
+        tmp = new_tmp()
+        self.index.note(rec.key, targets, tmp)   # switch_volumes drops these notes
 
         def fence(md5, size):
             if rec.md5 and md5 != rec.md5:
@@ -280,13 +283,13 @@ class Rebalance:
             if rec.size is not None and size != rec.size:
                 raise CopyFailed(f"{src} holds {size} bytes, not the recorded {rec.size}")
             if not self.index.renew(rec.key, self.owner):
-                raise mkvlib.KeyBusy("lost the lock on the key while copying it")
+                raise KeyBusy("lost the lock on the key while copying it")
 
         last = None
         for src in sources:
             try:
                 r = self.volumes.open(src, path)
-            except mkvlib.VolumeError as e:
+            except VolumeError as e:
                 last = e
                 continue
             if r is None:
@@ -294,15 +297,15 @@ class Rebalance:
                 continue
             ok = False
             try:
-                md5, size = self.volumes.put(targets, path, r.stream(mkvlib.CHUNK), r.length,
+                md5, size = self.volumes.put(targets, path, r.stream(CHUNK), r.length,
                                              tmp=tmp, fence=fence)
                 ok = True
-            except mkvlib.KeyBusy:
+            except KeyBusy:
                 raise
             except Exception as e:
                 last = f"from {src}: {e}"
                 outcomes = getattr(e, "outcomes", {})
-                if set(self.volumes.remove_all({v: tmp for v in outcomes}, path)) != set(outcomes):
+                if self.volumes.delete_copies({v: tmp for v in outcomes}, path):
                     raise CopyFailed(f"could not copy to {','.join(targets)} ({last}), and could not "
                                      "remove what landed: it stays noted for the next run") from None
             finally:
@@ -330,7 +333,7 @@ class Rebalance:
             retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
         for key, volume in retry:
             rec = self.index.get(key)
-            if rec is not None and rec.state == mkvlib.WRITING and rec.locked():
+            if rec is not None and rec.state == WRITING and rec.locked():
                 self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
             else:
                 self.busy(key, f"its copy on {volume} stays noted for the next run")
@@ -339,37 +342,41 @@ class Rebalance:
         """Remove a noted copy under the key's lock, unless the note is gone
         by now or the record names that volume (then move() rewrites the copy
         there). False if the key is busy."""
-        path = mkvlib.key2path(key)
+        path = key2path(key)
         try:
             try:
                 rec = tools.lock_key(self.index, key, self.owner)
-            except mkvlib.KeyBusy:
+            except KeyBusy:
                 return False
             if rec is None:
                 # no record: claim the key as a PUT would, so none writes it meanwhile
                 if not self.index.claim(key, [volume], self.owner):
                     return False
                 try:
-                    self.remove_noted(key, volume, path)
+                    self.delete_noted(key, volume, path)
                 finally:
                     self.index.abandon_put(key, self.owner)
                 return True
             try:
-                if rec.state in (mkvlib.WRITING, mkvlib.DELETING) or volume not in rec.volumes:
-                    self.remove_noted(key, volume, path)
+                if rec.state in (WRITING, DELETING) or volume not in rec.volumes:
+                    self.delete_noted(key, volume, path)
             finally:
                 self.index.release(key, self.owner)
             return True
-        except (mkvlib.MkvError, sqlite3.Error) as e:
+        except (MkvError, sqlite3.Error) as e:
             self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
             return True
 
-    def remove_noted(self, key, volume, path):
-        with mkvlib.Lease(self.index, key, self.owner):
+    def delete_noted(self, key, volume, path):
+        """Delete the noted copy of a key locked by this run (with the upload
+        whose MOVE may still land it), then its note."""
+        with Lease(self.index, key, self.owner):
             notes = self.index.notes(key)
             if volume in notes:
-                self.volumes.remove(volume, path, notes[volume])
-                self.index.pending_done(key, volume)
+                failed = self.volumes.delete_copies({volume: notes[volume]}, path)
+                if failed:
+                    raise VolumeError(failed[volume])
+                self.index.unnote(key, volume)
 
 
 def main(argv=None):
@@ -392,9 +399,7 @@ def main(argv=None):
         print(f"{PROG}: --forget-volume {in_use[0]} is still in MKV_VOLUMES; remove it there first",
               file=sys.stderr)
         return 2
-    index = tools.open_index(PROG, settings.db)
-    volumes = tools.open_volumes(settings, args.workers)
-    progress = tools.Progress(PROG, unit="keys")
+    index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="keys")
     job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume)
     if not tools.run(PROG, job, args.workers, progress):
         return 1

@@ -30,7 +30,11 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import mkvlib
+from mkvlib.errors import KeyBusy, MkvError, Unavailable, VolumeError
+from mkvlib.index import LIVE, UNLINKED
+from mkvlib.lease import Lease, new_owner
+from mkvlib.placement import key2path, path2key, volume_host
+from mkvlib.volumes import CHUNK
 import tools
 
 PROG = "rebuild"
@@ -55,13 +59,13 @@ def order_replicas(key, holders, settings):
     """The original's rule: the holders that are in the key's placement, in
     placement order, then the others (here in MKV_VOLUMES order, then by name,
     so that the result does not depend on which listing came first)."""
-    placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
+    placement = settings.placement(key)
     first = [v for v in placement if v in holders]
     if len(first) == len(holders):
         return first
     rank = {v: i for i, v in enumerate(settings.volumes)}
     rest = sorted((v for v in holders if v not in placement),
-                  key=lambda v: (rank.get(mkvlib.volume_host(v), len(rank)), v))
+                  key=lambda v: (rank.get(volume_host(v), len(rank)), v))
     return first + rest
 
 
@@ -74,9 +78,9 @@ def classify(key, rec, holders, settings, notes=()):
     if rec is None:
         return [("orphan", v + (" (noted: rebalance.py removes it)" if v in notes else ""))
                 for v in sorted(sizes)]
-    if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+    if rec.state not in (LIVE, UNLINKED) or rec.locked():
         return []
-    placement = mkvlib.key2volume(key, settings.volumes, settings.replicas, settings.subvolumes)
+    placement = settings.placement(key)
     if not sizes:
         return [("missing", ",".join(rec.volumes))]
     problems = [("misplaced", v) for v in sorted(sizes) if v not in placement]
@@ -93,24 +97,13 @@ def classify(key, rec, holders, settings, notes=()):
     return problems
 
 
-class Rebuild:
-    def __init__(self, settings, index, volumes, progress, fresh, md5=False, check=False):
-        self.settings, self.index, self.volumes = settings, index, volumes
-        self.progress, self.fresh, self.md5, self.check = progress, fresh, md5, check
-        self.owner = mkvlib.new_owner("rebuild-")
-        self.problems = {k: 0 for k in KINDS}
-        self._report_lock = threading.Lock()
-        self._rows, self._rows_lock = [], threading.Lock()   # add_fresh's rows waiting for insert()
-        self._seen = None
-        if check:
-            self._tmp = tempfile.TemporaryDirectory(prefix="mkv-check-")
-            self._seen = sqlite3.connect(os.path.join(self._tmp.name, "seen.sqlite3"),
-                                         check_same_thread=False, isolation_level=None)
-            self._seen.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-                                     "CREATE TABLE seen (key BLOB PRIMARY KEY) WITHOUT ROWID;")
-            self._seen_lock = threading.Lock()
+class Listing:
+    """The folders of the volumes, as rebuild walks them: many listings at
+    once (Volumes.listdirs), a folder that could not be listed counted as a
+    failure and reported."""
 
-    # -- the walk
+    def __init__(self, volumes, progress):
+        self.volumes, self.progress = volumes, progress
 
     def listdirs(self, folders):
         """Listings of [(volume, path)], in order, all asked at once; None for a
@@ -124,12 +117,12 @@ class Rebuild:
             out.append(got)
         return out
 
-    def subvolumes(self):
+    def subvolumes(self, hosts):
         """{(sub)volume: set of its xx folders}. A volume with svXX folders is
         walked in those; top-level xx folders are walked too (a volume whose
         MKV_SUBVOLUMES changed, or one written with subvolumes=1)."""
         tops, subs = {}, []
-        for host, entries in zip(self.settings.volumes, self.listdirs([(h, "/") for h in self.settings.volumes])):
+        for host, entries in zip(hosts, self.listdirs([(h, "/") for h in hosts])):
             if entries is None:
                 continue
             mine = [f"{host}/{e['name']}" for e in entries if is_subvolume_dir(e)]
@@ -168,12 +161,47 @@ class Rebuild:
             folders = deeper
         return out
 
+
+class Seen:
+    """The set of keys --check found on the volumes, in a throwaway SQLite
+    file (billions of keys do not fit in memory); safe between threads."""
+
+    def __init__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="mkv-check-")
+        self._db = sqlite3.connect(os.path.join(self._tmp.name, "seen.sqlite3"),
+                                   check_same_thread=False, isolation_level=None)
+        self._db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                               "CREATE TABLE seen (key BLOB PRIMARY KEY) WITHOUT ROWID;")
+        self._lock = threading.Lock()
+
+    def add(self, keys):
+        with self._lock:
+            self._db.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in keys])
+
+    def __contains__(self, key):
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM seen WHERE key = ?", (key,)).fetchone() is not None
+
+
+class Rebuild:
+    def __init__(self, settings, index, volumes, progress, fresh, md5=False, check=False):
+        self.settings, self.index, self.volumes = settings, index, volumes
+        self.progress, self.fresh, self.md5, self.check = progress, fresh, md5, check
+        self.owner = new_owner("rebuild-")
+        self.problems = {k: 0 for k in KINDS}
+        self._report_lock = threading.Lock()
+        self._rows, self._rows_lock = [], threading.Lock()   # add_fresh's rows waiting for insert()
+        self.listing = Listing(volumes, progress)
+        self.seen = Seen() if check else None    # keys found on the volumes, for --check
+
+    # -- the walk
+
     def walk_top(self, xx, subs):
         """Every /xx/yy/ folder of every (sub)volume that has /xx/, LIST_BATCH
         listings at a time, yy by yy."""
         try:
             by_yy = {}
-            for sub, entries in zip(subs, self.listdirs([(sub, f"/{xx}/") for sub in subs])):
+            for sub, entries in zip(subs, self.listing.listdirs([(sub, f"/{xx}/") for sub in subs])):
                 for e in entries or ():
                     if is_hex_dir(e):
                         by_yy.setdefault(e["name"], []).append(sub)
@@ -203,14 +231,15 @@ class Rebuild:
         every copy the listings show."""
         found = {yy: {} for yy in yys}    # yy -> key -> {(sub)volume: size}
         keys = {}                          # (yy, name) -> its key, None if not a file mkv wrote
-        for sub, yy, name, size in self.files([(sub, f"/{xx}/{yy}/", yy) for yy in yys for sub in by_yy[yy]]):
+        for sub, yy, name, size in self.listing.files([(sub, f"/{xx}/{yy}/", yy) for yy in yys
+                                                        for sub in by_yy[yy]]):
             key = keys.get((yy, name), False)
             if key is False:    # each name once, not once per copy
                 try:
-                    key = mkvlib.path2key(name)
+                    key = path2key(name)
                 except ValueError:
                     key = None
-                if key is not None and mkvlib.key2path(key) != f"/{xx}/{yy}/{name}":
+                if key is not None and key2path(key) != f"/{xx}/{yy}/{name}":
                     key = None
                 keys[yy, name] = key
             if key is None:
@@ -228,17 +257,16 @@ class Rebuild:
             for key in sorted(found[yy]):
                 try:
                     self.one_key(key, found[yy][key], rows)
-                except (mkvlib.MkvError, sqlite3.Error) as e:
+                except (MkvError, sqlite3.Error) as e:
                     self.progress.count("failed")
                     self.progress.message(f"{PROG}: {tools.show(key)}: {e}")
-            if self._seen is not None and found[yy]:
-                with self._seen_lock:
-                    self._seen.executemany("INSERT OR IGNORE INTO seen VALUES (?)", [(k,) for k in found[yy]])
+            if self.seen is not None and found[yy]:
+                self.seen.add(found[yy])
         if len(rows) >= INSERT_BATCH:
             self.insert(rows)
 
     def run(self, workers):
-        tops = self.subvolumes()
+        tops = self.listing.subvolumes(self.settings.volumes)
         units = {}
         for sub, xxs in tops.items():
             for xx in xxs:
@@ -263,7 +291,7 @@ class Rebuild:
         rec = self.index.get(key)
         if rec is None:
             return self.add_key(key, found)
-        if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+        if rec.state not in (LIVE, UNLINKED) or rec.locked():
             return self.progress.count("busy")
         volumes = order_replicas(key, found, self.settings)
         if volumes == rec.volumes and all(s == rec.size for s in found.values()) and not self.md5:
@@ -278,21 +306,21 @@ class Rebuild:
             try:
                 if self.volumes.has(v, path):
                     out.append(v)
-            except mkvlib.VolumeError:
+            except VolumeError:
                 out.append(v)
         return out
 
     def checksum(self, key, volume):
         """(md5, size) of the key's file on `volume`; None if it cannot be read."""
         try:
-            r = self.volumes.open(volume, mkvlib.key2path(key))
-        except mkvlib.VolumeError:
+            r = self.volumes.open(volume, key2path(key))
+        except VolumeError:
             return None
         if r is None:
             return None
         h, n = hashlib.md5(), 0
         try:
-            for chunk in r.stream(mkvlib.CHUNK):
+            for chunk in r.stream(CHUNK):
                 h.update(chunk)
                 n += len(chunk)
         except Exception as e:   # a transfer broken off
@@ -302,10 +330,10 @@ class Rebuild:
             r.close()
         return h.hexdigest(), n
 
-    def conflict(self, key, facts):
+    def conflict(self, key, differences):
         """Copies of a key that no record vouches for disagree: none is added."""
         self.progress.count("failed")
-        detail = ", ".join(f"{v}: {f}" for v, f in sorted(facts.items()))
+        detail = ", ".join(f"{v}: {d}" for v, d in sorted(differences.items()))
         self.progress.message(f"{PROG}: {tools.show(key)}: conflict, its copies differ ({detail}); not added: "
                               "remove the wrong copies (or all but the one you trust) and run rebuild again")
 
@@ -316,13 +344,13 @@ class Rebuild:
         sums = {v: self.checksum(key, v) for v in volumes}
         readable = {v: s for v, s in sums.items() if s is not None}
         if not readable:
-            raise mkvlib.Unavailable("could not read the file from any volume for --md5")
+            raise Unavailable("could not read the file from any volume for --md5")
         if len(set(readable.values())) > 1:
             self.conflict(key, {v: f"md5 {m}, {n} bytes" for v, (m, n) in readable.items()})
             return None
         return next(iter(readable.values()))
 
-    def facts(self, key, found, volumes):
+    def md5_and_size(self, key, found, volumes):
         """(md5, size) of a new key whose copies are on `volumes`: the listed
         size and no md5, or with --md5 the md5 its copies agree on; None if
         they do not (agreed_sum has reported it)."""
@@ -337,11 +365,11 @@ class Rebuild:
         if len(set(found.values())) > 1:
             return self.conflict(key, {v: f"{s} bytes" for v, s in found.items()})
         volumes = order_replicas(key, found, self.settings)
-        facts = self.facts(key, found, volumes)
-        if facts is None:
+        value = self.md5_and_size(key, found, volumes)
+        if value is None:
             return
-        md5, size = facts
-        rows.append((key, mkvlib.LIVE, ",".join(volumes), md5, size))
+        md5, size = value
+        rows.append((key, volumes, md5, size))
 
     def insert(self, rows):
         """Write the rows add_fresh made, in one transaction, and empty `rows`.
@@ -349,12 +377,9 @@ class Rebuild:
         wrote it knows better; counted busy)."""
         if not rows:
             return
-        rows.sort()   # in key order: each B-tree page is written once per transaction
         try:
-            with self.index._write() as db:
-                added = db.executemany("INSERT OR IGNORE INTO keys (key, state, volumes, md5, size)"
-                                       " VALUES (?, ?, ?, ?, ?)", rows).rowcount
-        except (mkvlib.MkvError, sqlite3.Error) as e:
+            added = self.index.insert_live(rows)
+        except (MkvError, sqlite3.Error) as e:
             self.progress.count("failed", len(rows))
             self.progress.message(f"{PROG}: could not write {len(rows)} keys to the index: {e}")
         else:
@@ -379,20 +404,20 @@ class Rebuild:
             return self.progress.count("busy")   # written meanwhile: the master's record wins
         done = False
         try:
-            with mkvlib.Lease(self.index, key, self.owner):
-                volumes = self.present([(v, mkvlib.key2path(key)) for v in volumes])
+            with Lease(self.index, key, self.owner):
+                volumes = self.present([(v, key2path(key)) for v in volumes])
                 if not volumes:
                     return self.progress.count("unchanged")   # deleted since the listing
-                facts = self.facts(key, found, volumes)
-                if facts is None:
+                value = self.md5_and_size(key, found, volumes)
+                if value is None:
                     return
-                md5, size = facts
-                if self.index.set_facts(key, self.owner, volumes, size, md5) and \
+                md5, size = value
+                if self.index.set_value(key, self.owner, volumes, size, md5) and \
                         self.index.finish_put(key, self.owner, md5, size):
                     done = True
                     self.progress.count("added")
                 else:
-                    raise mkvlib.KeyBusy("lost the lock while adding the key")
+                    raise KeyBusy("lost the lock while adding the key")
         finally:
             if not done:
                 self.index.abandon_put(key, self.owner)
@@ -406,15 +431,15 @@ class Rebuild:
         compared with the record's (or a recorded copy's)."""
         try:
             rec = tools.lock_key(self.index, key, self.owner)
-        except mkvlib.KeyBusy:
+        except KeyBusy:
             return self.progress.count("busy")
         if rec is None:
             return self.progress.count("unchanged")   # deleted since
         try:
-            with mkvlib.Lease(self.index, key, self.owner):
-                if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED):
+            with Lease(self.index, key, self.owner):
+                if rec.state not in (LIVE, UNLINKED):
                     return self.progress.count("busy")
-                path = mkvlib.key2path(key)
+                path = key2path(key)
                 noted = self.index.notes(key)
                 kept = self.present([(v, path) for v in rec.volumes])
                 wrong = [v for v in kept if v in found and rec.size is not None and found[v] != rec.size]
@@ -447,8 +472,8 @@ class Rebuild:
                     return self.progress.count("unchanged")   # nothing trustworthy found: keep the record
                 if (volumes, size, md5) == (rec.volumes, rec.size, rec.md5):
                     return self.progress.count("unchanged")
-                if not self.index.set_facts(key, self.owner, volumes, size, md5, dropped=wrong):
-                    raise mkvlib.KeyBusy("lost the lock while updating the key")
+                if not self.index.set_value(key, self.owner, volumes, size, md5, dropped=wrong):
+                    raise KeyBusy("lost the lock while updating the key")
                 self.progress.count("updated")
         finally:
             self.index.release(key, self.owner)
@@ -465,9 +490,8 @@ class Rebuild:
         have written or deleted the key since), and report what remains."""
         listed = listed or {}
         rec = self.index.get(key)
-        placement = mkvlib.key2volume(key, self.settings.volumes, self.settings.replicas,
-                                      self.settings.subvolumes)
-        path = mkvlib.key2path(key)
+        placement = self.settings.placement(key)
+        path = key2path(key)
         # the listing's holders too: a misplaced file is on neither of the others
         candidates = set(placement) | set(rec.volumes if rec else ()) | set(listed)
         holders = {}
@@ -475,10 +499,10 @@ class Rebuild:
             try:
                 if self.volumes.has(v, path):
                     holders[v] = listed.get(v)
-            except mkvlib.VolumeError:
+            except VolumeError:
                 holders[v] = listed.get(v)
         problems = classify(key, rec, holders, self.settings, self.index.notes(key))
-        if self.md5 and rec is not None and rec.md5 and rec.state in (mkvlib.LIVE, mkvlib.UNLINKED) \
+        if self.md5 and rec is not None and rec.md5 and rec.state in (LIVE, UNLINKED) \
                 and not rec.locked():
             for v in rec.volumes:
                 got = self.checksum(key, v) if v in holders else None
@@ -496,11 +520,9 @@ class Rebuild:
     def find_missing(self):
         """Keys of the index that the walk did not see anywhere."""
         for rec in self.index.scan():
-            if rec.state not in (mkvlib.LIVE, mkvlib.UNLINKED) or rec.locked():
+            if rec.state not in (LIVE, UNLINKED) or rec.locked():
                 continue
-            with self._seen_lock:
-                seen = self._seen.execute("SELECT 1 FROM seen WHERE key = ?", (rec.key,)).fetchone()
-            if not seen:
+            if rec.key not in self.seen:
                 self.confirm(rec.key)
 
 
@@ -525,9 +547,7 @@ def main(argv=None):
         print(f"{PROG}: --check compares with an existing index, and {settings.db} does not exist",
               file=sys.stderr)
         return 2
-    index = tools.open_index(PROG, settings.db)
-    volumes = tools.open_volumes(settings, args.workers)
-    progress = tools.Progress(PROG, unit="folders")
+    index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="folders")
     job = Rebuild(settings, index, volumes, progress, fresh, md5=args.md5, check=args.check)
     if not tools.run(PROG, job, args.workers, progress):
         return 1

@@ -221,12 +221,12 @@ def one_key(http, master, key, size):
 def one_key_direct(http, volumes, replicas, subvolumes, key, size):
     """The same work straight to the volumes: PUT each replica (at once), GET
     one, DELETE each (at once); returns a failure message or None."""
-    import mkvlib
+    from mkvlib.placement import key2path, key2volume, volume_host
     value = os.urandom(size)
     raw = key.encode()
-    path = quote(mkvlib.key2path(raw), safe="/=+")
-    places = [(mkvlib.volume_host(v), v[len(mkvlib.volume_host(v)):] + path)
-              for v in mkvlib.key2volume(raw, volumes, replicas, subvolumes)]
+    path = quote(key2path(raw), safe="/=+")
+    places = [(volume_host(v), v[len(volume_host(v)):] + path)
+              for v in key2volume(raw, volumes, replicas, subvolumes)]
 
     def on_each(method, body, ok):
         jobs = [gevent.spawn(http.request, method, host, p, body) for host, p in places]

@@ -11,7 +11,10 @@ import sys
 import threading
 import time
 
-import mkvlib
+from mkvlib.errors import KeyBusy, SettingsError
+from mkvlib.index import Index
+from mkvlib.settings import Settings
+from mkvlib.volumes import Volumes
 
 STATUS_EVERY = 5.0      # seconds between status lines when stderr is not a terminal
 VOLUME_TIMEOUT = 10.0   # seconds the tools wait at least for a volume to connect or answer
@@ -30,32 +33,37 @@ def add_common_args(parser: argparse.ArgumentParser, workers=8):
                         help=f"keys or folders worked on at once (default: {workers})")
 
 
-def settings_from_args(prog, args) -> mkvlib.Settings:
+def settings_from_args(prog, args) -> Settings:
     """Flags over MKV_*; a bad setting is one line on stderr and exit status 2."""
     try:
         if args.workers < 1 or args.workers > 256:
-            raise mkvlib.SettingsError(f"--workers: {args.workers} is out of range (1 to 256)")
-        return mkvlib.Settings.from_env(volumes=args.volumes, db=args.db, replicas=args.replicas,
+            raise SettingsError(f"--workers: {args.workers} is out of range (1 to 256)")
+        return Settings.from_env(volumes=args.volumes, db=args.db, replicas=args.replicas,
                                         subvolumes=args.subvolumes)
-    except mkvlib.SettingsError as e:
+    except SettingsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def open_volumes(settings, workers) -> mkvlib.Volumes:
+def open_volumes(settings, workers) -> Volumes:
     """The tools' volume client. MKV_VOLTIMEOUT is tuned for the master, which
     must answer a GET quickly; a tool would rather wait than fail a key, so
     it waits at least VOLUME_TIMEOUT seconds for a volume to answer."""
-    return mkvlib.Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4),
+    return Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4),
                           secret=settings.secret)
 
 
-def open_index(prog, path) -> mkvlib.Index:
+def open_index(prog, path) -> Index:
     try:
-        return mkvlib.Index(path)
-    except mkvlib.SettingsError as e:
+        return Index(path)
+    except SettingsError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def open_all(prog, settings, workers, unit):
+    """(index, volume client, progress display) of a tool's run."""
+    return open_index(prog, settings.db), open_volumes(settings, workers), Progress(prog, unit=unit)
 
 
 def run(prog, job, workers, progress) -> bool:
@@ -78,7 +86,7 @@ def show(key: bytes) -> str:
 # ---------------------------------------------------------------- locks
 
 def owner_is_dead(owner: str) -> bool:
-    """True if a lock owner token (mkvlib.new_owner: host:pid:...) names a
+    """True if a lock owner token (mkvlib.lease.new_owner: host:pid:...) names a
     process of this machine that no longer exists."""
     try:
         host, pid, _ = owner.split(":", 2)
@@ -108,13 +116,13 @@ def is_zombie(pid: int) -> bool:
     return stat[stat.rfind(")") + 2:stat.rfind(")") + 3] == "Z"
 
 
-def lock_key(index: mkvlib.Index, key: bytes, owner: str):
+def lock_key(index: Index, key: bytes, owner: str):
     """Index.lock, but a lock left by a killed process of this machine is
     taken over at once instead of waiting for its lease to run out.
     Returns the record (None: no such key); KeyBusy if someone live holds it."""
     try:
         return index.lock(key, owner)
-    except mkvlib.KeyBusy:
+    except KeyBusy:
         rec = index.get(key)
         if rec is not None and rec.lock_owner and owner_is_dead(rec.lock_owner):
             taken = index.take_over(key, rec.lock_owner, owner)

@@ -7,7 +7,8 @@ import os
 import sqlite3
 import time
 
-import mkvlib
+from mkvlib.index import Index
+from mkvlib.placement import key2path, key2volume, volume_host
 from benchkit.common import REPLICAS, SUBVOLUMES, conftest
 
 FILL_BATCH = 100_000
@@ -18,15 +19,15 @@ FILL_BATCH = 100_000
 def _placements(args):
     """Worker of fill: the volumes column of keys start..stop-1."""
     start, stop, volumes, replicas, subvolumes = args
-    return [",".join(mkvlib.key2volume(b"/fill/%09d" % i, volumes, replicas, subvolumes))
+    return [",".join(key2volume(b"/fill/%09d" % i, volumes, replicas, subvolumes))
             for i in range(start, stop)]
 
 
 def fill(db, keys, volumes, replicas=REPLICAS, subvolumes=SUBVOLUMES, start=0, progress=None):
     """Write records /fill/START.. /fill/START+KEYS-1 into the index `db`
-    (created by mkvlib.Index if new); returns seconds taken."""
+    (created by Index if new); returns seconds taken."""
     began = time.monotonic()
-    mkvlib.Index(db).close()          # the file, its schema and WAL mode, as the master makes it
+    Index(db).close()          # the file, its schema and WAL mode, as the master makes it
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-262144")      # 256 MB: inserts in key order, mostly appends
@@ -69,7 +70,7 @@ def index_size(db):
 
 def write_index(db, rows):
     """A new index `db` holding `rows` (key, state, volumes, md5, size)."""
-    mkvlib.Index(db).close()
+    Index(db).close()
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("BEGIN")
     conn.executemany("INSERT INTO keys (key, state, volumes, md5, size) VALUES (?, ?, ?, ?, ?)", rows)
@@ -82,23 +83,23 @@ def write_index(db, rows):
 def placement(key, names):
     """The volumes ('host:port/svXX') of `key` over the volume servers `names`,
     with the bench's replicas and subvolumes."""
-    return mkvlib.key2volume(key, names, REPLICAS, SUBVOLUMES)
+    return key2volume(key, names, REPLICAS, SUBVOLUMES)
 
 
 def direct_urls(key, names):
     """The URLs of `key`'s copies straight on the volume servers `names`."""
-    path = mkvlib.key2path(key)
+    path = key2path(key)
     return [f"http://{v}{path}" for v in placement(key, names)]
 
 
 def plant(folder, volume, key, value, owner, made=None):
     """Write a key's file straight onto the disk of `volume` ('host:port/svXX')
     served from `folder`, owned like the folder (tests/conftest.py plant_file)."""
-    return conftest().plant_file(folder, volume.partition("/")[2] + mkvlib.key2path(key), value, made, owner)
+    return conftest().plant_file(folder, volume.partition("/")[2] + key2path(key), value, made, owner)
 
 
 def plant_copies(key, value, volumes, folders, names, owner, made):
     """plant() `key` on each of `volumes`, where folders[i] is served as
     names[i]; the files written."""
-    return [plant(folders[names.index(mkvlib.volume_host(v))], v, key, value, owner, made)
+    return [plant(folders[names.index(volume_host(v))], v, key, value, owner, made)
             for v in volumes]

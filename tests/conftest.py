@@ -243,15 +243,15 @@ class Cluster:
 
     def file_of(self, volume, key: bytes):
         """Where a key's file lies on the disk of a volume 'host:port[/svXX]'."""
-        import mkvlib
+        from mkvlib.placement import key2path
         sub = volume.partition("/")[2]
-        return os.path.join(self.folder_of(volume), sub, mkvlib.key2path(key).lstrip("/"))
+        return os.path.join(self.folder_of(volume), sub, key2path(key).lstrip("/"))
 
     def plant(self, volume, key: bytes, value: bytes):
         """Write a key's file straight onto a volume's disk, as a crash, an old
         disk or the original Go mkv leaves one."""
-        import mkvlib
-        return plant_file(self.folder_of(volume), volume.partition("/")[2] + mkvlib.key2path(key), value)
+        from mkvlib.placement import key2path
+        return plant_file(self.folder_of(volume), volume.partition("/")[2] + key2path(key), value)
 
     def stop(self):
         if self.master:

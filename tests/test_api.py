@@ -8,7 +8,8 @@ import socket
 
 import requests
 
-import mkvlib
+from mkvlib.index import Index, UNLINKED
+from mkvlib.placement import key2path, key2volume
 
 
 def on_disk(cluster, key, volume):
@@ -16,7 +17,7 @@ def on_disk(cluster, key, volume):
     host, _, sub = volume.partition("/")
     port = int(host.rsplit(":", 1)[1])
     folder = next(d for v, d in zip(cluster.volumes, cluster.volume_dirs) if v.port == port)
-    return os.path.join(folder, sub, mkvlib.key2path(key.encode()).lstrip("/"))
+    return os.path.join(folder, sub, key2path(key.encode()).lstrip("/"))
 
 
 # ---------------------------------------------------------------- PUT and GET
@@ -29,14 +30,14 @@ def test_put_answers_201_and_get_redirects_to_a_replica(cluster, http, key):
     assert r.headers["Content-Length"] == "0"
     assert r.headers["Content-Md5"] == hashlib.md5(b"bigswag").hexdigest()
     volumes = r.headers["Key-Volumes"].split(",")
-    assert volumes == mkvlib.key2volume(key.encode(), cluster.volume_names(), 3, 10)
-    assert any(r.headers["Location"] == f"http://{v}{mkvlib.key2path(key.encode())}" for v in volumes)
+    assert volumes == key2volume(key.encode(), cluster.volume_names(), 3, 10)
+    assert any(r.headers["Location"] == f"http://{v}{key2path(key.encode())}" for v in volumes)
     assert requests.get(r.headers["Location"], timeout=10).content == b"bigswag"
 
 
 def test_put_writes_every_replica_at_its_placement(cluster, http, key):
     assert http.put(cluster.url(key), data=b"x" * 1000).status_code == 201
-    for volume in mkvlib.key2volume(key.encode(), cluster.volume_names(), 3, 10):
+    for volume in key2volume(key.encode(), cluster.volume_names(), 3, 10):
         with open(on_disk(cluster, key, volume), "rb") as f:
             assert f.read() == b"x" * 1000
 
@@ -101,7 +102,7 @@ def test_key_is_utf8_bytes_of_the_decoded_path(cluster, http):
     key = "/caf\u00e9-\u263a-%d" % os.getpid()
     assert http.put(cluster.url(requests.utils.quote(key)), data=b"v").status_code == 201
     r = http.get(cluster.url(requests.utils.quote(key)))
-    assert r.headers["Location"].endswith(mkvlib.key2path(key.encode("utf-8")))
+    assert r.headers["Location"].endswith(key2path(key.encode("utf-8")))
 
 
 # ---------------------------------------------------------------- DELETE and UNLINK
@@ -220,8 +221,8 @@ def test_body_shorter_than_content_length_stores_nothing(cluster, key):
         s.shutdown(socket.SHUT_WR)   # the client goes away half-way
         answer = s.recv(4096)
     assert answer.startswith(b"HTTP/1.1 400"), answer
-    assert mkvlib.Index(os.path.join(cluster.workdir, "index.sqlite3")).get(key.encode()) is None
-    placement = mkvlib.key2volume(key.encode(), cluster.volume_names(), 3, 10)
+    assert Index(os.path.join(cluster.workdir, "index.sqlite3")).get(key.encode()) is None
+    placement = key2volume(key.encode(), cluster.volume_names(), 3, 10)
     assert not any(os.path.exists(on_disk(cluster, key, v)) for v in placement)
     assert requests.get(cluster.url(key), timeout=10, allow_redirects=False).status_code == 404
     assert requests.put(cluster.url(key), data=b"ok", timeout=10).status_code == 201
@@ -249,8 +250,8 @@ def test_a_failed_put_over_an_unlinked_key_keeps_the_unlinked_value(cluster, htt
         s.shutdown(socket.SHUT_WR)
         assert s.recv(4096).startswith(b"HTTP/1.1 400")
     assert key in http.get(cluster.url(key + "?unlinked")).json()["keys"]
-    rec = mkvlib.Index(os.path.join(cluster.workdir, "index.sqlite3")).get(key.encode())
-    assert rec.state == mkvlib.UNLINKED and rec.md5 == hashlib.md5(b"old value").hexdigest()
+    rec = Index(os.path.join(cluster.workdir, "index.sqlite3")).get(key.encode())
+    assert rec.state == UNLINKED and rec.md5 == hashlib.md5(b"old value").hexdigest()
     for v in rec.volumes:
         assert open(on_disk(cluster, key, v), "rb").read() == b"old value"
 

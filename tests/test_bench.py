@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-import mkvlib
+from mkvlib.placement import key2path, key2volume
 from conftest import ROOT, TIMEOUT, start_master
 
 import bench
@@ -51,9 +51,9 @@ def test_fill_makes_an_index_the_master_serves(tmp_path, http):
             key = b"/fill/%09d" % i
             r = http.get(base + key.decode())
             assert r.status_code == 302, r.text
-            placed = mkvlib.key2volume(key, names, 3, 10)
+            placed = key2volume(key, names, 3, 10)
             assert r.headers["Key-Volumes"] == ",".join(placed)
-            assert r.headers["Location"] in [f"http://{v}{mkvlib.key2path(key)}" for v in placed]
+            assert r.headers["Location"] in [f"http://{v}{key2path(key)}" for v in placed]
         assert http.get(base + "/fill/000000250").status_code == 404
         r = http.get(base + "/fill/?list&limit=1000", timeout=TIMEOUT)
         assert r.status_code == 200 and len(r.json()["keys"]) == 250

@@ -12,7 +12,9 @@ import time
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.index import Index, WRITING
+from mkvlib.placement import key2volume
+from mkvlib.volumes import CHUNK
 from conftest import TIMEOUT, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -137,7 +139,7 @@ def hold_while_serving(cluster, drip, seconds):
 
 def test_a_put_cut_off_at_half_its_content_length_leaves_no_key_no_file_and_the_key_writable(private_cluster):
     c = private_cluster()
-    key, length = "/cut-off", 4 * mkvlib.CHUNK
+    key, length = "/cut-off", 4 * CHUNK
     s = connect(c.master.port)
     s.sendall(f"PUT {key} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
     s.sendall(os.urandom(length // 2))
@@ -145,7 +147,7 @@ def test_a_put_cut_off_at_half_its_content_length_leaves_no_key_no_file_and_the_
     wait_until(lambda: all(files_under(os.path.join(d, ".mkv", "body_temp")) for d in c.volume_dirs), TIMEOUT,
                "the master to stream the first chunks to every volume")
     s.close()
-    index = mkvlib.Index(c.db())
+    index = Index(c.db())
     wait_until(lambda: index.get(key.encode()) is None, TIMEOUT, "the cut-off PUT to let go of its key")
     for d in c.volume_dirs:   # nginx drops the broken-off uploads and keeps no partial body
         wait_until(lambda: files_under(os.path.join(d, ".tmp")) + files_under(os.path.join(d, ".mkv", "body_temp"))
@@ -159,7 +161,7 @@ def test_a_put_cut_off_at_half_its_content_length_leaves_no_key_no_file_and_the_
 
 def put_straight_into_the_index(cluster, keys):
     """Live records of `keys` (no files): a listing has something to list."""
-    placement = ",".join(mkvlib.key2volume(b"/listed", cluster.volume_names(), 3, 10))
+    placement = ",".join(key2volume(b"/listed", cluster.volume_names(), 3, 10))
     with sqlite3.connect(cluster.db(), timeout=30) as db:
         db.executemany("INSERT INTO keys (key, state, volumes, md5, size) VALUES (?, 'live', ?, NULL, 1)",
                        ((k, placement) for k in keys))
@@ -223,10 +225,10 @@ def test_50_puts_sending_their_bodies_at_a_byte_a_second_do_not_stop_other_clien
     openings = [b"PUT /slow-body-%d HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" % i for i in range(50)]
     drip = Drip(c.master.port, openings, b"v")
     try:
-        index = mkvlib.Index(c.db())
+        index = Index(c.db())
         wait_until(lambda: all(index.get(b"/slow-body-%d" % i) for i in range(50)), TIMEOUT,
                    "every slow PUT to claim its key")   # and wait for its body
-        assert {index.get(b"/slow-body-%d" % i).state for i in range(50)} == {mkvlib.WRITING}
+        assert {index.get(b"/slow-body-%d" % i).state for i in range(50)} == {WRITING}
         done, slowest = hold_while_serving(c, drip, 8)
         assert drip.still_open() == 50, "the master dropped slow uploads: nothing was held"
     finally:

@@ -19,7 +19,9 @@ import time
 
 import pytest
 
-import mkvlib
+from mkvlib.index import Index
+from mkvlib.lease import LOCK_LEASE
+from mkvlib.placement import key2path
 from conftest import TIMEOUT, Cluster, Http, wait_until
 
 VALUE_DISK = "8m"      # the size of a volume's or an index's small disk
@@ -236,7 +238,7 @@ def read_back(c, http, values):
         r = http.get(c.url(k))
         assert r.status_code == 302, (k, r.status_code, r.text)
         for volume in r.headers["Key-Volumes"].split(","):
-            got = http.get(f"http://{volume}{mkvlib.key2path(k.encode())}")
+            got = http.get(f"http://{volume}{key2path(k.encode())}")
             assert got.status_code == 200 and got.content == v, (k, volume, got.status_code)
         assert http.get(c.url(k), follow=True).content == v, k
 
@@ -274,7 +276,7 @@ def truncate_wal(db):
 def closing_index(db):
     """An Index of the test's own, closed after: a connection left open
     would keep its disk from being unmounted."""
-    index = mkvlib.Index(db)
+    index = Index(db)
     try:
         yield index
     finally:
@@ -366,7 +368,7 @@ def test_a_volume_out_of_inodes_refuses_the_move_and_the_write_leaves_nothing(mo
     fill_inodes(filler)
     os.remove(os.path.join(filler, "0"))          # one inode left: the upload's
     key = "/needs-new-folders"
-    assert not os.path.exists(os.path.join(full, mkvlib.key2path(key.encode()).split("/")[1]))
+    assert not os.path.exists(os.path.join(full, key2path(key.encode()).split("/")[1]))
     r = http.put(c.url(key), data=os.urandom(1000))
     assert r.status_code == 502, (r.status_code, r.text)
     line = one_line(r)
@@ -489,9 +491,9 @@ def test_an_index_disk_that_fills_during_a_put_leaves_no_value_and_no_lock_for_g
         seen.add((r.status_code, r.text.strip()))
         assert r.status_code in (201, 409), (r.status_code, r.text)
         return r.status_code == 201
-    wait_until(writable, mkvlib.LOCK_LEASE + 10, "the key to be writable again")
+    wait_until(writable, LOCK_LEASE + 10, "the key to be writable again")
     print(f"writable again {time.monotonic() - freed:.1f} s after the space came back; answers meanwhile: {seen}")
-    assert time.monotonic() - freed < mkvlib.LOCK_LEASE / 2, "the claim was not dropped before its lease ran out"
+    assert time.monotonic() - freed < LOCK_LEASE / 2, "the claim was not dropped before its lease ran out"
     assert c.master.pids() == pids, "a worker died on a full index"
     assert http.get(c.url("/mid"), follow=True).content == b"the value"
     nobody_holds_the_index(db)

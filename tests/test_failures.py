@@ -11,22 +11,26 @@ import time
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.health import DOWN_RETRY, PROBE_FRESH
+from mkvlib.index import DELETING, Index
+from mkvlib.lease import new_owner
+from mkvlib.placement import key2path, key2volume
+from mkvlib.prober import PROBE_EVERY
 from conftest import ROOT, Http, wait_until
 
 
 def placement(cluster, key, replicas=3, subvolumes=10):
-    return mkvlib.key2volume(key.encode(), cluster.volume_names(), replicas, subvolumes)
+    return key2volume(key.encode(), cluster.volume_names(), replicas, subvolumes)
 
 
 def file_of(cluster, key, volume):
     host, _, sub = volume.partition("/")
     i = cluster.volume_names().index(host)
-    return os.path.join(cluster.volume_dirs[i], sub, mkvlib.key2path(key.encode()).lstrip("/"))
+    return os.path.join(cluster.volume_dirs[i], sub, key2path(key.encode()).lstrip("/"))
 
 
 def index_of(cluster):
-    return mkvlib.Index(os.path.join(cluster.workdir, "index.sqlite3"))
+    return Index(os.path.join(cluster.workdir, "index.sqlite3"))
 
 
 # ---------------------------------------------------------------- volumes down
@@ -59,7 +63,7 @@ def assert_reads_avoid(c, http, keys, dead):
 def test_a_killed_volume_leaves_the_redirect_set_within_seconds(private_cluster):
     c = private_cluster(n_volumes=3, replicas=2, subvolumes=1, voltimeout=0.5)
     http, keys, dead = put_keys_and_kill_a_volume(c)
-    time.sleep(mkvlib.PROBE_FRESH + 0.5)     # no answer from it since: out of every worker's redirect set
+    time.sleep(PROBE_FRESH + 0.5)     # no answer from it since: out of every worker's redirect set
     assert_reads_avoid(c, http, keys * 3, dead)
 
 
@@ -72,7 +76,7 @@ def test_a_frozen_volume_leaves_the_redirect_set_within_seconds(private_cluster)
     frozen = c.volume_names()[0]
     c.volumes[0].pause()
     try:
-        time.sleep(mkvlib.PROBE_FRESH + 0.5)
+        time.sleep(PROBE_FRESH + 0.5)
         for k in keys * 3:
             r = http.get(c.url(k))
             assert r.status_code == 302 and frozen not in r.headers["Location"]
@@ -90,7 +94,7 @@ def test_a_wiped_volume_gets_no_reads_until_rebalance_has_filled_it(private_clus
     c.volumes[0].stop()
     shutil.rmtree(c.volume_dirs[0])          # a new, empty disk in its place
     c.volumes[0].start()
-    time.sleep(mkvlib.PROBE_EVERY * 2 + 0.5)  # every worker has looked at it since
+    time.sleep(PROBE_EVERY * 2 + 0.5)  # every worker has looked at it since
     for k, v in list(keys.items()) * 3:
         r = http.get(c.url(k))
         assert r.status_code == 302 and wiped not in r.headers["Location"], k
@@ -146,7 +150,7 @@ def test_a_put_to_a_hung_volume_due_for_a_retry_costs_one_voltimeout_not_a_trans
     http.put(c.url(key), data=b"v")
     hung = hang_and_notice(c, http, key)
     try:
-        time.sleep(mkvlib.DOWN_RETRY + 0.5)    # now due for a retry
+        time.sleep(DOWN_RETRY + 0.5)    # now due for a retry
         # the retry is a HEAD with MKV_VOLTIMEOUT, well inside this request's
         # 10 s timeout; streaming to the hung volume would wait TRANSFER_TIMEOUT (30 s)
         r = http.put(c.url(key + "-new"), data=b"v")
@@ -180,7 +184,7 @@ def test_a_delete_with_a_volume_known_down_fails_at_once_and_a_retry_finishes_it
         assert http.get(c.url(key)).status_code == 404
     finally:
         c.volumes[1].resume()
-    time.sleep(mkvlib.DOWN_RETRY + 0.5)
+    time.sleep(DOWN_RETRY + 0.5)
     assert http.delete(c.url(key)).status_code == 204
     for v in placement(c, key, 2, 1):
         assert not os.path.exists(file_of(c, key, v))
@@ -191,7 +195,7 @@ def test_get_is_503_when_no_replica_can_be_reached(private_cluster, key):
     http = Http()
     http.put(c.url(key), data=b"v")
     c.volumes[0].kill()
-    wait_until(lambda: http.get(c.url(key)).status_code == 503, mkvlib.PROBE_FRESH + 5, "a 503")
+    wait_until(lambda: http.get(c.url(key)).status_code == 503, PROBE_FRESH + 5, "a 503")
     assert http.get(c.url(key)).text.strip()
 
 
@@ -255,7 +259,7 @@ def test_delete_with_a_volume_down_is_500_and_a_retry_finishes_it(private_cluste
     r = http.delete(c.url(key))
     assert r.status_code == 500 and c.volume_names()[1] in r.text
     assert http.get(c.url(key)).status_code == 404          # invisible at once
-    assert index_of(c).get(key.encode()).state == mkvlib.DELETING
+    assert index_of(c).get(key.encode()).state == DELETING
     c.volumes[1].start()
     wait_until(lambda: http.delete(c.url(key)).status_code == 204, 15, "the retried DELETE")
     assert index_of(c).get(key.encode()) is None
@@ -268,7 +272,7 @@ def test_delete_with_a_volume_down_is_500_and_a_retry_finishes_it(private_cluste
 def test_a_lock_held_by_a_tool_makes_delete_409(cluster, http, key):
     http.put(cluster.url(key), data=b"v")
     index = index_of(cluster)
-    owner = mkvlib.new_owner("test-")
+    owner = new_owner("test-")
     assert index.lock(key.encode(), owner) is not None
     r = http.delete(cluster.url(key))
     assert r.status_code == 409 and r.text.strip()

@@ -12,7 +12,9 @@ import time
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.health import PROBE_FRESH
+from mkvlib.index import Index
+from mkvlib.placement import key2volume
 from conftest import ROOT, Http, wait_until
 
 sys.path.insert(0, ROOT)
@@ -98,7 +100,7 @@ def test_one_volume_of_three_down_reads_go_on_writes_fail_fast_and_rebalance_rep
     down = c.volume_names()[0]
     getattr(c.volumes[0], fault)()
     try:
-        time.sleep(mkvlib.PROBE_FRESH + 0.5)
+        time.sleep(PROBE_FRESH + 0.5)
         for k, v in values.items():             # every read from another replica, no timeout on the way
             started = time.monotonic()
             r = http.get(c.url(k))
@@ -119,10 +121,10 @@ def test_one_volume_of_three_down_reads_go_on_writes_fail_fast_and_rebalance_rep
             c.volumes[0].resume()
     p = faults.tool(c, "rebalance.py")
     assert p.returncode == 0, p.stdout + p.stderr
-    for v in mkvlib.key2volume(b"/v0", c.volume_names(), 3, 1):   # what it missed: /v0's delete
+    for v in key2volume(b"/v0", c.volume_names(), 3, 1):   # what it missed: /v0's delete
         assert not os.path.exists(c.file_of(v, b"/v0"))
-    for v in mkvlib.key2volume(b"/while-down", c.volume_names(), 3, 1):
+    for v in key2volume(b"/while-down", c.volume_names(), 3, 1):
         assert not os.path.exists(c.file_of(v, b"/while-down"))
-    assert mkvlib.Index(c.db()).get(b"/v0") is None
+    assert Index(c.db()).get(b"/v0") is None
     wait_until(lambda: http.put(c.url("/after"), data=b"y").status_code == 201, 10, "PUTs to work again")
 

@@ -31,7 +31,8 @@ import requests
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import mkvlib
+from mkvlib.placement import key2path, key2volume, path2key
+from mkvlib.volumes import CHUNK
 from conftest import TIMEOUT
 
 pytestmark = pytest.mark.fuzz
@@ -164,8 +165,8 @@ def read_back(cluster, target, value, counter):
     assert answer.status == 302, (target, answer)
     key = unquote_to_bytes(target.split(b"?")[0])
     volumes = answer.headers["key-volumes"].split(",")
-    assert volumes == mkvlib.key2volume(key, cluster.volume_names(), 3, 10)
-    assert answer.headers["location"] in [f"http://{v}{mkvlib.key2path(key)}" for v in volumes]
+    assert volumes == key2volume(key, cluster.volume_names(), 3, 10)
+    assert answer.headers["location"] in [f"http://{v}{key2path(key)}" for v in volumes]
     assert answer.headers["content-md5"] == hashlib.md5(value).hexdigest()
     REQUESTS[counter] += 1
     got = requests.get(answer.headers["location"], timeout=TIMEOUT, allow_redirects=False)
@@ -385,7 +386,7 @@ def shaped_requests(draw):
                                  "expect", "odd-lines", "many-headers"]))
     body = draw(st.binary(min_size=0, max_size=3000))
     if kind in ("lying-length", "junk-length") and draw(st.integers(0, 9)) == 0:
-        body += b"b" * (mkvlib.CHUNK + 1000)    # past one chunk: the master starts writing the volumes
+        body += b"b" * (CHUNK + 1000)    # past one chunk: the master starts writing the volumes
     if kind == "lying-length":
         length = draw(st.integers(0, len(body) + 100))
         stored = body[:length] if 0 < length <= len(body) else None
@@ -610,11 +611,11 @@ def misplaced_files(cluster):
             for f in files:
                 path = "/" + os.path.relpath(os.path.join(folder, f), os.path.join(root, top))
                 try:
-                    key = mkvlib.path2key(path.split("/", 3)[3])
+                    key = path2key(path.split("/", 3)[3])
                 except (ValueError, IndexError):
                     bad.append(os.path.join(folder, f))
                     continue
-                if top not in folders or mkvlib.key2path(key) != path:
+                if top not in folders or key2path(key) != path:
                     bad.append(os.path.join(folder, f))
     return bad
 

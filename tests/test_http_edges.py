@@ -10,7 +10,8 @@ from urllib.parse import quote, unquote_to_bytes
 
 import pytest
 
-import mkvlib
+from mkvlib.errors import BadKey
+from mkvlib.placement import check_storable, key2path, key2volume
 from conftest import TIMEOUT, Cluster
 
 _n = itertools.count()
@@ -52,7 +53,7 @@ def put_behind_the_master(cluster, key: bytes, state="live", value=b"value"):
     replica's disk, then its row in the index."""
     replicas = int(cluster.settings.get("replicas", 3))
     subvolumes = int(cluster.settings.get("subvolumes", 10))
-    volumes = mkvlib.key2volume(key, cluster.volume_names(), replicas, subvolumes)
+    volumes = key2volume(key, cluster.volume_names(), replicas, subvolumes)
     for volume in volumes:
         cluster.plant(volume, key, value)
     with sqlite3.connect(cluster.db(), timeout=30) as db:
@@ -65,8 +66,8 @@ def storable(keys):
     out = []
     for k in keys:
         try:
-            mkvlib.check_storable(k)
-        except mkvlib.BadKey:
+            check_storable(k)
+        except BadKey:
             continue
         out.append(k)
     return out
@@ -132,7 +133,7 @@ def test_listed_names_that_are_not_utf8_redirect_to_their_file(cluster, http):
     for name in names:
         r = http.get(cluster.url(name))
         assert r.status_code == 302, (name, r.status_code, r.text)
-        assert r.headers["Location"].endswith(mkvlib.key2path(unquote_to_bytes(name))), name
+        assert r.headers["Location"].endswith(key2path(unquote_to_bytes(name))), name
 
 
 def test_list_with_encoding_type_url_pages_when_next_is_passed_back_verbatim(cluster, http):

@@ -6,7 +6,8 @@ import sqlite3
 import threading
 import time
 
-import mkvlib
+from mkvlib.db import WAL_LIMIT
+from mkvlib.index import Index
 from conftest import TIMEOUT
 
 
@@ -17,11 +18,11 @@ def other_process(path):
 
 def test_reads_go_on_while_a_write_waits_for_another_process(tmp_path):
     path = str(tmp_path / "i.sqlite3")
-    index = mkvlib.Index(path)
+    index = Index(path)
     index.start_put(b"/k", ["v:1"], "owner")
     other = other_process(path)
     other.execute("BEGIN IMMEDIATE")                 # another process writes, for a while
-    writer = threading.Thread(target=index.note_pending, args=(b"/k", ["v:2"]))
+    writer = threading.Thread(target=index.note, args=(b"/k", ["v:2"]))
     writer.start()
     time.sleep(0.1)                                  # the writer is waiting for the lock now
     read = threading.Thread(target=index.get, args=(b"/k",))
@@ -37,7 +38,7 @@ def test_reads_go_on_while_a_write_waits_for_another_process(tmp_path):
 
 def test_a_checkpoint_truncates_the_wal_once_no_reader_holds_it(tmp_path):
     path = str(tmp_path / "i.sqlite3")
-    index = mkvlib.Index(path)
+    index = Index(path)
     reader = other_process(path)
     reader.execute("BEGIN")
     reader.execute("SELECT COUNT(*) FROM keys").fetchone()   # a snapshot: the WAL cannot be reset
@@ -52,7 +53,7 @@ def test_a_checkpoint_truncates_the_wal_once_no_reader_holds_it(tmp_path):
 
 def test_the_wal_stays_bounded_under_a_long_write_load_with_readers(tmp_path):
     path = str(tmp_path / "i.sqlite3")
-    index = mkvlib.Index(path)
+    index = Index(path)
     stop = threading.Event()
 
     def reads():                                     # other workers: short reads, back to back
@@ -73,4 +74,4 @@ def test_the_wal_stays_bounded_under_a_long_write_load_with_readers(tmp_path):
         for t in readers:
             t.join(TIMEOUT)
     print(f"largest WAL seen over 20,000 writes: {biggest / 1e6:.1f} MB")
-    assert biggest <= mkvlib.WAL_LIMIT
+    assert biggest <= WAL_LIMIT

@@ -9,41 +9,46 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import mkv
-import mkvlib
+import mkvlib.index
+from mkvlib.errors import BadKey, ClientGone
+from mkvlib.index import Index, prefix_end
+from mkvlib.placement import check_storable, key2path, key2volume, path2key, volume_host
+from mkvlib.settings import Settings
+from mkvlib.volumes import CHUNK
 from conftest import Http, start_master, start_volume
 
 
 # ---------------------------------------------------------------- fixed values
 
 def test_key2path_of_hello():
-    assert mkvlib.key2path(b"hello") == "/5d/41/aGVsbG8="
+    assert key2path(b"hello") == "/5d/41/aGVsbG8="
 
 
 def test_key2path_of_wehave():
-    assert mkvlib.key2path(b"/wehave") == "/60/08/L3dlaGF2ZQ=="
+    assert key2path(b"/wehave") == "/60/08/L3dlaGF2ZQ=="
 
 
 def test_key2volume_of_the_issue_example():
     volumes = ["localhost:4001", "localhost:4002", "localhost:4003"]
-    assert mkvlib.key2volume(b"/wehave", volumes, 3, 10) == [
+    assert key2volume(b"/wehave", volumes, 3, 10) == [
         "localhost:4002/sv00", "localhost:4001/sv08", "localhost:4003/sv04"]
 
 
 def test_key2volume_with_one_subvolume_is_the_bare_volume():
     volumes = ["localhost:4001", "localhost:4002", "localhost:4003"]
-    assert mkvlib.key2volume(b"/wehave", volumes, 2, 1) == ["localhost:4002", "localhost:4001"]
+    assert key2volume(b"/wehave", volumes, 2, 1) == ["localhost:4002", "localhost:4001"]
 
 
 def test_path2key_reverses_key2path():
-    assert mkvlib.path2key("L3dlaGF2ZQ==") == b"/wehave"
+    assert path2key("L3dlaGF2ZQ==") == b"/wehave"
     with pytest.raises(ValueError):
-        mkvlib.path2key("not base64!")
+        path2key("not base64!")
 
 
 def test_prefix_end_bounds_a_prefix_like_bytes():
-    assert mkvlib.prefix_end(b"/we") == b"/wf"
-    assert mkvlib.prefix_end(b"/a\xff\xff") == b"/b"
-    assert mkvlib.prefix_end(b"\xff") is None
+    assert prefix_end(b"/we") == b"/wf"
+    assert prefix_end(b"/a\xff\xff") == b"/b"
+    assert prefix_end(b"\xff") is None
 
 
 # ---------------------------------------------------------------- properties
@@ -55,22 +60,22 @@ volume_sets = st.lists(st.from_regex(r"\Ahost[0-9]{1,3}:[0-9]{2,5}\Z"), min_size
 @given(keys, volume_sets, st.integers(1, 8), st.integers(1, 256))
 def test_placement_is_distinct_volumes_and_ignores_their_order(key, volumes, replicas, subvolumes):
     replicas = min(replicas, len(volumes))
-    chosen = mkvlib.key2volume(key, volumes, replicas, subvolumes)
+    chosen = key2volume(key, volumes, replicas, subvolumes)
     assert len(chosen) == replicas
-    assert len({mkvlib.volume_host(v) for v in chosen}) == replicas
-    assert chosen == mkvlib.key2volume(key, list(reversed(volumes)), replicas, subvolumes)
+    assert len({volume_host(v) for v in chosen}) == replicas
+    assert chosen == key2volume(key, list(reversed(volumes)), replicas, subvolumes)
 
 
 @given(keys, volume_sets, st.from_regex(r"\Anew[0-9]{1,3}:[0-9]{2,5}\Z"))
 def test_adding_a_volume_moves_a_key_only_onto_the_new_volume(key, volumes, new):
-    before = mkvlib.key2volume(key, volumes, 1, 10)
-    after = mkvlib.key2volume(key, volumes + [new], 1, 10)
-    assert after == before or mkvlib.volume_host(after[0]) == new
+    before = key2volume(key, volumes, 1, 10)
+    after = key2volume(key, volumes + [new], 1, 10)
+    assert after == before or volume_host(after[0]) == new
 
 
 @given(keys)
 def test_key2path_is_md5_folders_and_base64(key):
-    path = mkvlib.key2path(key)
+    path = key2path(key)
     _, a, b, name = path.split("/", 3)
     assert len(a) == len(b) == 2
     assert base64.b64decode(name) == key
@@ -81,16 +86,16 @@ def test_every_short_utf8_key_is_storable(text):
     # valid UTF-8 never holds the bytes that make '//' in base64
     key = text.encode("utf-8")
     if base64.b64encode(key).endswith(b"/"):
-        with pytest.raises(mkvlib.BadKey):
-            mkvlib.check_storable(key)
+        with pytest.raises(BadKey):
+            check_storable(key)
     else:
-        mkvlib.check_storable(key)
+        check_storable(key)
 
 
 @settings(max_examples=200)
 @given(st.lists(keys, min_size=1, max_size=30, unique=True), keys, st.integers(1, 5))
 def test_listing_pages_cover_every_key_with_the_prefix_once(tmp_path_factory, all_keys, prefix, limit):
-    index = mkvlib.Index(str(tmp_path_factory.mktemp("idx") / "i.sqlite3"))
+    index = Index(str(tmp_path_factory.mktemp("idx") / "i.sqlite3"))
     for k in all_keys:
         index.start_put(k, ["v:1"], "t")
         index.finish_put(k, "t", "0" * 32, 1)
@@ -109,7 +114,7 @@ def test_listing_pages_cover_every_key_with_the_prefix_once(tmp_path_factory, al
 
 @pytest.fixture
 def client(tmp_path):
-    s = mkvlib.Settings.from_env({"MKV_VOLUMES": "127.0.0.1:9", "MKV_DB": str(tmp_path / "i.sqlite3"),
+    s = Settings.from_env({"MKV_VOLUMES": "127.0.0.1:9", "MKV_DB": str(tmp_path / "i.sqlite3"),
                                   "MKV_REPLICAS": "1"})
     return falcon.testing.TestClient(mkv.create_app(s))
 
@@ -172,8 +177,8 @@ def test_wehave_lands_where_the_original_puts_it(tmp_path):
 
 
 def test_listing_more_than_the_cap_without_a_limit_is_413(client, tmp_path, monkeypatch):
-    monkeypatch.setattr(mkvlib, "LIST_MAX", 3)
-    index = mkvlib.Index(str(tmp_path / "i.sqlite3"))
+    monkeypatch.setattr(mkvlib.index, "LIST_MAX", 3)
+    index = Index(str(tmp_path / "i.sqlite3"))
     for i in range(4):
         index.start_put(b"/many/%d" % i, ["v:1"], "t")
         index.finish_put(b"/many/%d" % i, "t", "0" * 32, 1)
@@ -203,7 +208,7 @@ def test_a_fast_client_is_read_a_chunk_at_a_time():
     class Fast:
         def __init__(self):
             self.asked = []
-            self.left = 8 * mkvlib.CHUNK
+            self.left = 8 * CHUNK
 
         def read(self, n):
             self.asked.append(n)
@@ -211,10 +216,10 @@ def test_a_fast_client_is_read_a_chunk_at_a_time():
             self.left -= n
             return b"f" * n
     fast = Fast()
-    chunks = list(mkv.read_body(fast, 8 * mkvlib.CHUNK))
-    assert b"".join(chunks) == b"f" * 8 * mkvlib.CHUNK
-    assert fast.asked[0] == mkv.READ_PIECE and fast.asked.count(mkvlib.CHUNK) >= 6
-    assert all(len(c) < 2 * mkvlib.CHUNK for c in chunks)
+    chunks = list(mkv.read_body(fast, 8 * CHUNK))
+    assert b"".join(chunks) == b"f" * 8 * CHUNK
+    assert fast.asked[0] == mkv.READ_PIECE and fast.asked.count(CHUNK) >= 6
+    assert all(len(c) < 2 * CHUNK for c in chunks)
 
 
 def test_a_fast_client_that_gets_8_times_slower_is_not_taken_for_gone():
@@ -226,14 +231,14 @@ def test_a_fast_client_that_gets_8_times_slower_is_not_taken_for_gone():
             self.sent = 0
 
         def read(self, n):
-            n = min(n, 4 * mkvlib.CHUNK - self.sent)
-            gevent.sleep(n / ((32 if self.sent < 2 * mkvlib.CHUNK else 4) * mkvlib.CHUNK))
+            n = min(n, 4 * CHUNK - self.sent)
+            gevent.sleep(n / ((32 if self.sent < 2 * CHUNK else 4) * CHUNK))
             self.sent += n
             return b"s" * n
     # read pieces of 1 MB at the fast rate; at the slow one such a read takes
     # 0.25 s: within the 0.5 s idle timeout
-    chunks = list(mkv.read_body(Slowing(), 4 * mkvlib.CHUNK, idle_timeout=0.5))
-    assert sum(map(len, chunks)) == 4 * mkvlib.CHUNK
+    chunks = list(mkv.read_body(Slowing(), 4 * CHUNK, idle_timeout=0.5))
+    assert sum(map(len, chunks)) == 4 * CHUNK
 
 
 def test_a_slow_clients_bytes_are_passed_on_before_a_volume_would_give_up_waiting(monkeypatch):
@@ -260,5 +265,5 @@ def test_a_client_that_stops_sending_is_gone_after_the_idle_timeout():
         def read(self, n):
             gevent.sleep(5)
             return b"x"
-    with pytest.raises(mkvlib.ClientGone, match="value not stored"):
+    with pytest.raises(ClientGone, match="value not stored"):
         list(mkv.read_body(Stuck(), 10, idle_timeout=0.2))

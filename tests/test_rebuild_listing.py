@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-import mkvlib
+import mkvlib.volumes
+from mkvlib.errors import VolumeDown, VolumeError
+from mkvlib.http import Pipeline
+from mkvlib.placement import key2path, key2volume
+from mkvlib.settings import Settings
+from mkvlib.volumes import Volumes
 import rebuild
 from conftest import free_port, plant_file, start_volume
 from test_tools import make_keys, rows, run_tool, summary
@@ -32,12 +37,12 @@ def test_listdirs_answers_like_listdir_in_order_past_its_window(volume):
     folders.insert(7, (name, "/no/such/folder/"))
     folders.insert(150, (name, "/.mkv/"))                      # refused by the volume: 403
     folders.insert(200, ("127.0.0.1:1", "/"))                  # nothing listens there
-    v = mkvlib.Volumes(timeout=5)
+    v = Volumes(timeout=5)
     got = v.listdirs(folders, window=16)
     assert len(got) == len(folders)
     assert got[7] == []
-    assert isinstance(got[150], mkvlib.VolumeError) and "403" in str(got[150])
-    assert isinstance(got[200], mkvlib.VolumeDown)
+    assert isinstance(got[150], VolumeError) and "403" in str(got[150])
+    assert isinstance(got[200], VolumeDown)
     for i, (vol, path) in enumerate(folders):
         if i not in (7, 150, 200):
             assert got[i] == v.listdir(vol, path), (vol, path)
@@ -126,7 +131,7 @@ def test_listdirs_survives_every_way_a_server_may_answer_or_close(style, close_a
     server = FakeVolume(style, close_after, silent_after)
     try:
         host = f"127.0.0.1:{server.port}"
-        v = mkvlib.Volumes(timeout=5)
+        v = Volumes(timeout=5)
         got = v.listdirs([(host, f"/{n}/") for n in range(40)], window=8)
         assert got == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(40)]
         if close_after or silent_after or style == "http10":
@@ -146,9 +151,9 @@ def test_listdirs_keeps_its_unanswered_requests_under_max_bytes():
     try:
         host = f"127.0.0.1:{server.port}"
         long = "Zm9v" * 300
-        got = mkvlib.Volumes(timeout=5).listdirs([(host, f"/{n}/{long}/") for n in range(120)])
+        got = Volumes(timeout=5).listdirs([(host, f"/{n}/{long}/") for n in range(120)])
         assert got == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(120)]
-        assert 0 < server.backlog <= mkvlib._ListingPipe.MAX_BYTES
+        assert 0 < server.backlog <= Pipeline.MAX_BYTES
     finally:
         server.stop()
 
@@ -156,14 +161,14 @@ def test_listdirs_keeps_its_unanswered_requests_under_max_bytes():
 def test_listdirs_of_a_server_that_never_answers_fails_within_its_timeout(monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))   # accepts (the kernel does), never answers
     try:
-        monkeypatch.setattr(mkvlib, "TRANSFER_TIMEOUT", 1.0)
+        monkeypatch.setattr(mkvlib.volumes, "TRANSFER_TIMEOUT", 1.0)
         host = f"127.0.0.1:{listener.getsockname()[1]}"
-        v = mkvlib.Volumes(timeout=1)
+        v = Volumes(timeout=1)
         started = time.monotonic()
         got = v.listdirs([(host, f"/{n}/") for n in range(10)])
         assert time.monotonic() - started < 5
-        assert all(isinstance(g, mkvlib.VolumeDown) for g in got)
-        assert v.known_down(host)
+        assert all(isinstance(g, VolumeDown) for g in got)
+        assert v.health.down(host)
     finally:
         listener.close()
 
@@ -171,13 +176,13 @@ def test_listdirs_of_a_server_that_never_answers_fails_within_its_timeout(monkey
 def test_listdirs_of_a_server_that_freezes_midway_keeps_what_it_answered_and_marks_it_down(monkeypatch):
     server = FakeVolume("length", freeze_after=4)
     try:
-        monkeypatch.setattr(mkvlib, "TRANSFER_TIMEOUT", 1.0)
+        monkeypatch.setattr(mkvlib.volumes, "TRANSFER_TIMEOUT", 1.0)
         host = f"127.0.0.1:{server.port}"
-        v = mkvlib.Volumes(timeout=1)
+        v = Volumes(timeout=1)
         got = v.listdirs([(host, f"/{n}/") for n in range(10)])
         assert got[:4] == [[{"name": f"f{n}", "type": "file", "mtime": "x", "size": n}] for n in range(4)]
-        assert all(isinstance(g, mkvlib.VolumeDown) for g in got[4:])
-        assert v.known_down(host)
+        assert all(isinstance(g, VolumeDown) for g in got[4:])
+        assert v.health.down(host)
     finally:
         server.stop()
 
@@ -192,9 +197,9 @@ def test_rebuild_into_a_new_index_with_a_volume_that_cannot_be_listed(tmp_path):
         dead = f"127.0.0.1:{free_port()}"
         data = make_keys(60, "half", seed=21)
         for key, value in data.items():
-            for v in mkvlib.key2volume(key.encode(), names, 2, 10):
+            for v in key2volume(key.encode(), names, 2, 10):
                 host, _, sub = v.partition("/")
-                plant_file(folders[names.index(host)], sub + mkvlib.key2path(key.encode()), value)
+                plant_file(folders[names.index(host)], sub + key2path(key.encode()), value)
         db = str(tmp_path / "new.sqlite3")
         p = run_tool("rebuild.py", names + [dead], db, replicas=2)
         assert p.returncode == 1, p.stdout + p.stderr
@@ -202,12 +207,12 @@ def test_rebuild_into_a_new_index_with_a_volume_that_cannot_be_listed(tmp_path):
         counts = summary(p.stdout, "rebuild")
         assert counts["seen"] == counts["added"] == 60 and counts["failed"] == 1
         got = rows(db)
-        settings = mkvlib.Settings.from_env({}, volumes=",".join(names + [dead]), db=db, replicas=2,
+        settings = Settings.from_env({}, volumes=",".join(names + [dead]), db=db, replicas=2,
                                             subvolumes=10)
         for key, value in data.items():
             state, volumes, size, md5 = got[key.encode()]
             assert (state, size, md5) == ("live", len(value), None)
-            holders = mkvlib.key2volume(key.encode(), names, 2, 10)
+            holders = key2volume(key.encode(), names, 2, 10)
             assert volumes.split(",") == rebuild.order_replicas(key.encode(), holders, settings)
     finally:
         for s in servers:

@@ -6,7 +6,9 @@ import sys
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.errors import SettingsError
+from mkvlib.placement import key2volume
+from mkvlib.settings import SECRET_HEADER, Settings
 from conftest import ROOT, TIMEOUT, Http
 
 SECRET = "s3cret-for-tests"
@@ -21,12 +23,12 @@ def guarded(tmp_path_factory):
 
 
 def with_secret(secret=SECRET):
-    return {mkvlib.SECRET_HEADER: secret}
+    return {SECRET_HEADER: secret}
 
 
 def test_a_put_without_the_secret_is_401_and_stores_nothing(guarded, key):
     r = Http().put(guarded.url(key), data=b"v")
-    assert r.status_code == 401 and mkvlib.SECRET_HEADER in r.text and r.text.count("\n") == 1
+    assert r.status_code == 401 and SECRET_HEADER in r.text and r.text.count("\n") == 1
     assert Http().get(guarded.url(key)).status_code == 404
 
 
@@ -66,7 +68,7 @@ def test_a_volume_refuses_writes_without_the_secret_and_serves_reads(guarded, ke
 def test_the_tools_carry_the_secret_to_the_volumes(guarded, key):
     http = Http()
     assert http.put(guarded.url(key), data=b"v", headers=with_secret()).status_code == 201
-    victim = mkvlib.key2volume(key.encode(), guarded.volume_names(), 2, 1)[0]
+    victim = key2volume(key.encode(), guarded.volume_names(), 2, 1)[0]
     os.remove(guarded.file_of(victim, key.encode()))
     env = dict(os.environ, MKV_VOLUMES=",".join(guarded.volume_names()), MKV_DB=guarded.db(),
                MKV_REPLICAS="2", MKV_SUBVOLUMES="1", MKV_SECRET=SECRET)
@@ -78,6 +80,6 @@ def test_the_tools_carry_the_secret_to_the_volumes(guarded, key):
 
 
 def test_a_secret_that_nginx_could_not_hold_is_refused():
-    with pytest.raises(mkvlib.SettingsError, match="MKV_SECRET"):
-        mkvlib.Settings.from_env({"MKV_VOLUMES": "h:1", "MKV_DB": "/tmp/x", "MKV_REPLICAS": "1",
+    with pytest.raises(SettingsError, match="MKV_SECRET"):
+        Settings.from_env({"MKV_VOLUMES": "h:1", "MKV_DB": "/tmp/x", "MKV_REPLICAS": "1",
                                   "MKV_SECRET": 'a"; return 200; #'})

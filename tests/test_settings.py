@@ -5,14 +5,16 @@ import sys
 
 import pytest
 
-import mkvlib
+from mkvlib.errors import SettingsError
+from mkvlib.placement import key2path
+from mkvlib.settings import Settings
 from conftest import ROOT, Http, free_port
 
 VOLS = "localhost:3001,localhost:3002,localhost:3003"
 
 
 def settings(**env):
-    return mkvlib.Settings.from_env({"MKV_VOLUMES": VOLS, "MKV_DB": "/tmp/x.db", **env})
+    return Settings.from_env({"MKV_VOLUMES": VOLS, "MKV_DB": "/tmp/x.db", **env})
 
 
 def test_defaults_are_the_documented_ones():
@@ -29,7 +31,7 @@ def test_every_setting_is_read_from_the_environment():
 
 def test_keyword_overrides_win_over_the_environment():
     assert settings(MKV_REPLICAS="2").replicas == 2
-    assert mkvlib.Settings.from_env({"MKV_VOLUMES": VOLS, "MKV_DB": "/tmp/x.db", "MKV_REPLICAS": "2"},
+    assert Settings.from_env({"MKV_VOLUMES": VOLS, "MKV_DB": "/tmp/x.db", "MKV_REPLICAS": "2"},
                                     replicas=1).replicas == 1
 
 
@@ -47,7 +49,7 @@ def test_keyword_overrides_win_over_the_environment():
     ({"MKV_DB": ""}, "MKV_DB"),
 ])
 def test_bad_settings_are_refused_with_a_reason(env, says):
-    with pytest.raises(mkvlib.SettingsError, match=says):
+    with pytest.raises(SettingsError, match=says):
         settings(**env)
 
 
@@ -114,5 +116,5 @@ def test_fallback_gets_the_reads_of_missing_and_unlinked_keys(private_cluster):
 def test_subvolumes_1_uses_the_flat_layout(private_cluster):
     c = private_cluster(n_volumes=1, replicas=1, subvolumes=1)
     Http().put(c.url("/hello"), data=b"v")
-    path = mkvlib.key2path(b"/hello")    # no svXX folder between the volume and the path
+    path = key2path(b"/hello")    # no svXX folder between the volume and the path
     assert open(c.volume_dirs[0] + path, "rb").read() == b"v"

@@ -20,17 +20,23 @@ import time
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.errors import KeyBusy, VolumeDown
+from mkvlib.index import Index, LIVE, WRITING
+from mkvlib.lease import lock_clock
+from mkvlib.placement import TMP_DIR, key2path, key2volume
+from mkvlib.settings import Settings
+from mkvlib.store import Store
+from mkvlib.volumes import Volumes
 from conftest import TIMEOUT, Http, wait_until
 from test_tools import run_tool, summary
 
 
 def index_of(c):
-    return mkvlib.Index(c.db())
+    return Index(c.db())
 
 
 def placement(c, key: bytes, volumes=None, replicas=2, subvolumes=1):
-    return mkvlib.key2volume(key, volumes or c.volume_names(), replicas, subvolumes)
+    return key2volume(key, volumes or c.volume_names(), replicas, subvolumes)
 
 
 def served(c, key: str, tries=12):
@@ -56,7 +62,7 @@ def recorded_copies(c, key: bytes):
 
 def uploads_on(c, volume):
     """Uploads left under a volume's TMP_DIR."""
-    folder = os.path.join(c.folder_of(volume), mkvlib.TMP_DIR.strip("/"))
+    folder = os.path.join(c.folder_of(volume), TMP_DIR.strip("/"))
     return os.listdir(folder) if os.path.isdir(folder) else []
 
 
@@ -103,14 +109,14 @@ def test_rebalance_rolled_back_after_a_kill_in_its_grace_period_serves_the_new_v
     http = Http()
     for k, old_home in keys.items():
         c.plant(old_home, k.encode(), b"the deleted value")
-        index.note_pending(k.encode(), [old_home])            # what the killed run left noted
+        index.note(k.encode(), [old_home])            # what the killed run left noted
         assert http.put(c.url(k), data=b"the new value of " + k.encode()).status_code == 201
     c.restart_master(volumes=a, replicas=1, subvolumes=1)
     p = run_tool("rebalance.py", a, c.db(), replicas=1, subvolumes=1)
     assert p.returncode == 0, p.stdout + p.stderr
     for k in keys:
         assert served(c, k, tries=2) == {b"the new value of " + k.encode()}, k
-    assert index.pending_deletes() == []
+    assert index.all_notes() == []
 
 
 def test_a_forgotten_volume_back_with_its_old_disk_never_serves_its_old_values(private_cluster):
@@ -179,8 +185,8 @@ def test_rebuild_into_a_fresh_index_reports_copies_that_disagree_and_adds_neithe
     p = run_tool("rebuild.py", names, fresh, replicas=2, subvolumes=1)
     assert p.returncode == 1
     assert "/fresh/conflict: conflict" in p.stderr and "9 bytes" in p.stderr and "13 bytes" in p.stderr
-    index = mkvlib.Index(fresh)
-    assert index.get(b"/fresh/conflict") is None and index.get(b"/fresh/fine").state == mkvlib.LIVE
+    index = Index(fresh)
+    assert index.get(b"/fresh/conflict") is None and index.get(b"/fresh/fine").state == LIVE
 
 
 def test_rebuild_md5_into_a_fresh_index_reports_same_size_copies_that_differ(private_cluster, tmp_path):
@@ -191,7 +197,7 @@ def test_rebuild_md5_into_a_fresh_index_reports_same_size_copies_that_differ(pri
     fresh = str(tmp_path / "fresh.sqlite3")
     p = run_tool("rebuild.py", names, fresh, "--md5", replicas=2, subvolumes=1)
     assert p.returncode == 1 and "/fresh/samesize: conflict" in p.stderr
-    assert mkvlib.Index(fresh).get(b"/fresh/samesize") is None
+    assert Index(fresh).get(b"/fresh/samesize") is None
 
 
 def test_rebuild_check_reports_a_recorded_copy_of_the_wrong_size_and_rebuild_then_rebalance_repair_it(
@@ -231,8 +237,8 @@ def test_a_writer_whose_lease_ran_out_cannot_land_its_bytes_after_another_took_t
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
     key = b"/fenced"
     volumes = placement(c, key)
-    path = mkvlib.key2path(key)
-    index, client = index_of(c), mkvlib.Volumes()
+    path = key2path(key)
+    index, client = index_of(c), Volumes()
     stalled = threading.Event()
     go_on = threading.Event()
 
@@ -248,9 +254,9 @@ def test_a_writer_whose_lease_ran_out_cannot_land_its_bytes_after_another_took_t
         try:
             client.put(volumes, path, slow_body(), tmp="paused",
                        fence=lambda md5, size: index.renew(key, "paused-writer", 0.5) or
-                       (_ for _ in ()).throw(mkvlib.KeyBusy("lost the lock")))
+                       (_ for _ in ()).throw(KeyBusy("lost the lock")))
             result["landed"] = True
-        except mkvlib.KeyBusy:
+        except KeyBusy:
             result["landed"] = False
     t = threading.Thread(target=paused_writer)
     t.start()
@@ -273,8 +279,8 @@ def test_a_move_onto_a_path_that_holds_a_file_replaces_it_only_by_the_lock_holde
     # Overwrite: F: a late MOVE fails on the holder's file; the holder removes a foreign file first
     c = private_cluster(n_volumes=1, replicas=1, subvolumes=1)
     volume = c.volume_names()[0]
-    key, path = b"/moved", mkvlib.key2path(b"/moved")
-    client = mkvlib.Volumes()
+    key, path = b"/moved", key2path(b"/moved")
+    client = Volumes()
     c.plant(volume, key, b"a stray file")
     client.put([volume], path, [b"the value"], tmp="holder")
     with open(c.file_of(volume, key), "rb") as f:
@@ -302,7 +308,7 @@ def test_a_put_that_a_volume_froze_under_is_503_quickly_and_never_comes_back(pri
         assert not os.path.exists(c.file_of(v, key.encode()))
 
 
-class FrozenBeforeMove(mkvlib.Store):
+class FrozenBeforeMove(Store):
     """The master's Store, with one volume frozen (SIGSTOP) between the end of
     the uploads and their MOVEs: the MOVE is queued in the frozen volume."""
 
@@ -318,12 +324,12 @@ class FrozenBeforeMove(mkvlib.Store):
 def test_a_move_whose_answer_never_came_is_noted_never_added_and_removed_by_rebalance(private_cluster):
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
     names = c.volume_names()
-    settings = mkvlib.Settings.from_env(volumes=names, db=c.db(), replicas=2, subvolumes=1, voltimeout=0.5)
+    settings = Settings.from_env(volumes=names, db=c.db(), replicas=2, subvolumes=1, voltimeout=0.5)
     key = b"/unknown-move"
     frozen_volume = next(v for v in placement(c, key) if v.startswith(names[1]))
     store = FrozenBeforeMove(settings, c.volumes[1])
     try:
-        with pytest.raises(mkvlib.VolumeDown):
+        with pytest.raises(VolumeDown):
             store.put(key, [b"a value whose MOVE hangs"])
     finally:
         c.volumes[1].resume()
@@ -359,13 +365,13 @@ def test_a_master_killed_mid_put_over_an_unlinked_key_leaves_its_old_copies_note
     t = threading.Thread(target=lambda: _quiet_put(c.url(key), slow()), daemon=True)
     t.start()
     assert started.wait(TIMEOUT)
-    wait_until(lambda: index_of(c).get(key.encode()).state == mkvlib.WRITING, 10, "the PUT's claim")
+    wait_until(lambda: index_of(c).get(key.encode()).state == WRITING, 10, "the PUT's claim")
     c.master.kill()                                               # mid-PUT, no cleanup
     assert old_home in index_of(c).notes(key.encode())
     p = run_tool("rebalance.py", names[1:], c.db(), replicas=1, subvolumes=1)
     assert not os.path.exists(c.file_of(old_home, key.encode())), p.stdout + p.stderr
     p = run_tool("rebuild.py", names, c.db(), replicas=1, subvolumes=1)
-    assert index_of(c).get(key.encode()) is None or index_of(c).get(key.encode()).state != mkvlib.LIVE
+    assert index_of(c).get(key.encode()) is None or index_of(c).get(key.encode()).state != LIVE
 
 
 def _quiet_put(url, body):
@@ -443,14 +449,14 @@ def test_a_delete_with_a_frozen_volume_fails_within_seconds(private_cluster, key
 
 def test_the_lock_clock_is_not_the_wall_clock():
     # leases are compared on CLOCK_BOOTTIME: stepping the wall clock moves no lease
-    assert abs(mkvlib.lock_clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
-    assert abs(mkvlib.lock_clock() - time.time()) > 3600
+    assert abs(lock_clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
+    assert abs(lock_clock() - time.time()) > 3600
 
 
 def test_an_index_from_an_earlier_boot_drops_its_locks(tmp_path):
     path = str(tmp_path / "i.sqlite3")
-    index = mkvlib.Index(path)
+    index = Index(path)
     index.start_put(b"/k", ["v:1"], "someone")
-    index.db.execute("UPDATE meta SET value = 'another boot' WHERE name = 'boot_id'")
+    index.db.connection.execute("UPDATE meta SET value = 'another boot' WHERE name = 'boot_id'")
     index.close()
-    assert mkvlib.Index(path).get(b"/k").lock_owner is None
+    assert Index(path).get(b"/k").lock_owner is None

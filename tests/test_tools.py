@@ -15,7 +15,12 @@ import time
 import pytest
 import requests
 
-import mkvlib
+from mkvlib.errors import BadKey
+from mkvlib.index import DELETING, Index, Record, WRITING
+from mkvlib.lease import new_owner
+from mkvlib.placement import check_storable, key2path, key2volume, volume_host
+from mkvlib.settings import Settings
+from mkvlib.volumes import Volumes
 import rebuild
 import tools
 from conftest import ROOT, wait_until
@@ -46,8 +51,8 @@ def make_keys(n, prefix, seed=1, big=0):
         key = f"/{prefix}/{i}" + "?>~"[i % 3] * (i % 4)
         i += 1
         try:
-            mkvlib.check_storable(key.encode())
-        except mkvlib.BadKey:
+            check_storable(key.encode())
+        except BadKey:
             continue
         size = 2_000_000 if len(data) < big else rnd.randint(1_000, 300_000)
         data[key] = rnd.randbytes(size)
@@ -74,7 +79,7 @@ def disk_path(cluster, volume, key):
     host, _, sub = volume.partition("/")
     port = int(host.rsplit(":", 1)[1])
     folder = next(d for v, d in zip(cluster.volumes, cluster.volume_dirs) if v.port == port)
-    return os.path.join(folder, sub, mkvlib.key2path(key.encode()).lstrip("/"))
+    return os.path.join(folder, sub, key2path(key.encode()).lstrip("/"))
 
 
 def data_files(folder):
@@ -96,7 +101,7 @@ def assert_converged(cluster, data, volumes, removed=(), replicas=3, subvolumes=
         for key, value in data.items():
             r = s.get(cluster.url(quoted(key)), timeout=30)
             assert r.status_code == 200 and r.content == value, (key, r.status_code)
-            placement = mkvlib.key2volume(key.encode(), volumes, replicas, subvolumes)
+            placement = key2volume(key.encode(), volumes, replicas, subvolumes)
             assert index[key.encode()][1] == ",".join(placement), key
             for v in placement:
                 assert os.path.getsize(disk_path(cluster, v, key)) == len(value), (key, v)
@@ -260,7 +265,7 @@ def test_rebuild_reads_the_go_original_on_disk_format_flat_and_with_subvolumes(p
     data = make_keys(25, "go", seed=5)
     for subvolumes in (1, 10):
         for key, value in data.items():
-            for v in mkvlib.key2volume(key.encode(), names, 2, subvolumes):
+            for v in key2volume(key.encode(), names, 2, subvolumes):
                 path = disk_path(c, v, key)
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
@@ -277,8 +282,8 @@ def test_rebuild_reads_the_go_original_on_disk_format_flat_and_with_subvolumes(p
         assert set(got) == {k.encode() for k in data}
         for key, value in data.items():
             state, volumes, size, _ = got[key.encode()]
-            placement = mkvlib.key2volume(key.encode(), names, 2, subvolumes)
-            other = mkvlib.key2volume(key.encode(), names, 2, 11 - subvolumes)
+            placement = key2volume(key.encode(), names, 2, subvolumes)
+            other = key2volume(key.encode(), names, 2, 11 - subvolumes)
             assert state == "live" and size == len(value)
             # both layouts hold a copy: the placement's first, in order, then the others
             assert volumes.split(",")[:2] == placement
@@ -296,17 +301,17 @@ def test_check_reports_a_deleted_replica_an_orphan_and_a_misplaced_file_and_chan
     keys = list(data)
     # a deleted replica
     short = keys[0]
-    os.remove(disk_path(c, mkvlib.key2volume(short.encode(), names, 2, 10)[1], short))
+    os.remove(disk_path(c, key2volume(short.encode(), names, 2, 10)[1], short))
     # an orphan: a file for a key the index does not have
     orphan = "/chk/orphan"
-    orphan_on = mkvlib.key2volume(orphan.encode(), names, 2, 10)[0]
+    orphan_on = key2volume(orphan.encode(), names, 2, 10)[0]
     os.makedirs(os.path.dirname(disk_path(c, orphan_on, orphan)))
     with open(disk_path(c, orphan_on, orphan), "wb") as f:
         f.write(b"nobody's")
     # a misplaced file: a copy on a volume outside the key's placement
     moved = keys[1]
     elsewhere = next(v for v in names if v not in [p.split("/")[0] for p in
-                                                     mkvlib.key2volume(moved.encode(), names, 2, 10)])
+                                                     key2volume(moved.encode(), names, 2, 10)])
     wrong = elsewhere + "/sv03"
     os.makedirs(os.path.dirname(disk_path(c, wrong, moved)), exist_ok=True)
     with open(disk_path(c, wrong, moved), "wb") as f:
@@ -316,7 +321,7 @@ def test_check_reports_a_deleted_replica_an_orphan_and_a_misplaced_file_and_chan
     p = run_tool("rebuild.py", names, c.db(), "--check", replicas=2)
     assert p.returncode == 1, p.stderr + p.stdout
     lines = p.stdout.splitlines()
-    assert f"under-replicated {short} 1 of 2 replicas ({mkvlib.key2volume(short.encode(), names, 2, 10)[0]})" in lines
+    assert f"under-replicated {short} 1 of 2 replicas ({key2volume(short.encode(), names, 2, 10)[0]})" in lines
     assert f"orphan {orphan} {orphan_on}" in lines
     assert f"misplaced {moved} {wrong}" in lines
     assert "rebuild --check: 0 missing, 1 under-replicated, 1 misplaced, 1 orphan, 0 wrong-size, 0 wrong-md5" in lines
@@ -329,11 +334,11 @@ def test_check_reports_a_key_with_no_file_anywhere(private_cluster):
     data = make_keys(10, "none", seed=8)
     put_all(c, data)
     key = list(data)[3]
-    for v in mkvlib.key2volume(key.encode(), names, 2, 10):
+    for v in key2volume(key.encode(), names, 2, 10):
         os.remove(disk_path(c, v, key))
     p = run_tool("rebuild.py", names, c.db(), "--check", replicas=2)
     assert p.returncode == 1
-    assert f"missing {key} {','.join(mkvlib.key2volume(key.encode(), names, 2, 10))}" in p.stdout.splitlines()
+    assert f"missing {key} {','.join(key2volume(key.encode(), names, 2, 10))}" in p.stdout.splitlines()
     assert "rebuild --check: 1 missing, 0 under-replicated, 0 misplaced, 0 orphan, 0 wrong-size, 0 wrong-md5" in p.stdout
 
 
@@ -359,7 +364,7 @@ def test_rebalance_copies_back_a_replica_that_vanished(private_cluster):
     data = make_keys(20, "wipe", seed=10)
     put_all(c, data)
     key = list(data)[5]
-    victim = mkvlib.key2volume(key.encode(), names, 2, 10)[0]
+    victim = key2volume(key.encode(), names, 2, 10)[0]
     os.remove(disk_path(c, victim, key))
     p = run_tool("rebalance.py", names, c.db(), replicas=2)
     assert p.returncode == 0, p.stderr + p.stdout
@@ -372,25 +377,25 @@ def test_rebalance_copies_back_a_replica_that_vanished(private_cluster):
 def test_rebalance_finishes_what_a_dead_put_and_a_failed_delete_left(private_cluster):
     c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
     names = c.volume_names()
-    index = mkvlib.Index(c.db())
-    volumes = mkvlib.Volumes()
+    index = Index(c.db())
+    volumes = Volumes()
     left = {}
-    for key, state in ((b"/dead-put", mkvlib.WRITING), (b"/failed-delete", mkvlib.DELETING)):
-        placement = mkvlib.key2volume(key, names, 2, 1)
+    for key, state in ((b"/dead-put", WRITING), (b"/failed-delete", DELETING)):
+        placement = key2volume(key, names, 2, 1)
         index.start_put(key, placement, "gone", lease=0.01)       # a PUT that died mid-way
-        volumes.put(placement[:1], mkvlib.key2path(key), [b"half"], 4)   # one replica reached disk
-        if state == mkvlib.DELETING:
+        volumes.put(placement[:1], key2path(key), [b"half"], 4)   # one replica reached disk
+        if state == DELETING:
             index.abandon_put(key, "gone", leftovers=placement)
         left[key] = disk_path(c, placement[0], key.decode())
     held = b"/being-written"
-    index.start_put(held, mkvlib.key2volume(held, names, 2, 1), "alive")   # a live PUT: not ours
+    index.start_put(held, key2volume(held, names, 2, 1), "alive")   # a live PUT: not ours
     time.sleep(0.05)
     p = run_tool("rebalance.py", names, c.db(), replicas=2, subvolumes=1)
     assert p.returncode == 0, p.stderr + p.stdout
     assert summary(p.stdout, "rebalance")["purged"] == 2
     for key, path in left.items():
         assert index.get(key) is None and not os.path.exists(path)
-    assert index.get(held).state == mkvlib.WRITING
+    assert index.get(held).state == WRITING
 
 
 def test_rebalance_forgets_a_removed_volume_that_is_gone_for_good(private_cluster):
@@ -406,7 +411,7 @@ def test_rebalance_forgets_a_removed_volume_that_is_gone_for_good(private_cluste
     p = run_tool("rebalance.py", alive, c.db(), "--forget-volume", dead, replicas=2, subvolumes=1)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_converged(c, data, alive, replicas=2, subvolumes=1)
-    assert mkvlib.Index(c.db()).pending_deletes() == []
+    assert Index(c.db()).all_notes() == []
     p = run_tool("rebalance.py", alive, c.db(), replicas=2, subvolumes=1)
     assert p.returncode == 0 and summary(p.stdout, "rebalance")["moved"] == 0
 
@@ -433,7 +438,7 @@ def test_rebalance_killed_halfway_and_run_again_converges_and_a_third_run_moves_
             index = rows(c.db())
         except sqlite3.Error:
             return 0
-        return sum(index[k.encode()][1] == ",".join(mkvlib.key2volume(k.encode(), three, 2, 10))
+        return sum(index[k.encode()][1] == ",".join(key2volume(k.encode(), three, 2, 10))
                    for k in data)
     already = placed()
     try:
@@ -463,8 +468,8 @@ def test_rebalance_streams_a_value_without_holding_it_in_memory(private_cluster)
     chunk = os.urandom(1024 * 1024)
     r = requests.put(c.url(key), data=iter([chunk] * (size // len(chunk))), timeout=120)
     assert r.status_code == 201, r.text
-    placement = mkvlib.key2volume(key.encode(), names, 1, 10)[0]
-    others = [v for v in names if v != mkvlib.volume_host(placement)]   # the key must move off its volume
+    placement = key2volume(key.encode(), names, 1, 10)[0]
+    others = [v for v in names if v != volume_host(placement)]   # the key must move off its volume
     env = dict(os.environ, MKV_VOLUMES=",".join(others), MKV_DB=c.db(), MKV_REPLICAS="1")
     proc = subprocess.Popen([sys.executable, "rebalance.py"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -483,7 +488,7 @@ def test_rebalance_streams_a_value_without_holding_it_in_memory(private_cluster)
     assert proc.returncode == 0, out + err
     assert summary(out, "rebalance")["moved"] == 1
     assert peak < 80 * 1024 * 1024, f"rebalance peaked at {peak >> 20} MB moving a {size >> 20} MB value"
-    target = mkvlib.key2volume(key.encode(), others, 1, 10)[0]
+    target = key2volume(key.encode(), others, 1, 10)[0]
     with open(disk_path(c, target, key), "rb") as f:
         assert hashlib.md5(f.read()).hexdigest() == hashlib.md5(chunk * (size // len(chunk))).hexdigest()
 
@@ -502,7 +507,7 @@ def test_rebalance_keeps_unlinked_keys_unlinked_and_moves_their_bytes(private_cl
     for key in list(data)[:5]:
         state, volumes, _, _ = index[key.encode()]
         assert state == "unlinked"
-        assert volumes == ",".join(mkvlib.key2volume(key.encode(), three, 2, 10))
+        assert volumes == ",".join(key2volume(key.encode(), three, 2, 10))
         for v in volumes.split(","):
             with open(disk_path(c, v, key), "rb") as f:
                 assert f.read() == data[key]
@@ -516,9 +521,9 @@ def test_rebalance_leaves_a_key_locked_by_a_live_process_names_it_and_exits_1(pr
     put_all(c, data)
     three = four[:3]
     key = next(k for k in data
-               if mkvlib.key2volume(k.encode(), three, 2, 10) != mkvlib.key2volume(k.encode(), four, 2, 10))
-    index = mkvlib.Index(c.db())
-    owner = mkvlib.new_owner("test-")    # this test's own process: alive
+               if key2volume(k.encode(), three, 2, 10) != key2volume(k.encode(), four, 2, 10))
+    index = Index(c.db())
+    owner = new_owner("test-")    # this test's own process: alive
     assert index.lock(key.encode(), owner) is not None
     before = index.get(key.encode()).volumes
     p = run_tool("rebalance.py", three, c.db(), replicas=2)
@@ -563,26 +568,26 @@ def test_flags_win_over_the_environment(private_cluster, tmp_path):
 # ---------------------------------------------------------------- pure logic
 
 def test_replicas_are_ordered_placement_first_then_the_others_by_volume_order():
-    settings = mkvlib.Settings.from_env({}, volumes="a:1,b:1,c:1,d:1", db="/tmp/x", replicas=2, subvolumes=1)
+    settings = Settings.from_env({}, volumes="a:1,b:1,c:1,d:1", db="/tmp/x", replicas=2, subvolumes=1)
     key = b"/k"
-    placement = mkvlib.key2volume(key, settings.volumes, 2, 1)
+    placement = key2volume(key, settings.volumes, 2, 1)
     others = [v for v in settings.volumes if v not in placement]
     holders = set(others) | {placement[1]}
     assert rebuild.order_replicas(key, holders, settings) == [placement[1]] + others
 
 
 def test_classify_names_each_kind_of_problem():
-    settings = mkvlib.Settings.from_env({}, volumes="a:1,b:1,c:1", db="/tmp/x", replicas=2, subvolumes=1)
+    settings = Settings.from_env({}, volumes="a:1,b:1,c:1", db="/tmp/x", replicas=2, subvolumes=1)
     key = b"/k"
-    placement = mkvlib.key2volume(key, settings.volumes, 2, 1)
+    placement = key2volume(key, settings.volumes, 2, 1)
     other = next(v for v in settings.volumes if v not in placement)
-    rec = mkvlib.Record(key, "live", list(placement))
+    rec = Record(key, "live", list(placement))
     assert rebuild.classify(key, rec, set(placement), settings) == []
     assert rebuild.classify(key, None, {other}, settings) == [("orphan", other)]
     assert rebuild.classify(key, rec, set(), settings) == [("missing", ",".join(placement))]
     assert [k for k, _ in rebuild.classify(key, rec, {placement[0]}, settings)] == ["under-replicated"]
     assert [k for k, _ in rebuild.classify(key, rec, set(placement) | {other}, settings)] == ["misplaced"]
-    busy = mkvlib.Record(key, "writing", list(placement))
+    busy = Record(key, "writing", list(placement))
     assert rebuild.classify(key, busy, set(), settings) == []
 
 
@@ -598,10 +603,10 @@ def test_only_svXX_and_two_hex_digit_folders_are_walked():
 def test_a_lock_owner_is_dead_only_if_its_process_on_this_machine_is_gone():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
-    dead = mkvlib.new_owner("x-").split(":")
+    dead = new_owner("x-").split(":")
     dead[1] = str(p.pid)
     assert tools.owner_is_dead(":".join(dead))
-    assert not tools.owner_is_dead(mkvlib.new_owner("x-"))          # ourselves
+    assert not tools.owner_is_dead(new_owner("x-"))          # ourselves
     assert not tools.owner_is_dead(f"elsewhere:{p.pid}:x")          # another machine: cannot tell
     assert not tools.owner_is_dead("garbage")
 

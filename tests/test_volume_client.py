@@ -1,4 +1,4 @@
-"""mkvlib.Volumes, the master's and the tools' HTTP client to the volumes
+"""mkvlib.volumes.Volumes, the master's and the tools' HTTP client to the volumes
 (its own keep-alive connections), against real nginx volumes: uploads,
 MOVEs, downloads, and what a closed, frozen or refusing volume does to them."""
 import hashlib
@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-import mkvlib
+from mkvlib.errors import ClientGone, VolumeDown, VolumeError
+from mkvlib.http import SEND_SLICE
+from mkvlib.volumes import CHUNK, TRANSFER_TIMEOUT, Volumes
 from conftest import start_volume
 
 
@@ -33,24 +35,24 @@ def read(folder, path):
 
 def test_a_value_of_known_length_lands_byte_exact_on_every_volume(two_volumes):
     servers, folders = two_volumes
-    value = os.urandom(3 * mkvlib.CHUNK + 17)
-    chunks = [value[i:i + mkvlib.CHUNK] for i in range(0, len(value), mkvlib.CHUNK)]
-    md5, size = mkvlib.Volumes().put(names(servers), "/aa/bb/known", chunks, len(value))
+    value = os.urandom(3 * CHUNK + 17)
+    chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)]
+    md5, size = Volumes().put(names(servers), "/aa/bb/known", chunks, len(value))
     assert (md5, size) == (hashlib.md5(value).hexdigest(), len(value))
     assert [read(f, "/aa/bb/known") for f in folders] == [value, value]
 
 
 def test_a_value_of_unknown_length_is_sent_chunked_and_lands_byte_exact(two_volumes):
     servers, folders = two_volumes
-    chunks = [b"x" * 5, b"", b"y" * mkvlib.CHUNK, b"z"]
-    mkvlib.Volumes().put(names(servers), "/aa/bb/chunked", chunks)
+    chunks = [b"x" * 5, b"", b"y" * CHUNK, b"z"]
+    Volumes().put(names(servers), "/aa/bb/chunked", chunks)
     assert [read(f, "/aa/bb/chunked") for f in folders] == [b"".join(chunks)] * 2
 
 
 def test_a_body_shorter_than_announced_lands_nothing(two_volumes):
     servers, folders = two_volumes
-    with pytest.raises(mkvlib.VolumeError, match="not the 100 announced") as e:
-        mkvlib.Volumes().put(names(servers), "/aa/bb/short", [b"only ten b"], 100)
+    with pytest.raises(VolumeError, match="not the 100 announced") as e:
+        Volumes().put(names(servers), "/aa/bb/short", [b"only ten b"], 100)
     assert e.value.outcomes == {}
     assert not any(os.path.exists(os.path.join(f, "aa/bb/short")) for f in folders)
     assert all(os.listdir(os.path.join(f, ".tmp")) == [] for f in folders)
@@ -60,10 +62,10 @@ def test_a_client_that_fails_mid_value_breaks_every_upload_off_and_lands_nothing
     servers, folders = two_volumes
 
     def body():
-        yield b"a" * mkvlib.CHUNK
-        raise mkvlib.ClientGone("the client went away")
-    with pytest.raises(mkvlib.ClientGone):
-        mkvlib.Volumes().put(names(servers), "/aa/bb/gone", body(), 10 * mkvlib.CHUNK)
+        yield b"a" * CHUNK
+        raise ClientGone("the client went away")
+    with pytest.raises(ClientGone):
+        Volumes().put(names(servers), "/aa/bb/gone", body(), 10 * CHUNK)
     time.sleep(0.5)   # nginx has seen the connections close
     assert not any(os.path.exists(os.path.join(f, "aa/bb/gone")) for f in folders)
     assert all(os.listdir(os.path.join(f, ".tmp")) == [] for f in folders)
@@ -71,7 +73,7 @@ def test_a_client_that_fails_mid_value_breaks_every_upload_off_and_lands_nothing
 
 def test_connections_a_restarted_volume_closed_while_idle_are_replaced_not_failed(two_volumes):
     servers, folders = two_volumes
-    volumes = mkvlib.Volumes()
+    volumes = Volumes()
     volumes.put(names(servers), "/aa/bb/before", [b"before"], 6)   # leaves kept-alive connections
     for s in servers:
         s.restart()                                               # which nginx closed on its way out
@@ -85,22 +87,22 @@ def test_an_upload_to_a_volume_that_freezes_mid_value_fails_within_the_op_timeou
     """A volume that takes no byte for OP_TIMEOUT seconds is down: the write
     fails then, not after TRANSFER_TIMEOUT (30 s), and lands nothing."""
     servers, folders = two_volumes
-    volumes = mkvlib.Volumes(timeout=0.5)
+    volumes = Volumes(timeout=0.5)
 
     def body():
         for i in range(256):           # more than the sockets' buffers hold
             if i == 2:
                 servers[1].pause()
-            yield b"v" * mkvlib.CHUNK
+            yield b"v" * CHUNK
     started = time.monotonic()
     try:
-        with pytest.raises(mkvlib.VolumeDown, match=f"127.0.0.1:{servers[1].port} failed during upload"):
-            volumes.put(names(servers), "/aa/bb/frozen", body(), 256 * mkvlib.CHUNK)
+        with pytest.raises(VolumeDown, match=f"127.0.0.1:{servers[1].port} failed during upload"):
+            volumes.put(names(servers), "/aa/bb/frozen", body(), 256 * CHUNK)
         took = time.monotonic() - started
     finally:
         servers[1].resume()
-    assert took < mkvlib.TRANSFER_TIMEOUT, took
-    assert volumes.known_down(names(servers)[1])
+    assert took < TRANSFER_TIMEOUT, took
+    assert volumes.health.down(names(servers)[1])
     time.sleep(1)
     assert not any(os.path.exists(os.path.join(f, "aa/bb/frozen")) for f in folders)
 
@@ -108,12 +110,12 @@ def test_an_upload_to_a_volume_that_freezes_mid_value_fails_within_the_op_timeou
 def test_a_volume_that_refuses_an_upload_is_named_with_its_status_and_not_marked_down(tmp_path):
     guarded = start_volume(str(tmp_path / "guarded"), MKV_SECRET="s3cret")
     try:
-        volumes = mkvlib.Volumes()          # carries no secret
-        with pytest.raises(mkvlib.VolumeError, match="answered PUT with 403") as e:
-            volumes.put([f"127.0.0.1:{guarded.port}"], "/aa/bb/refused", [b"r" * mkvlib.CHUNK] * 4,
-                        4 * mkvlib.CHUNK)
-        assert not isinstance(e.value, mkvlib.VolumeDown)
-        assert not volumes.known_down(f"127.0.0.1:{guarded.port}")
+        volumes = Volumes()          # carries no secret
+        with pytest.raises(VolumeError, match="answered PUT with 403") as e:
+            volumes.put([f"127.0.0.1:{guarded.port}"], "/aa/bb/refused", [b"r" * CHUNK] * 4,
+                        4 * CHUNK)
+        assert not isinstance(e.value, VolumeDown)
+        assert not volumes.health.down(f"127.0.0.1:{guarded.port}")
         assert not os.path.exists(tmp_path / "guarded" / "aa" / "bb" / "refused")
     finally:
         guarded.stop()
@@ -122,13 +124,13 @@ def test_a_volume_that_refuses_an_upload_is_named_with_its_status_and_not_marked
 def test_a_download_read_to_its_end_or_broken_off_leaves_the_next_call_a_clean_connection(two_volumes):
     servers, folders = two_volumes
     volume = names(servers)[0]
-    value = os.urandom(2 * mkvlib.CHUNK + 5)
-    volumes = mkvlib.Volumes()
+    value = os.urandom(2 * CHUNK + 5)
+    volumes = Volumes()
     volumes.put([volume], "/aa/bb/file", [value], len(value))
 
     d = volumes.open(volume, "/aa/bb/file")
     assert d.length == len(value)
-    assert b"".join(d.stream(mkvlib.CHUNK)) == value
+    assert b"".join(d.stream(CHUNK)) == value
     d.close()
     assert volumes.has(volume, "/aa/bb/file")
 
@@ -143,7 +145,7 @@ def test_a_download_read_to_its_end_or_broken_off_leaves_the_next_call_a_clean_c
 def test_a_move_never_replaces_a_file_a_delete_of_a_missing_file_is_fine(two_volumes):
     servers, folders = two_volumes
     volume = names(servers)[0]
-    volumes = mkvlib.Volumes()
+    volumes = Volumes()
     volumes.put([volume], "/aa/bb/moved", [b"first"], 5)
     volumes.put([volume], "/aa/bb/moved", [b"second"], 6)   # the file found there is removed first
     assert read(folders[0], "/aa/bb/moved") == b"second"
@@ -179,8 +181,8 @@ def test_an_upload_complete_on_one_volume_when_another_resets_is_removed(two_vol
     def body():
         time.sleep(0.3)        # the reset has come by the time the value is sent
         yield b"v" * 1000
-    with pytest.raises(mkvlib.VolumeDown):
-        mkvlib.Volumes().put([names(servers)[0], broken], "/aa/bb/reset", body(), 1000)
+    with pytest.raises(VolumeDown):
+        Volumes().put([names(servers)[0], broken], "/aa/bb/reset", body(), 1000)
     time.sleep(0.5)
     assert os.listdir(os.path.join(folders[0], ".tmp")) == []
     assert not os.path.exists(os.path.join(folders[0], "aa/bb/reset"))
@@ -206,9 +208,9 @@ def test_a_slow_but_steady_volume_is_not_taken_for_down(tmp_path):
         got.append(len(body))
         conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
     volume = fake_volume(slow)
-    volumes = mkvlib.Volumes(timeout=0.5)
+    volumes = Volumes(timeout=0.5)
     volumes.op_timeout = 1.0                  # the same rule, sooner
-    value = b"s" * (mkvlib.SEND_SLICE * 6)    # 1.5 MB
-    with pytest.raises(mkvlib.VolumeError, match="MOVE"):   # a fake volume knows no MOVE
+    value = b"s" * (SEND_SLICE * 6)    # 1.5 MB
+    with pytest.raises(VolumeError, match="MOVE"):   # a fake volume knows no MOVE
         volumes.put([volume], "/aa/bb/slow", [value], len(value))
     assert got == [len(value)]

@@ -42,7 +42,7 @@ usage: PORT=3001 python volume DIR
   MKV_SECRET         if set: PUT, DELETE and MOVE must carry it in the header
                      Mkv-Secret (the master and the tools do); reads stay open"""
 
-SECRET = re.compile(r"[A-Za-z0-9._-]{1,200}")   # mkvlib.Settings checks MKV_SECRET the same way
+SECRET = re.compile(r"[A-Za-z0-9._-]{1,200}")   # mkvlib.settings checks MKV_SECRET the same way
 
 
 class Refused(Exception):

@@ -1,0 +1,114 @@
+"""Settings: every MKV_* variable, read once at the edge (mkv.py, the tools)
+into a plain frozen object, parsed and checked there with a one-line reason."""
+import dataclasses
+import os
+import re
+
+from mkvlib.errors import SettingsError
+from mkvlib.placement import MAX_SUBVOLUMES, key2volume
+
+SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
+SECRET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,200}")   # what a volume's nginx config can hold as it is
+
+
+def _parse_hostport(name, value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
+        raise SettingsError(f"{name}: {value!r} is not host:port")
+    return value
+
+
+def _parse_int(name, value, low, high):
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: {value!r} is not a whole number") from None
+    if not low <= n <= high:
+        raise SettingsError(f"{name}: {n} is out of range ({low} to {high})")
+    return n
+
+
+def _parse_seconds(name, value, high):
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise SettingsError(f"{name}: {value!r} is not a number of seconds") from None
+    if not 0 < seconds <= high:
+        raise SettingsError(f"{name}: {seconds} is out of range (0 to {high} seconds)")
+    return seconds
+
+
+def _parse_bool(name, value):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: {value!r} is not on/off")
+
+
+def _parse_volumes(value):
+    volumes = value
+    if isinstance(volumes, str):
+        volumes = [v.strip() for v in volumes.split(",") if v.strip()]
+    if not volumes:
+        raise SettingsError("MKV_VOLUMES is empty: name the volume servers, "
+                            "e.g. MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003")
+    volumes = tuple(_parse_hostport("MKV_VOLUMES", v) for v in volumes)
+    if len(set(volumes)) != len(volumes):
+        raise SettingsError(f"MKV_VOLUMES names a volume twice: {','.join(volumes)}")
+    return volumes
+
+
+def _parse_secret(value):
+    secret = value or None
+    if secret is not None and not SECRET_CHARS.fullmatch(secret):
+        raise SettingsError("MKV_SECRET may hold only letters, digits, '.', '_' and '-' (1 to 200)")
+    return secret
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    volumes: tuple
+    db: str
+    replicas: int = 3
+    subvolumes: int = 10
+    protect: bool = False
+    fallback: str = None
+    voltimeout: float = 1.0
+    get_check: bool = False
+    secret: str = dataclasses.field(default=None, repr=False)
+
+    ENV = {"volumes": ("MKV_VOLUMES", ""), "db": ("MKV_DB", ""), "replicas": ("MKV_REPLICAS", "3"),
+           "subvolumes": ("MKV_SUBVOLUMES", "10"), "protect": ("MKV_PROTECT", ""),
+           "fallback": ("MKV_FALLBACK", ""), "voltimeout": ("MKV_VOLTIMEOUT", "1"),
+           "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", "")}
+
+    @classmethod
+    def from_env(cls, env=None, **overrides):
+        """Read MKV_* from `env` (default os.environ); a non-None keyword
+        (volumes=, db=, replicas=, ...) wins over the environment."""
+        env = os.environ if env is None else env
+        raw = {field: env.get(name, default) for field, (name, default) in cls.ENV.items()}
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        volumes = _parse_volumes(raw["volumes"])
+        if not raw["db"]:
+            raise SettingsError("MKV_DB is empty: give the index file, e.g. MKV_DB=/var/lib/mkv/index.sqlite3")
+        replicas = _parse_int("MKV_REPLICAS", raw["replicas"], 1, 1000)
+        if replicas > len(volumes):
+            raise SettingsError(f"MKV_REPLICAS={replicas} but MKV_VOLUMES has only "
+                                f"{len(volumes)} volume(s): need at least as many volumes as replicas")
+        subvolumes = _parse_int("MKV_SUBVOLUMES", raw["subvolumes"], 1, MAX_SUBVOLUMES)
+        voltimeout = _parse_seconds("MKV_VOLTIMEOUT", raw["voltimeout"], 600)
+        secret = _parse_secret(raw["secret"])
+        fallback = raw["fallback"] or None
+        if fallback:
+            _parse_hostport("MKV_FALLBACK", fallback)
+        return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
+                   subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
+                   fallback=fallback, voltimeout=voltimeout,
+                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret)
+
+    def placement(self, key: bytes) -> list:
+        """The volumes (with their svXX folder) that should hold `key`, best first."""
+        return key2volume(key, self.volumes, self.replicas, self.subvolumes)

@@ -1,0 +1,160 @@
+"""What the master does with a key: locate it for a GET, put it, delete
+it, unlink it, over the index, the volumes and the prober."""
+import random
+import sqlite3
+
+from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists, KeyMissing,
+                           Unavailable, VolumeDown, VolumeError)
+from mkvlib.index import LIVE, Index
+from mkvlib.lease import LOCK_LEASE, Lease, new_owner
+from mkvlib.placement import check_storable, fallback_path, key2path, new_tmp, volume_host
+from mkvlib.prober import Prober
+from mkvlib.settings import Settings
+from mkvlib.volumes import Volumes
+
+
+class Store:
+    """What the master does with a key, over the index and the volumes.
+
+    Opened lazily per process, so that each gunicorn worker has its own SQLite
+    connection and HTTP pools, made after the fork."""
+
+    def __init__(self, settings: Settings, offload=None):
+        self.settings = settings
+        self.index = Index(settings.db)
+        self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret, offload=offload)
+        self.health = self.volumes.health
+        self.prober = Prober(self.index, self.volumes, settings.volumes).start()
+
+    def placement(self, key):
+        return self.settings.placement(key)
+
+    def locate(self, key):
+        """(url to redirect to, record or None). KeyMissing if the key is not live
+        and there is no fallback; Unavailable if no replica answers with the file."""
+        rec = self.index.get(key)
+        if rec is None or rec.state != LIVE:
+            if self.settings.fallback:
+                return "http://" + self.settings.fallback + fallback_path(key), rec
+            raise KeyMissing("no such key")
+        order = list(rec.volumes)
+        random.shuffle(order)   # spread reads over the replicas
+        if not self.settings.get_check:
+            # the prober vouches for the volume: up a moment ago, and the disk the index knows
+            for volume in order:
+                if self.health.may_read(volume_host(volume)):
+                    return "http://" + volume + key2path(key), rec
+            # none vouched for (all down, or this worker too busy to look lately): ask them now
+        path = key2path(key)
+        missing = []
+        for volume in order:
+            host = volume_host(volume)
+            if host in self.health.replaced or not self.health.may_ask(host):
+                continue
+            try:
+                if self.volumes.has(volume, path):
+                    return "http://" + volume + path, rec
+                missing.append(volume)
+            except VolumeError:
+                continue
+        if missing and len(missing) == len(order):
+            now = self.index.get(key)
+            if now is None or now.state != LIVE:
+                raise KeyMissing("no such key")    # deleted while we looked
+            raise Unavailable("no replica of this key is on its volumes (run rebuild.py --check)")
+        raise Unavailable("no volume holding this key can be reached")
+
+    def put(self, key, chunks, length=None):
+        """Write a new key: every replica, then the index. Returns (md5, size).
+
+        The key is claimed before the first byte of the body is read, so a
+        second PUT of it meanwhile is 409 however slow this client is."""
+        check_storable(key)
+        rec = self.index.get(key)
+        if rec is not None and rec.state == LIVE:
+            raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
+        volumes = self.placement(key)
+        path = key2path(key)
+        owner, tmp = new_owner("put-"), new_tmp()
+        claim = self.index.start_put(key, volumes, owner, tmp=tmp)
+        with Lease(self.index, key, owner) as lease:
+            try:
+                chunks = iter(chunks)
+                first = next((c for c in chunks if c), None)
+                if first is None:
+                    raise EmptyValue("empty value: a PUT needs a body")
+                for v in volumes:
+                    if not self.health.may_write(volume_host(v)):
+                        raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
+                md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
+                                             tmp=tmp, fence=lambda md5, size: self.fence(key, owner))
+            except BaseException as e:
+                self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
+                raise
+            # copies that the replaced record or failed writes left outside the placement
+            strays = {v: t for v, t in claim.notes.items() if v not in volumes}
+            failed = self.volumes.delete_copies(strays, path)
+            resolved = [v for v in strays if v not in failed]
+            if not self.index.finish_put(key, owner, md5, size, resolved):
+                raise KeyBusy("lost the lock on the key while writing it; try again")
+        return md5, size
+
+    def fence(self, key, owner):
+        """Right before a write's bytes land on their paths: the lock must be
+        ours still, renewed a whole lease ahead, so that a writer that was
+        paused or cut off for longer than its lease lands nothing."""
+        if not self.index.renew(key, owner):
+            raise KeyBusy("lost the lock on the key while writing it (stalled longer than the "
+                          f"{LOCK_LEASE:.0f} s lease); nothing was stored")
+
+    def _abandon(self, key, owner, path, tmp, claim, outcomes, lease):
+        """A claimed PUT failed: undo what it can, and leave every copy that
+        may remain either in a record or noted (rebalance.py removes those)."""
+        if lease.lost:
+            return   # the key is another request's now: our notes stay, its record is its own
+        if not outcomes:
+            # no path was touched: the replaced record, if any, vouches for its copies again
+            if claim.old is not None:
+                undo = lambda: self.index.restore(key, owner, claim.old, resolved=claim.added)  # noqa: E731
+            else:
+                undo = lambda: self.index.abandon_put(key, owner, resolved=claim.added)  # noqa: E731
+        else:
+            failed = self.volumes.delete_copies({v: tmp for v in outcomes}, path)
+            removed = [v for v in outcomes if v not in failed]
+            old = set(claim.old.volumes) if claim.old is not None else set()
+            # untouched paths are as they were: clean, unless the replaced record had a copy there
+            resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in old)]
+            undo = lambda: self.index.abandon_put(key, owner, resolved=resolved)  # noqa: E731
+        try:
+            undo()
+        except (sqlite3.Error, IndexBusy):
+            # the index cannot be written now (its disk full, say): the key
+            # would stay locked until the lease ends; tried again meanwhile
+            Lease.later(undo, LOCK_LEASE)
+            raise
+
+    def delete(self, key):
+        """Remove a key: invisible at once, then its replicas, then its record.
+        If a volume fails the key stays invisible and a retry finishes it."""
+        owner = new_owner("del-")
+        rec = self.index.start_delete(key, owner, protect=self.settings.protect)
+        path = key2path(key)
+        with Lease(self.index, key, owner):
+            # a volume remembered down is asked again now: it may be back
+            failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
+                      if not self.health.may_write(volume_host(v), always_ask=True)}
+            failed.update(self.volumes.delete_copies({v: None for v in rec.volumes if v not in failed}, path))
+        if failed:
+            self.index.release(key, owner)
+            raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "
+                                   + "; ".join(failed.values()))
+        self.index.finish_delete(key, owner)
+        return rec
+
+    def unlink(self, key):
+        self.index.unlink(key)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest

@@ -1,0 +1,460 @@
+"""What a volume's answers mean: has, open, identity, listings, delete, and
+the fenced put (upload every replica, then MOVE each onto its path). Calls
+go over mkvlib.http; every failure feeds mkvlib.health, and is raised as a
+VolumeError with a one-line reason."""
+import hashlib
+import json
+
+from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
+from mkvlib.health import DOWN_RETRY, Health
+from mkvlib.http import NoAnswer, Pool, Refused, Unreachable, nginx_reason, reason
+from mkvlib.http import target as http_target
+from mkvlib.placement import ID_PATH, new_tmp, upload_name, volume_host
+from mkvlib.settings import SECRET_HEADER
+
+CHUNK = 1 << 20            # bytes read from a client and sent to volumes at once
+TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall sending a listing or a file (to rebuild, rebalance)
+OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
+MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
+OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
+LANDED, UNKNOWN = "landed", "unknown"   # what a failed put() may have left at a volume's path
+
+
+def _on_host(volume, path):
+    """(host, path on that server) of `path` in `volume` (its svXX folder first)."""
+    host = volume_host(volume)
+    return host, volume[len(host):] + path
+
+
+class Volumes:
+    """Calls to the volume servers, and what this process knows of their
+    health (`health`: a volume that fails is skipped for DOWN_RETRY seconds,
+    then one request tries it again; so a dead volume costs one timeout now
+    and then, not one per request)."""
+
+    def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64, secret=None, offload=None):
+        self.timeout = timeout
+        self.pool = Pool(timeout, maxsize)
+        self.health = Health(retry_after, ask=self.answers)
+        # offload(fn, arg): starts fn(arg) in a real thread and returns a
+        # function that waits for it; an upload hashes its chunks that way
+        # (hashlib lets go of the GIL) while it sends them. None: hash inline.
+        self.offload = offload
+        # writes carry MKV_SECRET: a volume started with it refuses writes without it
+        self.write_headers = b"%s: %s\r\n" % (SECRET_HEADER.encode(), secret.encode()) if secret else b""
+        # a MOVE or DELETE is a rename or an unlink, and a volume that takes
+        # no byte of an upload for this long is stuck: seconds at the most on
+        # a healthy volume, so a frozen one costs this, not TRANSFER_TIMEOUT
+        self.op_timeout = max(timeout, OP_TIMEOUT)
+
+    def _failed(self, host, cause, mark=True, what="is unreachable", kind=None):
+        """The error to raise for a volume that failed (marked down unless `mark` is False)."""
+        if mark:
+            self.health.failed(host, reason(cause))
+        return (kind or VolumeDown)(f"volume {host} {what}: {reason(cause)}")
+
+    def _fan(self, method, calls, timeout=None, mark=True, kind=None):
+        """Pool.fan of (volume, path, header lines) calls: in order, (status,
+        body) or the error: VolumeDown if the request could not be sent,
+        `kind` (VolumeDown by default) if it was sent and no answer came."""
+        got = self.pool.fan(method, [_on_host(v, p) + (h,) for v, p, h in calls], timeout)
+        out = []
+        for (volume, _, _), result in zip(calls, got):
+            host = volume_host(volume)
+            if isinstance(result, Unreachable):
+                result = self._failed(host, result.cause, mark)
+            elif isinstance(result, NoAnswer):
+                result = self._failed(host, result.cause, mark, f"did not answer {method}", kind)
+            else:
+                self.health.answered(host)
+            out.append(result)
+        return out
+
+    def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None):
+        """(status, body) of one request without a body; raises what _fan() returns."""
+        result = self._fan(method, [(volume, path, headers)], timeout, mark, kind)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    # -- reads
+
+    def answers(self, host):
+        """Ask the server now (one HEAD, `timeout`): True if it answers at all."""
+        try:
+            self.has(host, "/")
+        except VolumeDown:
+            return False
+        except VolumeError:
+            pass                   # any answer will do: the volume is up
+        return True
+
+    def has(self, volume, path):
+        """True if the volume has the file, False if not; VolumeDown if it does not answer."""
+        status, _ = self._call("HEAD", volume, path)
+        if status == 200:
+            return True
+        if status == 404:
+            return False
+        raise VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
+
+    def identity(self, volume, mark=True):
+        """The identity of the disk behind a volume (its /.id); '' for a volume
+        that has none (served by an earlier launcher, or the original's nginx).
+        VolumeDown if it does not answer (marked down unless `mark` is False)."""
+        found = self.identities([volume_host(volume)], mark)[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def identities(self, hosts, mark=True):
+        """identity() of each host, asked at once: the identity or the VolumeError."""
+        out = []
+        for host, result in zip(hosts, self._fan("GET", [(h, ID_PATH, b"") for h in hosts], mark=mark)):
+            if not isinstance(result, Exception):
+                status, body = result
+                if status == 200:
+                    result = body.decode("ascii", "replace").strip()
+                elif status in (403, 404):
+                    result = ""
+                else:
+                    result = VolumeError(f"volume {host} answered GET {ID_PATH} with {status}")
+            out.append(result)
+        return out
+
+    def open(self, volume, path):
+        """A streaming GET of a file: a Download (.length, .stream(CHUNK),
+        .close()); None if the file is missing."""
+        host, there = _on_host(volume, path)
+        try:
+            status, got = self.pool.open(host, there, TRANSFER_TIMEOUT)
+        except Unreachable as e:
+            raise self._failed(host, e.cause) from None
+        except NoAnswer as e:
+            raise self._failed(host, e.cause, what="did not answer GET") from None
+        self.health.answered(host)
+        if status == 200:
+            return Download(got)
+        if status == 404:
+            return None
+        raise VolumeError(f"volume {host} answered GET with {status}")
+
+    # -- listings
+
+    @staticmethod
+    def _listing(host, path, status, body):
+        """The entries of an autoindex answer ([] for a missing folder), or the VolumeError."""
+        if status == 404:
+            return []
+        if status != 200:
+            return VolumeError(f"volume {host} answered GET {path} with {status}")
+        try:
+            return json.loads(body.decode())   # a str skips json.loads' encoding guess
+        except ValueError:
+            return VolumeError(f"volume {host}: {path} is not a JSON listing")
+
+    def listdir(self, volume, path="/"):
+        """Entries of a folder from nginx's JSON autoindex: [{'name', 'type', 'size'?}].
+        A missing folder is an empty list."""
+        status, body = self._call("GET", volume, path.rstrip("/") + "/", timeout=TRANSFER_TIMEOUT)
+        found = self._listing(volume_host(volume), path, status, body)
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def listdirs(self, folders, window=128):
+        """listdir() of many folders at once: [(volume, path)] -> a list in the
+        same order, each item the folder's entries ([] if it is missing) or the
+        VolumeError that folder got.
+
+        rebuild.py lists every folder of every volume, most of them holding
+        one file: so each server's requests go pipelined, all servers' at
+        once (Pool.pipelines)."""
+        by_host = {}
+        for i, (volume, path) in enumerate(folders):
+            host, there = _on_host(volume, path.rstrip("/") + "/")
+            by_host.setdefault(host, []).append((i, there))
+        got = self.pool.pipelines({h: [p for _, p in asked] for h, asked in by_host.items()},
+                                  TRANSFER_TIMEOUT, window)
+        results = [None] * len(folders)
+        for host, asked in by_host.items():
+            errors = [r for r in got[host] if isinstance(r, Exception)]
+            if len(errors) < len(asked):
+                self.health.answered(host)   # it answered (a failure after that marks it down again)
+            error = self._failed(host, errors[0].cause) if errors else None
+            for (i, _), result in zip(asked, got[host]):
+                results[i] = error if isinstance(result, Exception) else \
+                    self._listing(host, folders[i][1], *result)
+        return results
+
+    # -- deletes
+
+    def delete_many(self, calls):
+        """DELETE of each (volume, path) at once: None for each file deleted
+        (or already gone), else the VolumeError it got."""
+        out = []
+        for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
+                                                        timeout=self.op_timeout)):
+            if not isinstance(result, Exception) and result[0] not in (200, 204, 404):
+                result = VolumeError(f"volume {volume_host(volume)} answered DELETE with {result[0]}: "
+                                     f"{nginx_reason(result[1])}")
+            out.append(result if isinstance(result, Exception) else None)
+        return out
+
+    def delete(self, volume, path):
+        """Delete a file; a file that is already gone is fine."""
+        error = self.delete_many([(volume, path)])[0]
+        if error is not None:
+            raise error
+
+    def delete_copies(self, copies, path):
+        """Delete a key's file at `path` from each volume of `copies`
+        ({volume: upload name or None}), at once: first the upload (a
+        write's, see upload_name) whose MOVE onto the path may still be on
+        its way, since once the upload is gone no MOVE can land; then the
+        file. Returns {volume: reason} of those not deleted for sure (a
+        volume known down is not asked)."""
+        failed = {v: f"volume {volume_host(v)} is down" for v in copies if self.health.down(volume_host(v))}
+        uploads = [v for v in copies if copies[v] and v not in failed]
+        for v, error in zip(uploads, self.delete_many([(volume_host(v), upload_name(copies[v], v))
+                                                        for v in uploads])):
+            if error is not None:
+                failed[v] = str(error)
+        asked = [v for v in copies if v not in failed]
+        for v, error in zip(asked, self.delete_many([(v, path) for v in asked])):
+            if error is not None:
+                failed[v] = str(error)
+        return failed
+
+    def delete_uploads(self, names):
+        """Delete uploads {volume: name} that will not be moved (tidiness: an
+        upload is never read; rebalance.py sweeps what is left)."""
+        self.delete_many([(volume_host(v), names[v]) for v in names if not self.health.down(volume_host(v))])
+
+    # -- the fenced put
+
+    def put(self, volumes, path, chunks, length=None, tmp=None, fence=None):
+        """Write one value at `path` on every volume; returns (md5 hex, size).
+
+        1. Stream `chunks` to every volume, each into its own upload under
+           TMP_DIR (upload_name(tmp, volume)), chunk by chunk: each chunk goes
+           to every volume before the next one is read, so memory does not
+           grow with the value.
+        2. Once every upload is complete, fence(md5, size): it raises if the
+           writer may no longer land these bytes (its lock lost, the wrong md5).
+        3. MOVE every upload onto `path`, never over a file (Overwrite: F);
+           a file found there is deleted first (the caller holds the lock).
+
+        Only the MOVE touches `path`, so an upload that a frozen volume
+        finishes late stays an upload. On failure the error carries
+        `.outcomes`: {volume: LANDED or UNKNOWN} for the volumes whose path
+        may now hold these bytes; the others' paths were not touched."""
+        tmp = tmp or new_tmp()
+        names = {v: upload_name(tmp, v) for v in volumes}
+        try:
+            md5, size = Upload(self, volumes, names, length).run(chunks)
+            if fence is not None:
+                try:
+                    fence(md5, size)
+                except Exception:
+                    self.delete_uploads(names)   # complete, never to be moved: they only take space
+                    raise
+        except BaseException as e:
+            e.outcomes = {}
+            raise
+        outcomes, errors = {}, {}
+        for volume, error in zip(volumes, self._moves(volumes, names, path)):
+            if error is None:
+                outcomes[volume] = LANDED
+            elif isinstance(error, MoveUnknown):
+                outcomes[volume], errors[volume] = UNKNOWN, error
+            else:
+                errors[volume] = error
+        if errors:
+            # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
+            self.delete_uploads({v: names[v] for v in errors if v not in outcomes})
+            error = next(errors[v] for v in volumes if v in errors)
+            error.outcomes = outcomes
+            raise error
+        return md5, size
+
+    def _moves(self, volumes, names, path):
+        """MOVE each volume's upload onto `path` at once, as move() does: None
+        for each that landed, else the VolumeError (MoveUnknown: it may land yet)."""
+        calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
+        out = []
+        for volume, result in zip(volumes, self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown)):
+            if not isinstance(result, Exception):
+                status, body = result
+                if status in (201, 204):
+                    result = None
+                elif status == 412:     # a file is there: delete it and try again, this volume alone
+                    try:
+                        self.move(volume, names[volume], path, delete_first=True)
+                        result = None
+                    except VolumeError as e:
+                        result = e
+                else:
+                    result = VolumeError(f"volume {volume_host(volume)} answered MOVE with {status}: "
+                                         f"{nginx_reason(body)}")
+            out.append(result)
+        return out
+
+    def _move_headers(self, volume, path):
+        host, there = _on_host(volume, path)
+        return b"Destination: %s\r\nOverwrite: F\r\n%s" % (http_target(there), self.write_headers)
+
+    def move(self, volume, name, path, delete_first=False):
+        """MOVE the upload `name` onto `path` without replacing a file (the
+        volume checks and renames at once): a file found there (a stray
+        copy, or a late writer's) is deleted and the MOVE tried again.
+        VolumeError: nothing moved; MoveUnknown: no answer, it may land yet."""
+        host = volume_host(volume)
+        headers = self._move_headers(volume, path)
+        for _ in range(MOVE_TRIES):
+            if delete_first:
+                self.delete(volume, path)
+            delete_first = True
+            status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout, kind=MoveUnknown)
+            if status in (201, 204):
+                return
+            if status != 412:
+                raise VolumeError(f"volume {host} answered MOVE with {status}: {nginx_reason(body)}")
+        raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
+
+
+class Upload:
+    """Step 1 of Volumes.put: one value streamed into an upload on every
+    volume, all complete, or an error (and the uploads that did complete
+    deleted, where the volume answers).
+
+    One loop sends each chunk to every volume in turn: the kernel's socket
+    buffers keep every volume busy meanwhile, and a PUT costs no thread or
+    queue per replica. A volume that takes no byte for op_timeout seconds
+    fails the write."""
+
+    def __init__(self, volumes, replicas, names, length):
+        self.volumes, self.replicas, self.names, self.length = volumes, replicas, names, length
+        self.hosts = {v: volume_host(v) for v in replicas}
+        framing = (b"Content-Length: %d\r\n" % length if length is not None
+                   else b"Transfer-Encoding: chunked\r\n")
+        self.heads = {v: b"PUT %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            http_target(names[v]), self.hosts[v].encode(), framing, volumes.write_headers) for v in replicas}
+        self.conns = {}
+        self.sent = set()         # volumes that got the whole body
+
+    def run(self, chunks):
+        """(md5 hex, size) once every upload is complete."""
+        try:
+            for v in self.replicas:
+                try:
+                    self.conns[v] = self.volumes.pool.take(self.hosts[v])
+                except Unreachable as e:
+                    raise self.volumes._failed(self.hosts[v], e.cause) from None
+                self.conns[v].sock.settimeout(self.volumes.op_timeout)
+            md5, size = self._send_all(chunks)
+        except BaseException:
+            self._break_off()
+            raise
+        self._answers()
+        return md5, size
+
+    def _send(self, v, data):
+        """Bytes of the upload to volume v (its request head first)."""
+        host = self.hosts[v]
+        try:
+            self.conns[v].send(host, self.heads.pop(v, b"") + data)
+        except NoAnswer as e:
+            raise self.volumes._failed(host, e.cause, what="failed during upload") from None
+        except Refused as e:
+            raise VolumeError(f"volume {host} answered PUT with {e.status}: {nginx_reason(e.body)}") from None
+
+    def _send_all(self, chunks):
+        md5, size, length = hashlib.md5(), 0, self.length
+        offload = self.volumes.offload
+        hashing = None                # waits for the md5 of the chunk before
+        for chunk in chunks:
+            if not chunk:
+                continue   # chunked, it would say the body ended
+            if hashing is not None:
+                hashing()
+                hashing = None
+            if offload is not None and len(chunk) >= OFFLOAD_MIN:
+                hashing = offload(md5.update, chunk)   # on another core while we send
+            else:
+                md5.update(chunk)
+            size += len(chunk)
+            data = chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            for v in self.replicas:
+                self._send(v, data)
+                if size == length:
+                    self.sent.add(v)   # its upload is complete: it may land even if we break off now
+        if hashing is not None:
+            hashing()
+        if length is not None and size != length:
+            raise VolumeError(f"the value was {size} bytes, not the {length} announced")
+        end = b"" if length is not None else b"0\r\n\r\n"   # a chunked body's last chunk
+        for v in self.replicas:
+            if v in self.heads or end:
+                self._send(v, end)
+            self.sent.add(v)
+        return md5.hexdigest(), size
+
+    def _break_off(self):
+        """Broken off (the client went away, a volume failed): a volume ends
+        an upload whose connection closes before its last byte. One that got
+        the last byte completes it: its answer is awaited (op_timeout), so
+        that the DELETE of the upload comes after it."""
+        for v, conn in self.conns.items():
+            if v in self.sent:
+                try:
+                    conn.sock.settimeout(self.volumes.op_timeout)
+                    status, low, _ = conn.head()
+                    conn.body(status, low)
+                except (OSError, ValueError):
+                    pass
+            conn.close()
+        self.volumes.delete_uploads({v: self.names[v] for v in self.sent})
+
+    def _answers(self):
+        """Every volume's answer to its upload; raises the first error in
+        placement order, once the uploads that did complete are deleted."""
+        errors, done = {}, []
+        for v in self.replicas:
+            host, conn = self.hosts[v], self.conns[v]
+            try:
+                status, low, keep = conn.head_after_body(self.volumes.op_timeout)
+                body = conn.body(status, low)
+            except (OSError, ValueError) as e:
+                conn.close()
+                errors[v] = self.volumes._failed(host, e, what="failed during upload")
+                continue
+            conn.used = True
+            self.volumes.pool.give(host, conn, keep)
+            self.volumes.health.answered(host)
+            if status in (201, 204):
+                done.append(v)
+            else:
+                errors[v] = VolumeError(f"volume {host} answered PUT with {status}: {nginx_reason(body)}")
+        if errors:
+            self.volumes.delete_uploads({v: self.names[v] for v in done})
+            raise next(errors[v] for v in self.replicas if v in errors)
+
+
+class Download:
+    """A file being read from a volume (Volumes.open): `length` (None if the
+    volume did not say), stream(n) for its bytes, close() when done."""
+
+    def __init__(self, reader):
+        self.reader, self.length = reader, reader.length
+
+    def stream(self, n):
+        """The file's bytes, at most n at a time. VolumeError if the transfer breaks."""
+        try:
+            yield from self.reader.stream(n)
+        except NoAnswer as e:
+            raise VolumeError(f"volume {e.host}: reading a file broke off: {e}") from None
+
+    def close(self):
+        """Give the connection back if the file was read to its end, else close it."""
+        self.reader.close()
