@@ -11,14 +11,22 @@ import sys  # noqa: E402
 
 import gunicorn.util  # noqa: E402
 
-from mkvlib.errors import SettingsError
-from mkvlib.index import Index
+from mkvlib.errors import SettingsError  # noqa: E402
+from mkvlib.index import Index  # noqa: E402
+from mkvlib.lease import LOCK_LEASE  # noqa: E402
 from mkvlib.settings import Settings  # noqa: E402
+from mkvlib.volumes import Volumes  # noqa: E402
 
 worker_class = "gevent"
 worker_connections = 1000
 keepalive = 30          # seconds; clients of a blob store come back
 graceful_timeout = 30
+# A worker that stops answering (paused, starved) is killed after `timeout`
+# seconds (a second or two more: gunicorn looks once a second): before the
+# lease of any key it holds runs out, so that it can never write a key that
+# another request has taken since. on_starting refuses a longer one.
+timeout = 20
+TIMEOUT_MAX = LOCK_LEASE - 10
 # gunicorn 27's control socket is one fixed path per user: two masters on one
 # machine (or a test run beside a cluster) would take it from each other.
 control_socket_disable = True
@@ -49,6 +57,20 @@ def write_error_line(sock, status_int, reason, mesg):
 gunicorn.util.write_error = write_error_line
 
 
+def one_disk_twice(settings):
+    """Two names in MKV_VOLUMES for one disk (localhost:3001 and
+    127.0.0.1:3001, say), as their /.id says; None if none (or they do not
+    answer yet)."""
+    found = Volumes(timeout=settings.voltimeout).identities(settings.volumes, mark=False)
+    seen = {}
+    for host, ident in zip(settings.volumes, found):
+        if isinstance(ident, str) and ident:
+            if ident in seen:
+                return seen[ident], host
+            seen[ident] = host
+    return None
+
+
 def on_starting(server):
     """Check the settings and create the index once, before any worker forks:
     bad settings stop the start with one line and exit status 1."""
@@ -57,5 +79,12 @@ def on_starting(server):
         Index(settings.db).close()
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
+    twins = one_disk_twice(settings)
+    if twins:
+        sys.exit(f"mkv: MKV_VOLUMES names one disk twice: {twins[0]} and {twins[1]} (the same /.id); "
+                 "name each volume once")
+    if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
+        sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
+                 f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)

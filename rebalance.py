@@ -36,10 +36,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mkvlib.errors import KeyBusy, MkvError, VolumeError
+from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import Lease, new_owner
-from mkvlib.placement import TMP_DIR, key2path, new_tmp, volume_host
+from mkvlib.placement import TMP_DIR, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
 
@@ -64,6 +64,7 @@ class Rebalance:
         self._again_lock = threading.Lock()
         self.noted = set()              # keys with notes when the run began
         self.replaced = {}              # host -> identity of a disk the index does not know yet
+        self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
 
     def placement(self, key):
         return self.settings.placement(key)
@@ -80,7 +81,8 @@ class Rebalance:
 
     def run(self, workers):
         self.progress.set_total(self.index.count())
-        self.identify()
+        if self.ids is None:
+            self.identify()
         self.sweep()
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
@@ -115,7 +117,9 @@ class Rebalance:
 
     def identify(self):
         """Which volumes are not the disk the index knows (wiped, replaced):
-        their copies are not trusted, and rewritten, this run."""
+        their copies are not trusted, and rewritten, this run. And which
+        names are one disk (a volume renamed: the index knows its old name
+        and its new one by one identity): see same()."""
         known = self.index.volume_ids()
         for host in self.settings.volumes:
             try:
@@ -128,6 +132,17 @@ class Rebalance:
                 self.replaced[host] = ident
                 self.progress.message(f"{PROG}: {host} is not the disk the index knows "
                                       "(wiped or replaced): copying every replica it should hold")
+        self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
+        for host in self.settings.volumes:
+            twin = next((h for h in self.settings.volumes if h < host and self.ids.get(h)
+                         and self.ids.get(h) == self.ids.get(host)), None)
+            if twin:
+                raise SettingsError(f"MKV_VOLUMES names one disk twice: {twin} and {host} "
+                                    f"(identity {self.ids[host]}); name each volume once")
+
+    def same(self, a, b):
+        """True if volume names a and b are one folder of one disk."""
+        return a == b or disk_of(a, self.ids) == disk_of(b, self.ids)
 
     def sweep(self):
         """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
@@ -211,7 +226,7 @@ class Rebalance:
             with Lease(self.index, rec.key, self.owner):
                 notes = self.index.notes(rec.key)
                 copies = {v: notes.get(v) for v in rec.volumes}
-                failed = self.volumes.delete_copies(copies, key2path(rec.key))
+                failed = self.volumes.delete_copies(copies, key2path(rec.key), fence=self.fence(rec.key))
                 if failed:
                     return self.fail(rec.key, "could not remove the files of a dead write or delete on "
                                      + ",".join(v for v in copies if v in failed))
@@ -222,6 +237,15 @@ class Rebalance:
             self.progress.count("purged")
         finally:
             self.index.release(rec.key, self.owner)   # a no-op once the record is gone
+
+    def fence(self, key):
+        """A fence for requests that change `key`'s paths: the lock must
+        still be this run's, renewed a whole lease ahead (the run may have
+        been paused for longer than a lease since it last looked)."""
+        def check():
+            if not self.index.renew(key, self.owner):
+                raise KeyBusy("lost the lock on the key (paused longer than a lease?)")
+        return check
 
     def later(self, key):
         with self._again_lock:
@@ -251,14 +275,16 @@ class Rebalance:
         if not vouched:
             why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")
-        targets = [v for v in placement if v not in vouched]
+        # a placement volume that is a vouched copy under another name has it
+        targets = [v for v in placement if not any(self.same(v, u) for u in vouched)]
         unreachable = [v for v in targets if have[v] is None]
         if unreachable:
             raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
         if targets:
             self.copy(rec, vouched, targets, path)
         if rec.volumes != placement or targets:
-            dropped = [v for v in rec.volumes if v not in placement and have[v] is not False]
+            dropped = [v for v in rec.volumes if v not in placement and have[v] is not False
+                       and not any(self.same(v, p) for p in placement)]    # never ours under another name
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
             due = time.time() + GRACE
@@ -305,7 +331,7 @@ class Rebalance:
             except Exception as e:
                 last = f"from {src}: {e}"
                 outcomes = getattr(e, "outcomes", {})
-                if self.volumes.delete_copies({v: tmp for v in outcomes}, path):
+                if self.volumes.delete_copies({v: tmp for v in outcomes}, path, fence=self.fence(rec.key)):
                     raise CopyFailed(f"could not copy to {','.join(targets)} ({last}), and could not "
                                      "remove what landed: it stays noted for the next run") from None
             finally:
@@ -358,8 +384,10 @@ class Rebalance:
                     self.index.abandon_put(key, self.owner)
                 return True
             try:
-                if rec.state in (WRITING, DELETING) or volume not in rec.volumes:
+                if rec.state in (WRITING, DELETING) or not any(self.same(volume, v) for v in rec.volumes):
                     self.delete_noted(key, volume, path)
+                elif volume not in rec.volumes:
+                    self.index.unnote(key, volume)   # the record's own copy, under another name of its disk
             finally:
                 self.index.release(key, self.owner)
             return True
@@ -373,7 +401,7 @@ class Rebalance:
         with Lease(self.index, key, self.owner):
             notes = self.index.notes(key)
             if volume in notes:
-                failed = self.volumes.delete_copies({volume: notes[volume]}, path)
+                failed = self.volumes.delete_copies({volume: notes[volume]}, path, fence=self.fence(key))
                 if failed:
                     raise VolumeError(failed[volume])
                 self.index.unnote(key, volume)
@@ -401,6 +429,12 @@ def main(argv=None):
         return 2
     index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="keys")
     job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume)
+    try:
+        job.identify()
+    except SettingsError as e:
+        progress.close()
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
     if not tools.run(PROG, job, args.workers, progress):
         return 1
     print(progress.summary(SUMMARY, "copied"), flush=True)

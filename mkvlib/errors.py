@@ -51,7 +51,7 @@ class VolumeDown(VolumeError):
 
 
 class MoveUnknown(VolumeDown):
-    """A volume did not answer a MOVE: the value may land there yet."""
+    """A volume did not answer a MOVE: the value may have landed there (it cannot land later)."""
 
 
 class Unavailable(MkvError):

@@ -12,6 +12,7 @@ the sockets are gevent's, so a call waits without blocking the worker; in
 the tools' threads they are the standard library's."""
 import errno
 import fcntl
+import re
 import socket
 import struct
 import termios
@@ -95,6 +96,25 @@ def header(head, needle):
         return None
     end = head.find(b"\r\n", at + 2)
     return head[at + len(needle):end if end >= 0 else len(head)].strip()
+
+
+_DIGITS = re.compile(rb"[0-9]{1,19}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+
+
+def parse_length(value: bytes) -> int:
+    """A Content-Length: decimal digits only (no sign, '_', space or 0x), or ValueError."""
+    if not _DIGITS.fullmatch(value):
+        raise ValueError(f"bad Content-Length: {value[:40]!r}")
+    return int(value)
+
+
+def parse_chunk_size(line: bytes) -> int:
+    """The size on a chunk's line (extensions after ';' ignored): hex digits only, or ValueError."""
+    size = line.split(b";", 1)[0]
+    if not _HEX.fullmatch(size):
+        raise ValueError(f"bad chunk size: {line[:40]!r}")
+    return int(size, 16)
 
 
 def unsent(sock):
@@ -201,7 +221,7 @@ class Conn:
             # nginx sends a small listing as one chunk and the last one: take both at once
             buf, pos = self.buf, self.pos
             eol = buf.find(b"\r\n", pos, pos + 20)
-            if eol > pos and buf[pos:eol].isalnum():
+            if eol > pos and _HEX.fullmatch(buf[pos:eol]):
                 end = eol + 2 + int(buf[pos:eol], 16)
                 if buf.startswith(b"\r\n0\r\n\r\n", end):
                     self.pos = end + 7
@@ -209,7 +229,7 @@ class Conn:
             return b"".join(self.chunks())
         length = header(low, b"\r\ncontent-length:")
         if length is not None:
-            return self.take(int(length))
+            return self.take(parse_length(length))
         return b"".join(self.until_closed())
 
     def until_closed(self):
@@ -225,12 +245,15 @@ class Conn:
     def chunks(self):
         """The pieces of a chunked body, as they arrive."""
         while True:
-            size = int(self.upto(b"\r\n").split(b";", 1)[0], 16)
+            size = parse_chunk_size(self.upto(b"\r\n"))
             if size == 0:
                 while self.upto(b"\r\n"):   # trailers, up to the blank line
                     pass
                 return
-            yield self.take(size + 2)[:-2]   # each chunk ends in CRLF
+            piece = self.take(size + 2)
+            if piece[-2:] != b"\r\n":      # each chunk ends in CRLF
+                raise ValueError("a chunk does not end in CRLF")
+            yield piece[:-2]
 
     def answer(self, to_head=False):
         """(status, body, keep-alive?) of the next answer; `to_head`: it answers a HEAD."""
@@ -379,7 +402,10 @@ class Pool:
                 conn.sock.settimeout(timeout)
                 conn.sock.sendall(data)
                 status, low, keep = conn.head()
-                body = conn.body(status, low) if status != 200 else None
+                if status == 200:
+                    reader = Reader(self, host, conn, low, keep)
+                else:
+                    body = conn.body(status, low)
             except (OSError, ValueError) as e:
                 conn.close()
                 if conn.used and attempt == 1 and not isinstance(e, socket.timeout):
@@ -387,7 +413,7 @@ class Pool:
                 raise NoAnswer(host, e) from None
             conn.used = True
             if status == 200:
-                return status, Reader(self, host, conn, low, keep)
+                return status, reader
             self.give(host, conn, keep)
             return status, body
 
@@ -412,7 +438,7 @@ class Reader:
     def __init__(self, pool, host, conn, low, keep):
         self.pool, self.host, self.conn, self.keep = pool, host, conn, keep
         length = header(low, b"\r\ncontent-length:")
-        self.length = int(length) if length is not None and length.isdigit() else None
+        self.length = parse_length(length) if length is not None else None
         self.chunked = b"chunked" in (header(low, b"\r\ntransfer-encoding:") or b"")
         self.finished = False
 

@@ -51,6 +51,14 @@ def volume_host(volume: str) -> str:
     return volume.split("/", 1)[0]
 
 
+def disk_of(volume: str, ids: dict):
+    """(disk, subvolume folder) that a volume name stands for: two names of
+    one server ('localhost:3001', '127.0.0.1:3001') are one disk when `ids`
+    ({host: identity}, the index's volume_ids) gives them one identity."""
+    host = volume_host(volume)
+    return ids.get(host) or host, volume[len(host):]
+
+
 def fallback_path(key: bytes) -> str:
     """The key as a path on MKV_FALLBACK that no client normalizes into
     another: a '.' or '..' segment goes as %2E, joined to its neighbours by

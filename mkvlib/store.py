@@ -1,16 +1,18 @@
 """What the master does with a key: locate it for a GET, put it, delete
 it, unlink it, over the index, the volumes and the prober."""
+import dataclasses
 import random
 import sqlite3
+import time
 
 from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists, KeyMissing,
                            Unavailable, VolumeDown, VolumeError)
-from mkvlib.index import LIVE, Index
+from mkvlib.index import LIVE, UNLINKED, Index
 from mkvlib.lease import LOCK_LEASE, Lease, new_owner
-from mkvlib.placement import check_storable, fallback_path, key2path, new_tmp, volume_host
+from mkvlib.placement import check_storable, disk_of, fallback_path, key2path, new_tmp, volume_host
 from mkvlib.prober import Prober
 from mkvlib.settings import Settings
-from mkvlib.volumes import Volumes
+from mkvlib.volumes import LANDED, Volumes
 
 
 class Store:
@@ -91,27 +93,57 @@ class Store:
             except BaseException as e:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
-            # copies that the replaced record or failed writes left outside the placement
-            strays = {v: t for v, t in claim.notes.items() if v not in volumes}
-            failed = self.volumes.delete_copies(strays, path)
-            resolved = [v for v in strays if v not in failed]
-            if not self.index.finish_put(key, owner, md5, size, resolved):
+            try:
+                # copies that the replaced record or failed writes left outside the placement
+                strays = self._strays(claim.notes, volumes)
+                failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner))
+                # resolved: gone, or our own copy under another name of its disk
+                resolved = [v for v in claim.notes if v not in volumes and v not in failed]
+                done = self.index.finish_put(key, owner, md5, size, resolved)
+            except BaseException:
+                # every copy landed, but the value is not recorded (the index
+                # failed, the lock was lost, the worker was stopped): take them back
+                self._abandon(key, owner, path, tmp, claim, dict.fromkeys(volumes, LANDED), lease)
+                raise
+            if not done:
                 raise KeyBusy("lost the lock on the key while writing it; try again")
         return md5, size
 
-    def fence(self, key, owner):
-        """Right before a write's bytes land on their paths: the lock must be
-        ours still, renewed a whole lease ahead, so that a writer that was
-        paused or cut off for longer than its lease lands nothing."""
+    def _strays(self, notes, volumes):
+        """The noted copies {volume: upload} outside `volumes`, less those on
+        the same disk under another name (deleting one would delete ours)."""
+        strays = {v: t for v, t in notes.items() if v not in volumes}
+        if strays:
+            ids = self.index.volume_ids()
+            ours = {disk_of(v, ids) for v in volumes}
+            strays = {v: t for v, t in strays.items() if disk_of(v, ids) not in ours}
+        return strays
+
+    def fence(self, key, owner, doing="writing it"):
+        """Right before a request that changes a key's path on a volume: the
+        lock must be ours still, renewed a whole lease ahead, so that a
+        writer that was paused or cut off for longer than its lease changes
+        nothing (its requests' deadlines are far shorter than a lease)."""
         if not self.index.renew(key, owner):
-            raise KeyBusy("lost the lock on the key while writing it (stalled longer than the "
-                          f"{LOCK_LEASE:.0f} s lease); nothing was stored")
+            raise KeyBusy(f"lost the lock on the key while {doing} (stalled longer than the "
+                          f"{LOCK_LEASE:.0f} s lease); try again")
+
+    def _fence_undo(self, key, owner, lease):
+        """fence() for the undoing of a failed write, which may fail because
+        the index cannot be written: then the renewer's last renewal stands
+        in, while it is under half a lease old."""
+        try:
+            self.fence(key, owner, "undoing a write")
+        except (sqlite3.Error, IndexBusy):
+            if lease.lost or time.monotonic() - lease.renewed > LOCK_LEASE / 2:
+                raise KeyBusy("the lock on the key could not be renewed") from None
 
     def _abandon(self, key, owner, path, tmp, claim, outcomes, lease):
         """A claimed PUT failed: undo what it can, and leave every copy that
         may remain either in a record or noted (rebalance.py removes those)."""
         if lease.lost:
             return   # the key is another request's now: our notes stay, its record is its own
+        old = claim.old
         if not outcomes:
             # no path was touched: the replaced record, if any, vouches for its copies again
             if claim.old is not None:
@@ -119,12 +151,23 @@ class Store:
             else:
                 undo = lambda: self.index.abandon_put(key, owner, resolved=claim.added)  # noqa: E731
         else:
-            failed = self.volumes.delete_copies({v: tmp for v in outcomes}, path)
+            try:
+                failed = self.volumes.delete_copies({v: tmp for v in outcomes}, path,
+                                                    fence=lambda: self._fence_undo(key, owner, lease))
+            except KeyBusy:
+                return   # stalled past the lease: the key is another request's now; our notes stay
             removed = [v for v in outcomes if v not in failed]
-            old = set(claim.old.volumes) if claim.old is not None else set()
+            had = set(old.volumes) if old is not None else set()
             # untouched paths are as they were: clean, unless the replaced record had a copy there
-            resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in old)]
-            undo = lambda: self.index.abandon_put(key, owner, resolved=resolved)  # noqa: E731
+            resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in had)]
+            # an unlinked value keeps what is left of it: UNLINK promised to keep its bytes
+            intact = [v for v in old.volumes if v not in outcomes] if old and old.state == UNLINKED else []
+            if intact:
+                kept = dataclasses.replace(old, volumes=intact)
+                resolved += [v for v in intact if v in claim.added and v not in resolved]
+                undo = lambda: self.index.restore(key, owner, kept, resolved=resolved)  # noqa: E731
+            else:
+                undo = lambda: self.index.abandon_put(key, owner, resolved=resolved)  # noqa: E731
         try:
             undo()
         except (sqlite3.Error, IndexBusy):
@@ -143,7 +186,8 @@ class Store:
             # a volume remembered down is asked again now: it may be back
             failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
                       if not self.health.may_write(volume_host(v), always_ask=True)}
-            failed.update(self.volumes.delete_copies({v: None for v in rec.volumes if v not in failed}, path))
+            failed.update(self.volumes.delete_copies({v: None for v in rec.volumes if v not in failed}, path,
+                                                     fence=lambda: self.fence(key, owner, "deleting it")))
         if failed:
             self.index.release(key, owner)
             raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "

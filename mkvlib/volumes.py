@@ -2,8 +2,10 @@
 the fenced put (upload every replica, then MOVE each onto its path). Calls
 go over mkvlib.http; every failure feeds mkvlib.health, and is raised as a
 VolumeError with a one-line reason."""
+import base64
 import hashlib
 import json
+import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
 from mkvlib.health import DOWN_RETRY, Health
@@ -17,7 +19,19 @@ TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall sending a listing or a f
 OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
-LANDED, UNKNOWN = "landed", "unknown"   # what a failed put() may have left at a volume's path
+CLOCK_SKEW = 1.0           # seconds a volume's clock may be behind ours (they must agree, NTP)
+WRITES = ("MOVE", "DELETE")  # requests that carry a deadline (volume/nginx.conf refuses them late)
+# what a failed put() may have left at a volume's path: our bytes, maybe our
+# bytes, or nothing (a file found there was deleted, then the MOVE failed)
+LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
+
+
+def deadline_headers(deadline):
+    """The header lines that make a volume refuse a MOVE or DELETE (410)
+    once the unix second `deadline` has passed (secure_link in
+    volume/nginx.conf: a base64url md5 it insists on, not a secret)."""
+    sig = base64.urlsafe_b64encode(hashlib.md5(b"%d mkv" % deadline).digest()).rstrip(b"=")
+    return b"Mkv-Deadline: %d\r\nMkv-Sig: %s\r\n" % (deadline, sig)
 
 
 def _on_host(volume, path):
@@ -30,7 +44,15 @@ class Volumes:
     """Calls to the volume servers, and what this process knows of their
     health (`health`: a volume that fails is skipped for DOWN_RETRY seconds,
     then one request tries it again; so a dead volume costs one timeout now
-    and then, not one per request)."""
+    and then, not one per request).
+
+    The rule for writes: when a call returns, answered or not, no MOVE or
+    DELETE it sent can take effect later. Each carries a deadline, its
+    timeout from now, after which the volume refuses it (a stalled nginx
+    worker, a blocked disk or a slow network may deliver it late); a call
+    that got no answer returns only once that deadline has passed on the
+    volume's clock too (CLOCK_SKEW). And a write on a key's path is sent only
+    right after `fence()`, the check that its writer still holds the key."""
 
     def __init__(self, timeout=1.0, retry_after=DOWN_RETRY, maxsize=64, secret=None, offload=None):
         self.timeout = timeout
@@ -57,7 +79,12 @@ class Volumes:
         """Pool.fan of (volume, path, header lines) calls: in order, (status,
         body) or the error: VolumeDown if the request could not be sent,
         `kind` (VolumeDown by default) if it was sent and no answer came."""
-        got = self.pool.fan(method, [_on_host(v, p) + (h,) for v, p, h in calls], timeout)
+        timeout = timeout or self.timeout
+        late = b""
+        if method in WRITES:
+            deadline = int(time.time() + timeout) + 1    # nginx compares whole seconds
+            late = deadline_headers(deadline)
+        got = self.pool.fan(method, [_on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
         out = []
         for (volume, _, _), result in zip(calls, got):
             host = volume_host(volume)
@@ -68,6 +95,10 @@ class Volumes:
             else:
                 self.health.answered(host)
             out.append(result)
+        if late and any(isinstance(r, NoAnswer) for r in got):
+            # sent and unanswered: it may still run, until the volume's clock
+            # passes its deadline (a second's rounding in nginx, and skew)
+            time.sleep(max(0.0, deadline + 1 + CLOCK_SKEW - time.time()))
         return out
 
     def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None):
@@ -189,31 +220,42 @@ class Volumes:
 
     # -- deletes
 
-    def delete_many(self, calls):
+    def _refused(self, volume, method, status, body):
+        """The VolumeError of a write the volume answered with an error."""
+        host = volume_host(volume)
+        if status == 410:
+            return VolumeError(f"volume {host} refused {method} as late: its clock is ahead of this "
+                               f"machine's by over {self.op_timeout:.0f} s; the clocks must agree (NTP)")
+        return VolumeError(f"volume {host} answered {method} with {status}: {nginx_reason(body)}")
+
+    def delete_many(self, calls, fence=None):
         """DELETE of each (volume, path) at once: None for each file deleted
-        (or already gone), else the VolumeError it got."""
+        (or already gone), else the VolumeError it got. fence() first, if
+        given: it raises if the caller may no longer touch these paths."""
+        if fence is not None and calls:
+            fence()
         out = []
         for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
                                                         timeout=self.op_timeout)):
             if not isinstance(result, Exception) and result[0] not in (200, 204, 404):
-                result = VolumeError(f"volume {volume_host(volume)} answered DELETE with {result[0]}: "
-                                     f"{nginx_reason(result[1])}")
+                result = self._refused(volume, "DELETE", *result)
             out.append(result if isinstance(result, Exception) else None)
         return out
 
-    def delete(self, volume, path):
+    def delete(self, volume, path, fence=None):
         """Delete a file; a file that is already gone is fine."""
-        error = self.delete_many([(volume, path)])[0]
+        error = self.delete_many([(volume, path)], fence)[0]
         if error is not None:
             raise error
 
-    def delete_copies(self, copies, path):
+    def delete_copies(self, copies, path, fence=None):
         """Delete a key's file at `path` from each volume of `copies`
         ({volume: upload name or None}), at once: first the upload (a
         write's, see upload_name) whose MOVE onto the path may still be on
         its way, since once the upload is gone no MOVE can land; then the
         file. Returns {volume: reason} of those not deleted for sure (a
-        volume known down is not asked)."""
+        volume known down is not asked). fence() right before the files'
+        DELETEs, if given."""
         failed = {v: f"volume {volume_host(v)} is down" for v in copies if self.health.down(volume_host(v))}
         uploads = [v for v in copies if copies[v] and v not in failed]
         for v, error in zip(uploads, self.delete_many([(volume_host(v), upload_name(copies[v], v))
@@ -221,7 +263,7 @@ class Volumes:
             if error is not None:
                 failed[v] = str(error)
         asked = [v for v in copies if v not in failed]
-        for v, error in zip(asked, self.delete_many([(v, path) for v in asked])):
+        for v, error in zip(asked, self.delete_many([(v, path) for v in asked], fence)):
             if error is not None:
                 failed[v] = str(error)
         return failed
@@ -247,29 +289,40 @@ class Volumes:
 
         Only the MOVE touches `path`, so an upload that a frozen volume
         finishes late stays an upload. On failure the error carries
-        `.outcomes`: {volume: LANDED or UNKNOWN} for the volumes whose path
-        may now hold these bytes; the others' paths were not touched."""
+        `.outcomes`: {volume: LANDED, UNKNOWN or CLEARED} for the volumes
+        whose path may now hold these bytes, or lost what it held; the
+        others' paths were not touched."""
         tmp = tmp or new_tmp()
         names = {v: upload_name(tmp, v) for v in volumes}
+        again = None
         try:
             md5, size = Upload(self, volumes, names, length).run(chunks)
             if fence is not None:
+                again = lambda: fence(md5, size)   # noqa: E731 (before each later write on the path)
                 try:
-                    fence(md5, size)
+                    again()
                 except Exception:
                     self.delete_uploads(names)   # complete, never to be moved: they only take space
                     raise
         except BaseException as e:
             e.outcomes = {}
             raise
+        try:
+            results = self._moves(volumes, names, path, again)
+        except BaseException as e:
+            # cut off among the MOVEs (the lock lost, the worker killed): any may have landed
+            e.outcomes = {v: UNKNOWN for v in volumes}
+            raise
         outcomes, errors = {}, {}
-        for volume, error in zip(volumes, self._moves(volumes, names, path)):
+        for volume, error in zip(volumes, results):
             if error is None:
                 outcomes[volume] = LANDED
             elif isinstance(error, MoveUnknown):
                 outcomes[volume], errors[volume] = UNKNOWN, error
             else:
                 errors[volume] = error
+                if getattr(error, "cleared", False):
+                    outcomes[volume] = CLEARED
         if errors:
             # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
             self.delete_uploads({v: names[v] for v in errors if v not in outcomes})
@@ -278,9 +331,9 @@ class Volumes:
             raise error
         return md5, size
 
-    def _moves(self, volumes, names, path):
+    def _moves(self, volumes, names, path, fence=None):
         """MOVE each volume's upload onto `path` at once, as move() does: None
-        for each that landed, else the VolumeError (MoveUnknown: it may land yet)."""
+        for each that landed, else the VolumeError (MoveUnknown: it may have landed)."""
         calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
         out = []
         for volume, result in zip(volumes, self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown)):
@@ -290,13 +343,12 @@ class Volumes:
                     result = None
                 elif status == 412:     # a file is there: delete it and try again, this volume alone
                     try:
-                        self.move(volume, names[volume], path, delete_first=True)
+                        self.move(volume, names[volume], path, delete_first=True, fence=fence)
                         result = None
                     except VolumeError as e:
                         result = e
                 else:
-                    result = VolumeError(f"volume {volume_host(volume)} answered MOVE with {status}: "
-                                         f"{nginx_reason(body)}")
+                    result = self._refused(volume, "MOVE", status, body)
             out.append(result)
         return out
 
@@ -304,23 +356,33 @@ class Volumes:
         host, there = _on_host(volume, path)
         return b"Destination: %s\r\nOverwrite: F\r\n%s" % (http_target(there), self.write_headers)
 
-    def move(self, volume, name, path, delete_first=False):
+    def move(self, volume, name, path, delete_first=False, fence=None):
         """MOVE the upload `name` onto `path` without replacing a file (the
         volume checks and renames at once): a file found there (a stray
-        copy, or a late writer's) is deleted and the MOVE tried again.
-        VolumeError: nothing moved; MoveUnknown: no answer, it may land yet."""
+        copy, or a late writer's) is deleted and the MOVE tried again, each
+        request right after fence(), if given (the writer may have stalled
+        since its last look at its lock). VolumeError: nothing moved;
+        MoveUnknown: no answer (and it will not land later)."""
         host = volume_host(volume)
         headers = self._move_headers(volume, path)
-        for _ in range(MOVE_TRIES):
-            if delete_first:
-                self.delete(volume, path)
-            delete_first = True
-            status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout, kind=MoveUnknown)
-            if status in (201, 204):
-                return
-            if status != 412:
-                raise VolumeError(f"volume {host} answered MOVE with {status}: {nginx_reason(body)}")
-        raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
+        cleared = False                 # a file at the path was deleted: a failure now says so
+        try:
+            for _ in range(MOVE_TRIES):
+                if delete_first:
+                    self.delete(volume, path, fence)
+                    cleared = True
+                delete_first = True
+                if fence is not None:
+                    fence()
+                status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout, kind=MoveUnknown)
+                if status in (201, 204):
+                    return
+                if status != 412:
+                    raise self._refused(volume, "MOVE", status, body)
+            raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
+        except VolumeError as e:
+            e.cleared = cleared
+            raise
 
 
 class Upload:

@@ -203,6 +203,7 @@ class Cluster:
         self.workers = workers
         self.volume_dirs = list(volume_dirs or [os.path.join(workdir, f"volume{i}") for i in range(n_volumes)])
         self.volumes, self.master = [], None
+        self.aliases = {}     # port of a proxy in front of a volume -> the volume's port
         try:
             # a volume refuses writes without the master's MKV_SECRET
             secret = {"MKV_SECRET": str(settings["secret"])} if settings.get("secret") else {}
@@ -237,8 +238,9 @@ class Cluster:
         return str(self.settings.get("db") or os.path.join(self.workdir, "index.sqlite3"))
 
     def folder_of(self, volume):
-        """The folder of a volume named 'host:port[/svXX]'."""
+        """The folder of a volume named 'host:port[/svXX]' (or a proxy's port, see aliases)."""
         port = int(volume.split("/", 1)[0].rsplit(":", 1)[1])
+        port = self.aliases.get(port, port)
         return next(d for v, d in zip(self.volumes, self.volume_dirs) if v.port == port)
 
     def file_of(self, volume, key: bytes):

@@ -1,0 +1,180 @@
+"""Late requests never harm a newer value. A MOVE or DELETE that a volume
+carries out after its sender gave up on it (a stalled nginx worker, a
+blocked disk, a slow network: here a proxy that delivers it late), or a
+writer that stalls after checking its lock, must not remove or replace a
+value written since. Each test is a case that lost or served a wrong value
+before the volumes refused late requests (deadlines) and writers checked
+their lock before every request (fences)."""
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from mkvlib.errors import KeyBusy
+from mkvlib.placement import key2path
+from mkvlib.volumes import Volumes
+from conftest import TIMEOUT, Http, plant_file, wait_until
+from holding_proxy import HoldingProxy
+from test_tools import run_tool
+
+pytestmark = pytest.mark.faults
+
+
+def behind_proxy(c, i):
+    """Put a holding proxy in front of volume i and restart the master with
+    it in MKV_VOLUMES in that volume's place."""
+    proxy = HoldingProxy(c.volumes[i].port)
+    c.aliases[proxy.port] = c.volumes[i].port
+    names = c.volume_names()
+    names[i] = proxy.name
+    c.restart_master(volumes=names)
+    return proxy, names
+
+
+def file_on(c, volume_name, key):
+    """The bytes of `key`'s file on a volume (svXX included), or None."""
+    try:
+        with open(c.file_of(volume_name, key.encode()), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def replicas(http, c, key):
+    r = http.get(c.url(key))
+    assert r.status_code == 302, r.text
+    return r.headers["Key-Volumes"].split(",")
+
+
+def put_stored(http, url, data):
+    """PUT until stored: a volume that failed a moment ago is skipped for a
+    few seconds (503, nothing stored), by the worker that saw it fail."""
+    answers = []
+
+    def stored():
+        answers.append(http.put(url, data=data, timeout=30))
+        return answers[-1].status_code == 201
+    wait_until(stored, TIMEOUT, f"a PUT to be stored ({answers and answers[-1].text})", every=0.5)
+
+
+def check_clean(c, names):
+    """rebuild --check finds nothing wrong but copies noted for rebalance.py
+    to remove (what a failed write may leave), never an orphan it would adopt."""
+    p = run_tool("rebuild.py", names, c.db(), "--check", replicas=3, subvolumes=10)
+    problems = [ln for ln in p.stdout.splitlines() if ln.split(" ", 1)[0] in
+                ("missing", "under-replicated", "misplaced", "orphan", "wrong-size", "wrong-md5")]
+    assert all(ln.startswith("orphan ") and "(noted:" in ln for ln in problems), p.stdout + p.stderr
+    assert p.returncode in (0, 1) and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.fixture
+def proxied(private_cluster):
+    """A cluster of 3 volumes (3 replicas) whose third is behind a holding proxy."""
+    c = private_cluster(n_volumes=3, replicas=3)
+    proxy, names = behind_proxy(c, 2)
+    yield c, proxy, names
+    proxy.close()
+
+
+def test_a_delete_a_volume_carries_out_late_does_not_remove_the_next_value(proxied):
+    c, proxy, names = proxied
+    http = Http()
+    key = "/late/delete"
+    assert http.put(c.url(key), data=b"v1").status_code == 201
+    proxy.hold(rb"^DELETE /sv", delay=12)     # the key's file, not an upload's
+    r = http.delete(c.url(key), timeout=30)
+    assert r.status_code == 500 and proxy.name in r.text     # no answer from it: retry
+    assert http.delete(c.url(key), timeout=30).status_code == 204
+    put_stored(http, c.url(key), b"v2")
+    proxy.wait_delivered()                     # the first DELETE reaches nginx now
+    held = [v for v in replicas(http, c, key) if v.startswith(proxy.name)][0]
+    assert file_on(c, held, key) == b"v2"
+    for _ in range(6):
+        r = http.get(c.url(key))
+        assert http.get(r.headers["Location"]).content == b"v2"
+    check_clean(c, names)
+
+
+def test_a_move_a_volume_carries_out_late_lands_nothing_after_a_newer_value_and_its_delete(proxied):
+    c, proxy, names = proxied
+    http = Http()
+    key = "/late/move"
+    proxy.hold(rb"^MOVE /\.tmp/", delay=12)
+    r = http.put(c.url(key), data=b"v1", timeout=30)
+    assert r.status_code == 503 and "did not answer MOVE" in r.text
+    put_stored(http, c.url(key), b"v2")
+    assert http.delete(c.url(key), timeout=30).status_code == 204
+    proxy.wait_delivered()                     # v1's MOVE reaches nginx now: refused
+    assert http.get(c.url(key)).status_code == 404
+    held = [v for v in c.volume_names() if v.endswith(str(c.aliases[proxy.port]))][0]
+    folder = c.folder_of(held)
+    found = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files
+             if not d.startswith(os.path.join(folder, ".")) and f != ".id"]
+    assert found == [], found
+    check_clean(c, names)
+
+
+def test_a_writer_that_lost_its_lock_while_its_moves_were_answered_deletes_nothing(private_cluster):
+    # the fence is checked again before the DELETE of a file found at the path
+    c = private_cluster(n_volumes=1, replicas=1, subvolumes=1)
+    name = c.volume_names()[0]
+    path = key2path(b"/late/fence")
+    plant_file(c.folder_of(name), path, b"newer value")
+    looks = []
+
+    def fence(md5, size):                     # ours at the first look, another's after
+        looks.append(1)
+        if len(looks) > 1:
+            raise KeyBusy("lost the lock")
+    volumes = Volumes(timeout=5)
+    with pytest.raises(KeyBusy):
+        volumes.put([name], path, [b"older value"], fence=fence)
+    with open(os.path.join(c.folder_of(name), path.lstrip("/")), "rb") as f:
+        assert f.read() == b"newer value"
+
+
+def test_a_volume_refuses_a_move_or_delete_past_its_deadline(private_cluster):
+    c = private_cluster(n_volumes=1, replicas=1, subvolumes=1)
+    http = Http()
+    name = c.volume_names()[0]
+    plant_file(c.folder_of(name), "/aa/bb/x", b"x")
+    from mkvlib.volumes import deadline_headers
+    late = dict(line.split(": ") for line in deadline_headers(int(time.time()) - 2).decode().split("\r\n") if line)
+    assert http.delete(f"http://{name}/aa/bb/x", headers=late).status_code == 410
+    assert os.path.exists(os.path.join(c.folder_of(name), "aa/bb/x"))
+    soon = dict(line.split(": ") for line in deadline_headers(int(time.time()) + 5).decode().split("\r\n") if line)
+    assert http.delete(f"http://{name}/aa/bb/x", headers=soon).status_code == 204
+
+
+def test_a_put_killed_by_a_reload_during_its_moves_leaves_no_orphan(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=3)
+    proxy, names = behind_proxy(c, 2)
+    c.master.stop()
+    from conftest import master_server
+    c.master = master_server(c.workdir, names, port=c.master.port, workers=1)
+    c.master.argv += ["--graceful-timeout", "1"]
+    c.master.start()
+    http = Http()
+    key = "/late/reload"
+    proxy.hold(rb"^MOVE /\.tmp/", delay=4)
+    def put():
+        try:
+            http.put(c.url(key), data=b"v1", timeout=30)
+        except OSError:
+            pass    # the worker was stopped under it: no answer is one of the outcomes
+    t = threading.Thread(target=put)
+    t.start()
+    wait_until(lambda: proxy.rules[0][2] == 0, TIMEOUT, "the MOVE to be held")
+    os.kill(c.master.proc.pid, signal.SIGHUP)   # a reload: the worker is stopped 1 s later
+    t.join(TIMEOUT)
+    proxy.wait_delivered()
+    time.sleep(3)                                # the deadline of any MOVE sent has passed
+    wait_until(lambda: http.get(c.url("/")).status_code in (302, 404), TIMEOUT, "the new worker")
+    assert http.get(c.url(key)).status_code == 404
+    check_clean(c, names)
+    p = run_tool("rebuild.py", names, c.db(), replicas=3, subvolumes=10)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert http.get(c.url(key)).status_code == 404       # nothing adopted
+    proxy.close()
