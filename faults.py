@@ -14,7 +14,9 @@ of those values, or nothing if absence is one of them.
 The faults, one at a time, every --every seconds: SIGKILL of the whole master
 (restarted on the same index), SIGKILL of one gunicorn worker, SIGKILL of a
 volume (restarted a moment later), SIGSTOP of a volume (SIGCONT a moment
-later). Never more than one volume down (replicas 3 over 3 volumes).
+later), SIGSTOP of one nginx worker of a volume for longer than OP_TIMEOUT
+(its requests run late, the other worker serves). Never more than one volume
+down (replicas 3 over 3 volumes).
 
 At the end every server runs again, rebalance.py runs until it exits 0, and
 every key is read back: `lost` counts acknowledged values not served,
@@ -42,12 +44,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tests"))
 
 import conftest  # noqa: E402  (the tests' server harness: bounded waits, terminate -> wait -> kill)
-from mkvlib.index import Index
+from mkvlib.index import Index  # noqa: E402
 from mkvlib.lease import LOCK_LEASE  # noqa: E402
+from mkvlib.volumes import OP_TIMEOUT  # noqa: E402
 
 TIMEOUT = 10          # seconds: every request
 REPLICAS = 3
-FAULTS = ["master killed", "worker killed", "volume killed", "volume frozen"]
+FAULTS = ["master killed", "worker killed", "volume killed", "volume frozen", "volume worker stalled"]
 ABSENT = None         # a key's possible value: no value at all
 
 
@@ -213,6 +216,20 @@ class Faults(threading.Thread):
         v.pause()
         time.sleep(self.rnd.uniform(0.5, 3))
         v.resume()
+
+    def volume_worker_stalled(self):
+        """One nginx worker of a volume stopped for longer than OP_TIMEOUT
+        (a disk that blocks it does the same), the others serving: the
+        requests in its sockets reach nginx late, after their senders gave up."""
+        import psutil
+        v = self.rnd.choice(self.cluster.volumes)
+        workers = [pid for pid in v.pids() if "worker process" in " ".join(psutil.Process(pid).cmdline())]
+        pid = self.rnd.choice(workers)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(self.rnd.uniform(OP_TIMEOUT + 1, OP_TIMEOUT + 5))
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 def tool(cluster, name, *args):

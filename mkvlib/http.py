@@ -337,6 +337,10 @@ class Pool:
         except OSError as e:
             raise Unreachable(host, e) from None
 
+    def idle(self, host):
+        """How many idle connections to `host` are kept."""
+        return len(self._idle.get(host, ()))
+
     def give(self, host, conn, keep=True):
         """Keep `conn` for the next call to `host` if it may be used again."""
         idle = self._idle.setdefault(host, [])

@@ -7,15 +7,18 @@ before the volumes refused late requests (deadlines) and writers checked
 their lock before every request (fences)."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from mkvlib.errors import KeyBusy
-from mkvlib.placement import key2path
+from mkvlib.lease import LOCK_LEASE
+from mkvlib.placement import key2path, key2volume
 from mkvlib.volumes import Volumes
-from conftest import TIMEOUT, Http, plant_file, wait_until
+from conftest import ROOT, TIMEOUT, Http, plant_file, wait_until
 from holding_proxy import HoldingProxy
 from test_tools import run_tool
 
@@ -177,4 +180,42 @@ def test_a_put_killed_by_a_reload_during_its_moves_leaves_no_orphan(private_clus
     p = run_tool("rebuild.py", names, c.db(), replicas=3, subvolumes=10)
     assert p.returncode == 0, p.stdout + p.stderr
     assert http.get(c.url(key)).status_code == 404       # nothing adopted
+    proxy.close()
+
+
+def test_rebalance_paused_past_its_lease_at_a_412_does_not_replace_the_newer_value(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=1)
+    http = Http()
+    key = "/late/paused"
+    assert http.put(c.url(key), data=b"v1").status_code == 201
+    proxy, names = behind_proxy(c, 1)                         # the slow volume
+    c.restart_master(volumes=names, replicas=3)
+    placement = key2volume(key.encode(), names, 3, 10)
+    (held,) = replicas(http, c, key)
+    stray_on = next(v for v in placement if v != held and not v.startswith(proxy.name))
+    plant_file(c.folder_of(stray_on), stray_on.partition("/")[2] + key2path(key.encode()), b"stray")
+    if not any(v.startswith(proxy.name) for v in placement if v != held):
+        pytest.skip("the placement does not go through the slow volume")   # never with these names
+    proxy.hold(rb"^MOVE /\.tmp/", delay=3)
+    env = dict(os.environ, MKV_VOLUMES=",".join(names), MKV_DB=c.db(), MKV_REPLICAS="3")
+    tool = subprocess.Popen([sys.executable, "rebalance.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: proxy.rules[0][2] == 0, TIMEOUT, "rebalance's MOVEs")
+        os.killpg(tool.pid, signal.SIGSTOP)                  # between its fence and the 412's DELETE
+        time.sleep(LOCK_LEASE + 3)
+        assert http.delete(c.url(key), timeout=30).status_code == 204
+        put_stored(http, c.url(key), b"v2")
+        os.killpg(tool.pid, signal.SIGCONT)
+        out, _ = tool.communicate(timeout=120)
+    finally:
+        if tool.poll() is None:
+            os.killpg(tool.pid, signal.SIGKILL)
+            tool.wait()
+    for volume in replicas(http, c, key):
+        assert file_on(c, volume, key) == b"v2", (volume, out)
+    for _ in range(10):
+        r = http.get(c.url(key))
+        assert http.get(r.headers["Location"]).content == b"v2"
+    check_clean(c, names)
     proxy.close()

@@ -26,7 +26,7 @@ from mkvlib.lease import lock_clock
 from mkvlib.placement import TMP_DIR, key2path, key2volume
 from mkvlib.settings import Settings
 from mkvlib.store import Store
-from mkvlib.volumes import Volumes
+from mkvlib.volumes import OP_TIMEOUT, Volumes
 from conftest import TIMEOUT, Http, wait_until
 from test_tools import run_tool, summary
 
@@ -310,14 +310,27 @@ def test_a_put_that_a_volume_froze_under_is_503_quickly_and_never_comes_back(pri
 
 class FrozenBeforeMove(Store):
     """The master's Store, with one volume frozen (SIGSTOP) between the end of
-    the uploads and their MOVEs: the MOVE is queued in the frozen volume."""
+    the uploads and their MOVEs: the MOVE is queued in the frozen volume,
+    which wakes for half a second after the MOVE's timeout (OP_TIMEOUT) and
+    before its deadline (a second later at least), then freezes again: the
+    MOVE lands, its answer comes too late, and the volume cannot be asked to
+    remove the copy."""
 
     def __init__(self, settings, server):
         super().__init__(settings)
         self.server = server
+        self.wake = None
 
-    def fence(self, key, owner):
-        super().fence(key, owner)
+    def fence(self, key, owner, doing="writing it"):
+        super().fence(key, owner, doing)
+        if self.wake is None:
+            self.server.pause()
+            self.wake = threading.Timer(OP_TIMEOUT + 0.4, self.blink)
+            self.wake.start()
+
+    def blink(self):
+        self.server.resume()
+        time.sleep(0.5)
         self.server.pause()
 
 
@@ -332,8 +345,9 @@ def test_a_move_whose_answer_never_came_is_noted_never_added_and_removed_by_reba
         with pytest.raises(VolumeDown):
             store.put(key, [b"a value whose MOVE hangs"])
     finally:
+        store.wake.join()
         c.volumes[1].resume()
-    # the queued MOVE lands once the volume runs again: a file no record vouches for
+    # the queued MOVE landed while the volume ran: a file no record vouches for
     wait_until(lambda: os.path.exists(c.file_of(frozen_volume, key)), 10, "the late MOVE")
     index = index_of(c)
     assert index.get(key) is None and frozen_volume in index.notes(key)

@@ -214,3 +214,51 @@ def test_a_slow_but_steady_volume_is_not_taken_for_down(tmp_path):
     with pytest.raises(VolumeError, match="MOVE"):   # a fake volume knows no MOVE
         volumes.put([volume], "/aa/bb/slow", [value], len(value))
     assert got == [len(value)]
+
+
+class BrokenPeer:
+    """A server that answers every request with the same bytes: a broken
+    peer (nginx never sends these), whose framing our client must refuse."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.name = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+                time.sleep(0.5)
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n[]",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n[]",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\n[]",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n[]\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\n[]\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1_0\r\n[]\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]XX0\r\n\r\n",
+])
+def test_an_answer_framed_in_a_way_http_does_not_allow_fails_the_request(answer):
+    peer = BrokenPeer(answer)
+    try:
+        volumes = Volumes(timeout=2)
+        with pytest.raises(VolumeError):
+            volumes.listdir(peer.name, "/aa/")
+        with pytest.raises(VolumeError):
+            d = volumes.open(peer.name, "/aa/bb/x")
+            b"".join(d.stream(CHUNK))
+        assert volumes.pool.idle(peer.name) == 0    # no socket in an unknown state is kept
+    finally:
+        peer.close()
