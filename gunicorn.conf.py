@@ -14,6 +14,7 @@ import gunicorn.util  # noqa: E402
 from mkvlib.errors import SettingsError  # noqa: E402
 from mkvlib.index import Index  # noqa: E402
 from mkvlib.lease import LOCK_LEASE  # noqa: E402
+from mkvlib.placement import named_twice  # noqa: E402
 from mkvlib.settings import Settings  # noqa: E402
 from mkvlib.volumes import Volumes  # noqa: E402
 
@@ -62,13 +63,7 @@ def one_disk_twice(settings):
     127.0.0.1:3001, say), as their /.id says; None if none (or they do not
     answer yet)."""
     found = Volumes(timeout=settings.voltimeout).identities(settings.volumes, mark=False)
-    seen = {}
-    for host, ident in zip(settings.volumes, found):
-        if isinstance(ident, str) and ident:
-            if ident in seen:
-                return seen[ident], host
-            seen[ident] = host
-    return None
+    return named_twice(settings.volumes, {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)})
 
 
 def on_starting(server):

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import Lease, new_owner
-from mkvlib.placement import TMP_DIR, disk_of, key2path, new_tmp, volume_host
+from mkvlib.placement import TMP_DIR, disk_of, key2path, named_twice, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
 
@@ -133,12 +133,10 @@ class Rebalance:
                 self.progress.message(f"{PROG}: {host} is not the disk the index knows "
                                       "(wiped or replaced): copying every replica it should hold")
         self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
-        for host in self.settings.volumes:
-            twin = next((h for h in self.settings.volumes if h < host and self.ids.get(h)
-                         and self.ids.get(h) == self.ids.get(host)), None)
-            if twin:
-                raise SettingsError(f"MKV_VOLUMES names one disk twice: {twin} and {host} "
-                                    f"(identity {self.ids[host]}); name each volume once")
+        twins = named_twice(self.settings.volumes, self.ids)
+        if twins:
+            raise SettingsError(f"MKV_VOLUMES names one disk twice: {twins[0]} and {twins[1]} "
+                                "(the same /.id); name each volume once")
 
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
@@ -308,8 +306,7 @@ class Rebalance:
                 raise CopyFailed(f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}")
             if rec.size is not None and size != rec.size:
                 raise CopyFailed(f"{src} holds {size} bytes, not the recorded {rec.size}")
-            if not self.index.renew(rec.key, self.owner):
-                raise KeyBusy("lost the lock on the key while copying it")
+            self.fence(rec.key)()
 
         last = None
         for src in sources:

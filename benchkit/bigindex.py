@@ -38,6 +38,7 @@ class Index(Workload):
 
 class List(Index):
     name, goal = "list", 20.0
+    lower_is_better = True
 
     def __init__(self, bench):
         Workload.__init__(self, bench)
@@ -64,12 +65,6 @@ class List(Index):
         if odd:
             self.notes.append(f"{self.side}: {odd}")
         return {"value": w["p99"], "text": f"p99 {w['p99']:.1f} ms (p50 {w['p50']:.1f} ms, {w['rate']:,.0f} req/s)"}
-
-    def best(self, results):
-        return min(results, key=lambda r: r["value"])
-
-    def ratio(self, mkv, limit):
-        return limit["value"] / mkv["value"]
 
     def goal_text(self):
         return f"p99 <= {self.goal:.0f} ms"

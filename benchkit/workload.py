@@ -31,11 +31,15 @@ class Workload:
     def limit_first(self, round_no):
         return round_no % 2 == 0
 
+    lower_is_better = False     # True for a latency: the best round is the lowest
+
     def best(self, results):
-        return max(results, key=lambda r: r["value"])
+        return (min if self.lower_is_better else max)(results, key=lambda r: r["value"])
 
     def ratio(self, mkv, limit):
-        return mkv["value"] / limit["value"]
+        """mkv / limit for a rate, limit / mkv for a latency: higher is better either way."""
+        mkv, limit = mkv["value"], limit["value"]
+        return limit / mkv if self.lower_is_better else mkv / limit
 
     def goal_text(self):
         return f">= {self.goal}"

@@ -59,6 +59,18 @@ def disk_of(volume: str, ids: dict):
     return ids.get(host) or host, volume[len(host):]
 
 
+def named_twice(hosts, ids: dict):
+    """Two of `hosts` that name one disk ({host: identity}: the same /.id),
+    as a pair in their order; None if none do."""
+    first = {}
+    for host in hosts:
+        ident = ids.get(host)
+        if ident and ident in first:
+            return first[ident], host
+        first.setdefault(ident, host)
+    return None
+
+
 def fallback_path(key: bytes) -> str:
     """The key as a path on MKV_FALLBACK that no client normalizes into
     another: a '.' or '..' segment goes as %2E, joined to its neighbours by

@@ -33,6 +33,12 @@ class HoldingProxy:
         with self._lock:
             self.rules.append([re.compile(pattern), delay, times])
 
+    def refuse(self, pattern, status, times=1):
+        """Answer the next `times` matching requests with `status` (an int)
+        instead of passing them on, as a volume with a full disk does."""
+        with self._lock:
+            self.rules.append([re.compile(pattern), -status, times])
+
     def wait_delivered(self, n=1, timeout=TIMEOUT):
         """Wait until n held requests have reached the volume (and it has had a moment)."""
         deadline = time.monotonic() + timeout
@@ -101,6 +107,11 @@ class HoldingProxy:
                 line = head.split(b"\r\n", 1)[0]
                 delay = self._delay_for(line)
                 body = reader.body_of(head)
+                if delay < 0:                  # refused here: the volume never sees it
+                    for _ in body:
+                        pass
+                    client.sendall(b"HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n" % -delay)
+                    continue
                 if delay:
                     sent = time.monotonic()
                     time.sleep(delay)

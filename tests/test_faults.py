@@ -83,9 +83,9 @@ def test_workers_sigkilled_under_load_lose_nothing_and_the_others_keep_serving(t
 
 
 def test_a_short_thrash_of_every_fault_loses_nothing(thrash_cluster, monkeypatch):
-    # the load runs 5 s, and on until one fault of each kind was injected
+    # the load runs 8 s, and on until one fault of each kind was injected (a worker stall takes 6 to 10 s)
     monkeypatch.setattr(faults, "Faults", FaultsInRounds)
-    counts, injected, rebalanced, checked = faults.thrash(thrash_cluster, seconds=5, every=1, clients=6,
+    counts, injected, rebalanced, checked = faults.thrash(thrash_cluster, seconds=8, every=1, clients=6,
                                                           keys=20, at_least=len(faults.FAULTS))
     assert_nothing_lost(counts, injected, rebalanced, checked, faults.FAULTS)
 

@@ -7,6 +7,7 @@ before the volumes refused late requests (deadlines) and writers checked
 their lock before every request (fences)."""
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -15,8 +16,11 @@ import time
 import pytest
 
 from mkvlib.errors import KeyBusy
+from mkvlib.index import Index
 from mkvlib.lease import LOCK_LEASE
 from mkvlib.placement import key2path, key2volume
+from mkvlib.settings import Settings
+from mkvlib.store import Store
 from mkvlib.volumes import Volumes
 from conftest import ROOT, TIMEOUT, Http, plant_file, wait_until
 from holding_proxy import HoldingProxy
@@ -219,3 +223,42 @@ def test_rebalance_paused_past_its_lease_at_a_412_does_not_replace_the_newer_val
         assert http.get(r.headers["Location"]).content == b"v2"
     check_clean(c, names)
     proxy.close()
+
+
+def test_a_failed_put_over_an_unlinked_key_keeps_the_copies_it_did_not_touch(proxied):
+    c, proxy, names = proxied
+    http = Http()
+    key = "/late/unlinked"
+    assert http.put(c.url(key), data=b"v1").status_code == 201
+    assert http.request("UNLINK", c.url(key)).status_code == 204
+    proxy.refuse(rb"^MOVE /\.tmp/", 507)       # its disk full: the PUT fails there, touching nothing
+    r = http.put(c.url(key), data=b"v2", timeout=30)
+    assert r.status_code == 502 and "507" in r.text
+    listed = http.get(c.url("/late/"), params={"unlinked": "", "limit": "10"}).json()["keys"]
+    assert key in listed                       # UNLINK promised to keep its bytes: what is left of them
+    kept = [v for v in c.volume_names() if c.aliases[proxy.port] == int(v.rsplit(":", 1)[1])][0]
+    sub = next(v for v in key2volume(key.encode(), names, 3, 10) if v.startswith(proxy.name)).partition("/")[2]
+    assert file_on(c, f"{kept}/{sub}", key) == b"v1"
+    p = run_tool("rebalance.py", names, c.db(), replicas=3, subvolumes=10)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for volume in key2volume(key.encode(), names, 3, 10):
+        assert file_on(c, volume, key) == b"v1", volume   # rebalance copied it back, removed nothing
+
+
+class IndexFailingAtFinish(Index):
+    """The index, whose disk fills right when a PUT's copies have landed."""
+
+    def finish_put(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_a_put_whose_index_fails_after_its_copies_landed_takes_them_back_and_frees_the_key(private_cluster):
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
+    settings = Settings.from_env(volumes=c.volume_names(), db=c.db(), replicas=2, subvolumes=1)
+    store = Store(settings)
+    store.index = IndexFailingAtFinish(settings.db)
+    with pytest.raises(sqlite3.OperationalError):
+        store.put(b"/late/finish", [b"a value never recorded"])
+    assert Index(c.db()).get(b"/late/finish") is None      # no record, so no lock left for a lease
+    for volume in c.volume_names():
+        assert file_on(c, volume, "/late/finish") is None

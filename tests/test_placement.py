@@ -12,7 +12,7 @@ import mkv
 import mkvlib.index
 from mkvlib.errors import BadKey, ClientGone
 from mkvlib.index import Index, prefix_end
-from mkvlib.placement import check_storable, key2path, key2volume, path2key, volume_host
+from mkvlib.placement import check_storable, disk_of, key2path, key2volume, named_twice, path2key, volume_host
 from mkvlib.settings import Settings
 from mkvlib.volumes import CHUNK
 from conftest import Http, start_master, start_volume
@@ -267,3 +267,12 @@ def test_a_client_that_stops_sending_is_gone_after_the_idle_timeout():
             return b"x"
     with pytest.raises(ClientGone, match="value not stored"):
         list(mkv.read_body(Stuck(), 10, idle_timeout=0.2))
+
+
+def test_two_names_of_one_disk_are_told_by_its_identity():
+    ids = {"localhost:1": "X", "127.0.0.1:1": "X", "localhost:2": "Y", "old:3": ""}
+    assert named_twice(["localhost:1", "localhost:2", "127.0.0.1:1"], ids) == ("localhost:1", "127.0.0.1:1")
+    assert named_twice(["localhost:2", "old:3", "new:3"], ids) is None    # no identity: never one disk
+    assert disk_of("localhost:1/sv03", ids) == disk_of("127.0.0.1:1/sv03", ids) == ("X", "/sv03")
+    assert disk_of("localhost:1/sv03", ids) != disk_of("127.0.0.1:1/sv04", ids)
+    assert disk_of("old:3/sv01", ids) == ("old:3", "/sv01")
