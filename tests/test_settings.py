@@ -53,12 +53,12 @@ def test_bad_settings_are_refused_with_a_reason(env, says):
         settings(**env)
 
 
-def run_master(env, timeout=30):
+def run_master(env, timeout=30, flags=()):
     """Start gunicorn as a user would and return (exit code, output) once it stops."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("MKV_")}
     full.update(env)
     argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "2",
-            "-b", f"127.0.0.1:{free_port()}", "mkv:app"]
+            "-b", f"127.0.0.1:{free_port()}", *flags, "mkv:app"]
     p = subprocess.run(argv, env=full, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -75,6 +75,15 @@ def test_master_with_bad_settings_stops_with_one_line(env, says):
     assert says in output
     assert "Traceback" not in output
     assert len([line for line in output.splitlines() if says in line]) == 1
+
+
+@pytest.mark.parametrize("timeout", ["30", "0"])
+def test_master_whose_workers_may_stall_past_a_lease_does_not_start(tmp_path, timeout):
+    # a stalled worker must be killed before its keys' 30 s locks run out
+    code, output = run_master({"MKV_VOLUMES": VOLS, "MKV_DB": str(tmp_path / "i.sqlite3")},
+                              flags=("--timeout", timeout))
+    assert code == 1 and f"--timeout {timeout}: a worker that stops must be killed within 20 s" in output
+    assert "Traceback" not in output
 
 
 def test_master_creates_the_index_and_its_folder(tmp_path):
