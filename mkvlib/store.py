@@ -15,6 +15,9 @@ from mkvlib.settings import Settings
 from mkvlib.volumes import LANDED, Volumes
 
 
+FENCE_FRESH = 1.0          # seconds a lock just taken or renewed needs no renewal before a request
+
+
 class Store:
     """What the master does with a key, over the index and the volumes.
 
@@ -89,14 +92,14 @@ class Store:
                     if not self.health.may_write(volume_host(v)):
                         raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
                 md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
-                                             tmp=tmp, fence=lambda md5, size: self.fence(key, owner))
+                                             tmp=tmp, fence=lambda md5, size: self.fence(key, owner, lease))
             except BaseException as e:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
             try:
                 # copies that the replaced record or failed writes left outside the placement
                 strays = self._strays(claim.notes, volumes)
-                failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner))
+                failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner, lease))
                 # resolved: gone, or our own copy under another name of its disk
                 resolved = [v for v in claim.notes if v not in volumes and v not in failed]
                 done = self.index.finish_put(key, owner, md5, size, resolved)
@@ -119,21 +122,26 @@ class Store:
             strays = {v: t for v, t in strays.items() if disk_of(v, ids) not in ours}
         return strays
 
-    def fence(self, key, owner, doing="writing it"):
+    def fence(self, key, owner, lease, doing="writing it"):
         """Right before a request that changes a key's path on a volume: the
-        lock must be ours still, renewed a whole lease ahead, so that a
-        writer that was paused or cut off for longer than its lease changes
-        nothing (its requests' deadlines are far shorter than a lease)."""
+        lock must be ours still, a whole lease ahead, so that a writer that
+        was paused or cut off for longer than its lease changes nothing (its
+        requests' deadlines are far shorter than a lease). A lock taken or
+        renewed under FENCE_FRESH seconds ago is (a small write's case: no
+        index write); else it is renewed now."""
+        if time.monotonic() - lease.renewed < FENCE_FRESH and not lease.lost:
+            return
         if not self.index.renew(key, owner):
             raise KeyBusy(f"lost the lock on the key while {doing} (stalled longer than the "
                           f"{LOCK_LEASE:.0f} s lease); try again")
+        lease.renewed = time.monotonic()
 
     def _fence_undo(self, key, owner, lease):
         """fence() for the undoing of a failed write, which may fail because
         the index cannot be written: then the renewer's last renewal stands
         in, while it is under half a lease old."""
         try:
-            self.fence(key, owner, "undoing a write")
+            self.fence(key, owner, lease, "undoing a write")
         except (sqlite3.Error, IndexBusy):
             if lease.lost or time.monotonic() - lease.renewed > LOCK_LEASE / 2:
                 raise KeyBusy("the lock on the key could not be renewed") from None
@@ -182,12 +190,12 @@ class Store:
         owner = new_owner("del-")
         rec = self.index.start_delete(key, owner, protect=self.settings.protect)
         path = key2path(key)
-        with Lease(self.index, key, owner):
+        with Lease(self.index, key, owner) as lease:
             # a volume remembered down is asked again now: it may be back
             failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
                       if not self.health.may_write(volume_host(v), always_ask=True)}
             failed.update(self.volumes.delete_copies({v: None for v in rec.volumes if v not in failed}, path,
-                                                     fence=lambda: self.fence(key, owner, "deleting it")))
+                                                     fence=lambda: self.fence(key, owner, lease, "deleting it")))
         if failed:
             self.index.release(key, owner)
             raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "

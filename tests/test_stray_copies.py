@@ -321,8 +321,8 @@ class FrozenBeforeMove(Store):
         self.server = server
         self.wake = None
 
-    def fence(self, key, owner, doing="writing it"):
-        super().fence(key, owner, doing)
+    def fence(self, key, owner, lease, doing="writing it"):
+        super().fence(key, owner, lease, doing)
         if self.wake is None:
             self.server.pause()
             self.wake = threading.Timer(OP_TIMEOUT + 0.4, self.blink)
