@@ -31,6 +31,10 @@ TIMEOUT_MAX = LOCK_LEASE - 10
 # gunicorn 27's control socket is one fixed path per user: two masters on one
 # machine (or a test run beside a cluster) would take it from each other.
 control_socket_disable = True
+# A client's SCRIPT_NAME (or PATH_INFO) header must not reshape the request:
+# gunicorn takes them from 127.0.0.1 by default (a local proxy), and a
+# SCRIPT_NAME made GET /k/k1 serve the key /k1, or a 500. No header may.
+forwarder_headers = ""
 
 ERROR_LINE_MAX = 200    # characters of gunicorn's message kept in its one-line answer
 

@@ -282,3 +282,16 @@ def test_raw_non_ascii_bytes_in_the_request_line_are_400_in_one_line(cluster):
 def test_a_5000_byte_path_is_414_in_one_line(cluster):
     answer = raw_request(cluster.master.port, b"GET /" + b"k" * 5000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     assert_one_line_error(answer, 414)
+
+
+@pytest.mark.parametrize("script_name", ["/k", "/other", "/"])
+def test_a_script_name_header_reshapes_no_request(cluster, http, script_name):
+    # gunicorn trusts SCRIPT_NAME from 127.0.0.1 by default: a GET of /k/k1 served the key /k1, or a 500
+    assert http.put(cluster.url("/k1"), data=b"not this one").status_code == 201
+    r = http.get(cluster.url("/k/k1"), headers={"SCRIPT_NAME": script_name})
+    assert r.status_code == 404, (r.status_code, r.text)
+    assert http.put(cluster.url("/k/k1"), data=b"this one").status_code == 201
+    r = http.get(cluster.url("/k/k1"), headers={"SCRIPT_NAME": script_name}, follow=True)
+    assert r.status_code == 200 and r.content == b"this one"
+    assert http.delete(cluster.url("/k/k1")).status_code == 204
+    assert http.delete(cluster.url("/k1")).status_code == 204

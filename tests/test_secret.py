@@ -83,3 +83,25 @@ def test_a_secret_that_nginx_could_not_hold_is_refused():
     with pytest.raises(SettingsError, match="MKV_SECRET"):
         Settings.from_env({"MKV_VOLUMES": "h:1", "MKV_DB": "/tmp/x", "MKV_REPLICAS": "1",
                                   "MKV_SECRET": 'a"; return 200; #'})
+
+
+@pytest.mark.parametrize("variant", [SECRET.upper(), "S3cret-for-tests", SECRET + "x", SECRET[:-1], "s3cret.for.tests"])
+def test_a_volume_refuses_a_secret_that_is_not_exactly_its_own(guarded, key, variant):
+    volume = guarded.volume_names()[0]
+    r = requests.put(f"http://{volume}/.tmp/variant", data=b"x", headers=with_secret(variant), timeout=TIMEOUT)
+    assert r.status_code == 403
+    assert requests.delete(f"http://{volume}/.tmp/variant", headers=with_secret(variant),
+                           timeout=TIMEOUT).status_code == 403
+
+
+@pytest.mark.parametrize("secret", ["default", "include", "hostnames", "volatile", "a.b-c_d"])
+def test_every_secret_the_master_takes_works_on_the_volumes(private_cluster, key, secret):
+    # words of nginx's map and regex characters included: the volumes start and compare it exactly
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1, secret=secret)
+    http = Http()
+    assert http.put(c.url(key), data=b"v", headers=with_secret(secret)).status_code == 201
+    assert http.get(c.url(key), follow=True).content == b"v"
+    volume = c.volume_names()[0]
+    assert requests.put(f"http://{volume}/.tmp/y", data=b"x", headers=with_secret(secret.upper()),
+                        timeout=TIMEOUT).status_code == 403
+    assert http.delete(c.url(key), headers=with_secret(secret)).status_code == 204

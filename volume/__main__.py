@@ -59,6 +59,15 @@ def find_nginx():
     return None
 
 
+def secret_rule(secret):
+    """The map line that lets a write with exactly `secret` through. A
+    regex (~, case-sensitive, escaped): a plain string key would be compared
+    in any letter case, and some secrets ('default', 'include') are words
+    of nginx's map. SECRET allows only [A-Za-z0-9._-]: re.escape makes
+    '.' and '-' literal, and nothing in it needs quoting in nginx."""
+    return f'"~^{re.escape(secret)}$" 0;'
+
+
 def render_config(port, user=None, access_log=None, loglevel="error", secret=None):
     """The nginx config text for a volume on `port`; its paths are relative to
     the volume folder, nginx's working directory. With a `secret`, writes
@@ -71,7 +80,7 @@ def render_config(port, user=None, access_log=None, loglevel="error", secret=Non
         listen=port,
         access_log=access_log or "off",
         loglevel=loglevel,
-        secret_rule=f'"{secret}" 0;' if secret else "",
+        secret_rule=secret_rule(secret) if secret else "",
         secret_default=1 if secret else 0,
     )
     assert "${" not in text, "a placeholder of nginx.conf was not filled in"
