@@ -223,7 +223,15 @@ class Faults(threading.Thread):
         requests in its sockets reach nginx late, after their senders gave up."""
         import psutil
         v = self.rnd.choice(self.cluster.volumes)
-        workers = [pid for pid in v.pids() if "worker process" in " ".join(psutil.Process(pid).cmdline())]
+        workers = []
+        for pid in v.pids():
+            try:
+                if "worker process" in " ".join(psutil.Process(pid).cmdline()):
+                    workers.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if len(workers) < 2:   # one worker (one core): stopping it freezes the whole volume
+            raise RuntimeError(f"volume :{v.port} runs {len(workers)} nginx worker(s); this fault needs 2")
         pid = self.rnd.choice(workers)
         os.kill(pid, signal.SIGSTOP)
         try:

@@ -297,9 +297,9 @@ class Rebalance:
     def copy(self, rec, sources, targets, path):
         """Stream the value from the first source that gives a good copy to
         every target: noted first, uploaded, checked against the record, and
-        only then MOVEd over whatever sat at the targets' paths."""
-        tmp = new_tmp()
-        self.index.note(rec.key, targets, tmp)   # switch_volumes drops these notes
+        only then MOVEd over whatever sat at the targets' paths. Each source
+        is tried with uploads of its own name: a late upload of a failed try
+        never takes the place of a checked one."""
 
         def fence(md5, size):
             if rec.md5 and md5 != rec.md5:
@@ -318,7 +318,8 @@ class Rebalance:
             if r is None:
                 last = f"{src} lost the file"
                 continue
-            ok = False
+            ok, tmp = False, new_tmp()
+            self.index.note(rec.key, targets, tmp)   # switch_volumes drops these notes
             try:
                 md5, size = self.volumes.put(targets, path, r.stream(CHUNK), r.length,
                                              tmp=tmp, fence=fence)

@@ -13,8 +13,9 @@ import time
 
 from mkvlib.errors import KeyBusy, SettingsError
 from mkvlib.index import Index
+from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, lock_clock
 from mkvlib.settings import Settings
-from mkvlib.volumes import Volumes
+from mkvlib.volumes import LATE_MAX, Volumes
 
 STATUS_EVERY = 5.0      # seconds between status lines when stderr is not a terminal
 VOLUME_TIMEOUT = 10.0   # seconds the tools wait at least for a volume to connect or answer
@@ -118,7 +119,8 @@ def is_zombie(pid: int) -> bool:
 
 def lock_key(index: Index, key: bytes, owner: str):
     """Index.lock, but a lock left by a killed process of this machine is
-    taken over at once instead of waiting for its lease to run out.
+    taken over instead of waiting for its lease to run out (once its requests
+    can no longer run: LATE_MAX after its last renewal).
     Returns the record (None: no such key); KeyBusy if someone live holds it."""
     try:
         return index.lock(key, owner)
@@ -127,6 +129,11 @@ def lock_key(index: Index, key: bytes, owner: str):
         if rec is not None and rec.lock_owner and owner_is_dead(rec.lock_owner):
             taken = index.take_over(key, rec.lock_owner, owner)
             if taken is not None:
+                # a MOVE or DELETE the dead holder sent (within FENCE_FRESH of
+                # its last renewal) may run until its deadline: touch nothing
+                # of the key's until then (at once for a holder long dead)
+                last_renewal = (rec.lock_until or 0) - LOCK_LEASE
+                time.sleep(max(0.0, last_renewal + FENCE_FRESH + LATE_MAX - lock_clock()))
                 return taken
         raise
 

@@ -357,9 +357,11 @@ class Pool:
         once, not once per server. Returns, in order, (status, body) or the
         error (Unreachable, NoAnswer). A connection that the server closed
         while it was idle is replaced, once, for requests that change
-        nothing, or nothing more, when repeated."""
+        nothing (GET, HEAD)."""
         timeout = timeout or self.timeout
-        repeatable = method in ("GET", "HEAD", "DELETE")
+        # a write is never sent twice: the first may have reached the server,
+        # and run later than the second (conn.alive() finds most idle closes)
+        repeatable = method in ("GET", "HEAD")
         results = [None] * len(calls)
         todo = [(i, host, request(method, host, path, headers)) for i, (host, path, headers) in enumerate(calls)]
         for attempt in (1, 2):

@@ -15,6 +15,7 @@ from mkvlib.errors import IndexBusy, KeyBusy
 log = logging.getLogger("mkv")
 
 LOCK_LEASE = 30.0          # seconds a per-key lock lives unless renewed
+FENCE_FRESH = 1.0          # seconds a lock just taken or renewed needs no renewal before a request
 _LOCK_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
@@ -58,10 +59,11 @@ class Lease:
     _later = []                # (undo, until): index writes to try again, see later()
     _start = threading.Lock()
 
-    def __init__(self, index, key, owner, lease=LOCK_LEASE):
+    def __init__(self, index, key, owner, lease=LOCK_LEASE, since=None):
+        """`since`: the lock_clock() time the lock was taken (default: now)."""
         self.index, self.key, self.owner, self.lease = index, key, owner, lease
         self.lost = False
-        self.renewed = time.monotonic()
+        self.renewed = lock_clock() if since is None else since   # the lock runs a lease from here
 
     def check(self):
         if self.lost:
@@ -74,7 +76,6 @@ class Lease:
             yield chunk
 
     def __enter__(self):
-        self.renewed = time.monotonic()
         Lease._held[id(self)] = self
         Lease._start_renewer()
         return self
@@ -126,11 +127,12 @@ class Lease:
     @staticmethod
     def _renew_due():
         for lease in list(Lease._held.values()):
-            if lease.lost or time.monotonic() - lease.renewed < lease.lease / 6:
+            if lease.lost or lock_clock() - lease.renewed < lease.lease / 6:
                 continue
             try:
+                started = lock_clock()    # the new lease runs from before the renewal, never after
                 if lease.index.renew(lease.key, lease.owner, lease.lease):
-                    lease.renewed = time.monotonic()
+                    lease.renewed = started
                 else:
                     lease.lost = True
             except (sqlite3.Error, IndexBusy):

@@ -3,19 +3,15 @@ it, unlink it, over the index, the volumes and the prober."""
 import dataclasses
 import random
 import sqlite3
-import time
 
 from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists, KeyMissing,
                            Unavailable, VolumeDown, VolumeError)
 from mkvlib.index import LIVE, UNLINKED, Index
-from mkvlib.lease import LOCK_LEASE, Lease, new_owner
+from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import check_storable, disk_of, fallback_path, key2path, new_tmp, volume_host
 from mkvlib.prober import Prober
 from mkvlib.settings import Settings
 from mkvlib.volumes import LANDED, Volumes
-
-
-FENCE_FRESH = 1.0          # seconds a lock just taken or renewed needs no renewal before a request
 
 
 class Store:
@@ -81,8 +77,9 @@ class Store:
         volumes = self.placement(key)
         path = key2path(key)
         owner, tmp = new_owner("put-"), new_tmp()
+        since = lock_clock()
         claim = self.index.start_put(key, volumes, owner, tmp=tmp)
-        with Lease(self.index, key, owner) as lease:
+        with Lease(self.index, key, owner, since=since) as lease:
             try:
                 chunks = iter(chunks)
                 first = next((c for c in chunks if c), None)
@@ -117,33 +114,39 @@ class Store:
         the same disk under another name (deleting one would delete ours)."""
         strays = {v: t for v, t in notes.items() if v not in volumes}
         if strays:
-            ids = self.index.volume_ids()
+            ids = self._disk_ids()
             ours = {disk_of(v, ids) for v in volumes}
             strays = {v: t for v, t in strays.items() if disk_of(v, ids) not in ours}
         return strays
 
-    def fence(self, key, owner, lease, doing="writing it"):
+    def _disk_ids(self):
+        """{host: identity} of the disks the index knows, less those that
+        answer with another one now (wiped or replaced: their name is theirs alone)."""
+        return {h: i for h, i in self.index.volume_ids().items() if h not in self.health.replaced}
+
+    def fence(self, key, owner, lease, doing="writing it", fresh_ok=True):
         """Right before a request that changes a key's path on a volume: the
         lock must be ours still, a whole lease ahead, so that a writer that
         was paused or cut off for longer than its lease changes nothing (its
         requests' deadlines are far shorter than a lease). A lock taken or
         renewed under FENCE_FRESH seconds ago is (a small write's case: no
-        index write); else it is renewed now."""
-        if time.monotonic() - lease.renewed < FENCE_FRESH and not lease.lost:
+        index write), if `fresh_ok`; else it is renewed now."""
+        if fresh_ok and lock_clock() - lease.renewed < FENCE_FRESH and not lease.lost:
             return
+        started = lock_clock()
         if not self.index.renew(key, owner):
             raise KeyBusy(f"lost the lock on the key while {doing} (stalled longer than the "
                           f"{LOCK_LEASE:.0f} s lease); try again")
-        lease.renewed = time.monotonic()
+        lease.renewed = started
 
     def _fence_undo(self, key, owner, lease):
         """fence() for the undoing of a failed write, which may fail because
         the index cannot be written: then the renewer's last renewal stands
         in, while it is under half a lease old."""
         try:
-            self.fence(key, owner, lease, "undoing a write")
+            self.fence(key, owner, lease, "undoing a write", fresh_ok=False)
         except (sqlite3.Error, IndexBusy):
-            if lease.lost or time.monotonic() - lease.renewed > LOCK_LEASE / 2:
+            if lease.lost or lock_clock() - lease.renewed > LOCK_LEASE / 2:
                 raise KeyBusy("the lock on the key could not be renewed") from None
 
     def _abandon(self, key, owner, path, tmp, claim, outcomes, lease):
@@ -169,13 +172,18 @@ class Store:
             # untouched paths are as they were: clean, unless the replaced record had a copy there
             resolved = [v for v in claim.added if v in removed or (v not in outcomes and v not in had)]
             # an unlinked value keeps what is left of it: UNLINK promised to keep its bytes
-            intact = [v for v in old.volumes if v not in outcomes] if old and old.state == UNLINKED else []
+            intact = []
+            if old is not None and old.state == UNLINKED:
+                ids = self._disk_ids()
+                touched = {disk_of(v, ids) for v in outcomes}    # under any name of its disk
+                intact = [v for v in old.volumes if disk_of(v, ids) not in touched]
             if intact:
                 kept = dataclasses.replace(old, volumes=intact)
                 resolved += [v for v in intact if v in claim.added and v not in resolved]
                 undo = lambda: self.index.restore(key, owner, kept, resolved=resolved)  # noqa: E731
             else:
                 undo = lambda: self.index.abandon_put(key, owner, resolved=resolved)  # noqa: E731
+        self.volumes.settle()   # a write cut off unanswered may run until its deadline: keep the lock till then
         try:
             undo()
         except (sqlite3.Error, IndexBusy):
@@ -188,15 +196,17 @@ class Store:
         """Remove a key: invisible at once, then its replicas, then its record.
         If a volume fails the key stays invisible and a retry finishes it."""
         owner = new_owner("del-")
+        since = lock_clock()
         rec = self.index.start_delete(key, owner, protect=self.settings.protect)
         path = key2path(key)
-        with Lease(self.index, key, owner) as lease:
+        with Lease(self.index, key, owner, since=since) as lease:
             # a volume remembered down is asked again now: it may be back
             failed = {v: f"volume {volume_host(v)} is down" for v in rec.volumes
                       if not self.health.may_write(volume_host(v), always_ask=True)}
             failed.update(self.volumes.delete_copies({v: None for v in rec.volumes if v not in failed}, path,
                                                      fence=lambda: self.fence(key, owner, lease, "deleting it")))
         if failed:
+            self.volumes.settle()
             self.index.release(key, owner)
             raise DeleteIncomplete("could not remove every replica, DELETE again to finish: "
                                    + "; ".join(failed.values()))

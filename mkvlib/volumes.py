@@ -21,6 +21,8 @@ MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appear
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 CLOCK_SKEW = 1.0           # seconds a volume's clock may be behind ours (they must agree, NTP)
 WRITES = ("MOVE", "DELETE")  # requests that carry a deadline (volume/nginx.conf refuses them late)
+WRITE_TIMEOUT_MAX = 10.0   # seconds: the longest a MOVE or DELETE is waited for (its deadline's distance)
+LATE_MAX = WRITE_TIMEOUT_MAX + 2 + CLOCK_SKEW   # seconds after its send a MOVE or DELETE may still run
 # what a failed put() may have left at a volume's path: our bytes, maybe our
 # bytes, or nothing (a file found there was deleted, then the MOVE failed)
 LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
@@ -32,6 +34,35 @@ def deadline_headers(deadline):
     volume/nginx.conf: a base64url md5 it insists on, not a secret)."""
     sig = base64.urlsafe_b64encode(hashlib.md5(b"%d mkv" % deadline).digest()).rstrip(b"=")
     return b"Mkv-Deadline: %d\r\nMkv-Sig: %s\r\n" % (deadline, sig)
+
+
+def write_deadline(timeout):
+    """The unix second after which a MOVE or DELETE sent now must not run
+    (its timeout from now, at most WRITE_TIMEOUT_MAX): taken before the
+    fence, so that a writer stalled after its fence sends nothing that can
+    run later than this."""
+    return int(time.time() + min(timeout, WRITE_TIMEOUT_MAX)) + 1   # nginx: whole seconds
+
+
+def listing(host, path, status, body):
+    """The entries of an autoindex answer ([] for a missing folder), or the VolumeError."""
+    if status == 404:
+        return []
+    if status != 200:
+        return VolumeError(f"volume {host} answered GET {path} with {status}")
+    try:
+        return json.loads(body.decode())   # a str skips json.loads' encoding guess
+    except ValueError:
+        return VolumeError(f"volume {host}: {path} is not a JSON listing")
+
+
+def refused(volume, method, status, body):
+    """The VolumeError of a write the volume answered with an error."""
+    host = volume_host(volume)
+    if status == 410:
+        return VolumeError(f"volume {host} refused {method} as past its deadline: it reached the volume "
+                           "late, or the volume's clock runs ahead of this machine's (they must agree: NTP)")
+    return VolumeError(f"volume {host} answered {method} with {status}: {nginx_reason(body)}")
 
 
 def _on_host(volume, path):
@@ -68,6 +99,7 @@ class Volumes:
         # no byte of an upload for this long is stuck: seconds at the most on
         # a healthy volume, so a frozen one costs this, not TRANSFER_TIMEOUT
         self.op_timeout = max(timeout, OP_TIMEOUT)
+        self.unsettled_until = 0.0   # unix time until which a write cut off unanswered may run (settle)
 
     def _failed(self, host, cause, mark=True, what="is unreachable", kind=None):
         """The error to raise for a volume that failed (marked down unless `mark` is False)."""
@@ -75,16 +107,28 @@ class Volumes:
             self.health.failed(host, reason(cause))
         return (kind or VolumeDown)(f"volume {host} {what}: {reason(cause)}")
 
-    def _fan(self, method, calls, timeout=None, mark=True, kind=None):
+    def settle(self):
+        """Return once no MOVE or DELETE of this process that was cut off
+        unanswered (its caller killed, say) can still run."""
+        time.sleep(max(0.0, self.unsettled_until - time.time()))
+
+    def _fan(self, method, calls, timeout=None, mark=True, kind=None, deadline=None):
         """Pool.fan of (volume, path, header lines) calls: in order, (status,
         body) or the error: VolumeDown if the request could not be sent,
-        `kind` (VolumeDown by default) if it was sent and no answer came."""
+        `kind` (VolumeDown by default) if it was sent and no answer came. A
+        MOVE or DELETE carries `deadline` (default: its timeout from now)."""
         timeout = timeout or self.timeout
         late = b""
         if method in WRITES:
-            deadline = int(time.time() + timeout) + 1    # nginx compares whole seconds
+            timeout = min(timeout, WRITE_TIMEOUT_MAX)
+            deadline = deadline or write_deadline(timeout)
             late = deadline_headers(deadline)
-        got = self.pool.fan(method, [_on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
+        try:
+            got = self.pool.fan(method, [_on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
+        except BaseException:
+            if late:   # cut off (GreenletExit, say) while its requests were out: they may still run
+                self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            raise
         out = []
         for (volume, _, _), result in zip(calls, got):
             host = volume_host(volume)
@@ -98,12 +142,13 @@ class Volumes:
         if late and any(isinstance(r, NoAnswer) for r in got):
             # sent and unanswered: it may still run, until the volume's clock
             # passes its deadline (a second's rounding in nginx, and skew)
-            time.sleep(max(0.0, deadline + 1 + CLOCK_SKEW - time.time()))
+            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            self.settle()
         return out
 
-    def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None):
+    def _call(self, method, volume, path, headers=b"", timeout=None, mark=True, kind=None, deadline=None):
         """(status, body) of one request without a body; raises what _fan() returns."""
-        result = self._fan(method, [(volume, path, headers)], timeout, mark, kind)[0]
+        result = self._fan(method, [(volume, path, headers)], timeout, mark, kind, deadline)[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -172,23 +217,11 @@ class Volumes:
 
     # -- listings
 
-    @staticmethod
-    def _listing(host, path, status, body):
-        """The entries of an autoindex answer ([] for a missing folder), or the VolumeError."""
-        if status == 404:
-            return []
-        if status != 200:
-            return VolumeError(f"volume {host} answered GET {path} with {status}")
-        try:
-            return json.loads(body.decode())   # a str skips json.loads' encoding guess
-        except ValueError:
-            return VolumeError(f"volume {host}: {path} is not a JSON listing")
-
     def listdir(self, volume, path="/"):
         """Entries of a folder from nginx's JSON autoindex: [{'name', 'type', 'size'?}].
         A missing folder is an empty list."""
         status, body = self._call("GET", volume, path.rstrip("/") + "/", timeout=TRANSFER_TIMEOUT)
-        found = self._listing(volume_host(volume), path, status, body)
+        found = listing(volume_host(volume), path, status, body)
         if isinstance(found, Exception):
             raise found
         return found
@@ -215,30 +248,23 @@ class Volumes:
             error = self._failed(host, errors[0].cause) if errors else None
             for (i, _), result in zip(asked, got[host]):
                 results[i] = error if isinstance(result, Exception) else \
-                    self._listing(host, folders[i][1], *result)
+                    listing(host, folders[i][1], *result)
         return results
 
     # -- deletes
-
-    def _refused(self, volume, method, status, body):
-        """The VolumeError of a write the volume answered with an error."""
-        host = volume_host(volume)
-        if status == 410:
-            return VolumeError(f"volume {host} refused {method} as late: its clock is ahead of this "
-                               f"machine's by over {self.op_timeout:.0f} s; the clocks must agree (NTP)")
-        return VolumeError(f"volume {host} answered {method} with {status}: {nginx_reason(body)}")
 
     def delete_many(self, calls, fence=None):
         """DELETE of each (volume, path) at once: None for each file deleted
         (or already gone), else the VolumeError it got. fence() first, if
         given: it raises if the caller may no longer touch these paths."""
+        deadline = write_deadline(self.op_timeout)
         if fence is not None and calls:
             fence()
         out = []
         for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
-                                                        timeout=self.op_timeout)):
+                                                        timeout=self.op_timeout, deadline=deadline)):
             if not isinstance(result, Exception) and result[0] not in (200, 204, 404):
-                result = self._refused(volume, "DELETE", *result)
+                result = refused(volume, "DELETE", *result)
             out.append(result if isinstance(result, Exception) else None)
         return out
 
@@ -297,6 +323,7 @@ class Volumes:
         again = None
         try:
             md5, size = Upload(self, volumes, names, length).run(chunks)
+            deadline = write_deadline(self.op_timeout)
             if fence is not None:
                 again = lambda: fence(md5, size)   # noqa: E731 (before each later write on the path)
                 try:
@@ -308,7 +335,7 @@ class Volumes:
             e.outcomes = {}
             raise
         try:
-            results = self._moves(volumes, names, path, again)
+            results = self._moves(volumes, names, path, again, deadline)
         except BaseException as e:
             # cut off among the MOVEs (the lock lost, the worker killed): any may have landed
             e.outcomes = {v: UNKNOWN for v in volumes}
@@ -331,12 +358,13 @@ class Volumes:
             raise error
         return md5, size
 
-    def _moves(self, volumes, names, path, fence=None):
+    def _moves(self, volumes, names, path, fence=None, deadline=None):
         """MOVE each volume's upload onto `path` at once, as move() does: None
         for each that landed, else the VolumeError (MoveUnknown: it may have landed)."""
         calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
         out = []
-        for volume, result in zip(volumes, self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown)):
+        moved = self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown, deadline=deadline)
+        for volume, result in zip(volumes, moved):
             if not isinstance(result, Exception):
                 status, body = result
                 if status in (201, 204):
@@ -348,7 +376,7 @@ class Volumes:
                     except VolumeError as e:
                         result = e
                 else:
-                    result = self._refused(volume, "MOVE", status, body)
+                    result = refused(volume, "MOVE", status, body)
             out.append(result)
         return out
 
@@ -369,16 +397,18 @@ class Volumes:
         try:
             for _ in range(MOVE_TRIES):
                 if delete_first:
+                    cleared = True      # from the moment the DELETE may run, answered or not
                     self.delete(volume, path, fence)
-                    cleared = True
                 delete_first = True
+                deadline = write_deadline(self.op_timeout)
                 if fence is not None:
                     fence()
-                status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout, kind=MoveUnknown)
+                status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout,
+                                          kind=MoveUnknown, deadline=deadline)
                 if status in (201, 204):
                     return
                 if status != 412:
-                    raise self._refused(volume, "MOVE", status, body)
+                    raise refused(volume, "MOVE", status, body)
             raise VolumeError(f"volume {host}: a file kept appearing at {path} while a value was moved there")
         except VolumeError as e:
             e.cleared = cleared

@@ -95,6 +95,7 @@ def test_a_delete_a_volume_carries_out_late_does_not_remove_the_next_value(proxi
     assert r.status_code == 500 and proxy.name in r.text     # no answer from it: retry
     assert http.delete(c.url(key), timeout=30).status_code == 204
     put_stored(http, c.url(key), b"v2")
+    assert proxy.delivered == []               # the newer value is there before the late DELETE
     proxy.wait_delivered()                     # the first DELETE reaches nginx now
     held = [v for v in replicas(http, c, key) if v.startswith(proxy.name)][0]
     assert file_on(c, held, key) == b"v2"
@@ -113,6 +114,7 @@ def test_a_move_a_volume_carries_out_late_lands_nothing_after_a_newer_value_and_
     assert r.status_code == 503 and "did not answer MOVE" in r.text
     put_stored(http, c.url(key), b"v2")
     assert http.delete(c.url(key), timeout=30).status_code == 204
+    assert proxy.delivered == []               # the path is empty again before the late MOVE
     proxy.wait_delivered()                     # v1's MOVE reaches nginx now: refused
     assert http.get(c.url(key)).status_code == 404
     held = [v for v in c.volume_names() if v.endswith(str(c.aliases[proxy.port]))][0]

@@ -311,27 +311,31 @@ def test_a_put_that_a_volume_froze_under_is_503_quickly_and_never_comes_back(pri
 class FrozenBeforeMove(Store):
     """The master's Store, with one volume frozen (SIGSTOP) between the end of
     the uploads and their MOVEs: the MOVE is queued in the frozen volume,
-    which wakes for half a second after the MOVE's timeout (OP_TIMEOUT) and
-    before its deadline (a second later at least), then freezes again: the
-    MOVE lands, its answer comes too late, and the volume cannot be asked to
-    remove the copy."""
+    which wakes once the MOVE has timed out (the volume is down, to this
+    store) and before its deadline, until the MOVE has landed, then freezes
+    again: the MOVE lands, its answer comes too late, and the volume cannot
+    be asked to remove the copy."""
 
-    def __init__(self, settings, server):
+    def __init__(self, settings, server, landed):
         super().__init__(settings)
-        self.server = server
+        self.server, self.landed = server, landed
         self.wake = None
 
-    def fence(self, key, owner, lease, doing="writing it"):
-        super().fence(key, owner, lease, doing)
+    def fence(self, key, owner, lease, doing="writing it", fresh_ok=True):
+        super().fence(key, owner, lease, doing, fresh_ok)
         if self.wake is None:
             self.server.pause()
-            self.wake = threading.Timer(OP_TIMEOUT + 0.4, self.blink)
+            self.wake = threading.Thread(target=self.blink)
             self.wake.start()
 
     def blink(self):
+        host = f"127.0.0.1:{self.server.port}"
+        wait_until(lambda: self.volumes.health.down(host), 2 * OP_TIMEOUT, "the MOVE to time out", every=0.005)
         self.server.resume()
-        time.sleep(0.5)
-        self.server.pause()
+        try:
+            wait_until(self.landed, OP_TIMEOUT, "the late MOVE", every=0.005)
+        finally:
+            self.server.pause()
 
 
 def test_a_move_whose_answer_never_came_is_noted_never_added_and_removed_by_rebalance(private_cluster):
@@ -340,12 +344,13 @@ def test_a_move_whose_answer_never_came_is_noted_never_added_and_removed_by_reba
     settings = Settings.from_env(volumes=names, db=c.db(), replicas=2, subvolumes=1, voltimeout=0.5)
     key = b"/unknown-move"
     frozen_volume = next(v for v in placement(c, key) if v.startswith(names[1]))
-    store = FrozenBeforeMove(settings, c.volumes[1])
+    store = FrozenBeforeMove(settings, c.volumes[1], lambda: os.path.exists(c.file_of(frozen_volume, key)))
     try:
         with pytest.raises(VolumeDown):
             store.put(key, [b"a value whose MOVE hangs"])
     finally:
-        store.wake.join()
+        if store.wake is not None:
+            store.wake.join()
         c.volumes[1].resume()
     # the queued MOVE landed while the volume ran: a file no record vouches for
     wait_until(lambda: os.path.exists(c.file_of(frozen_volume, key)), 10, "the late MOVE")
