@@ -55,6 +55,15 @@ def replicas(http, c, key):
     return r.headers["Key-Volumes"].split(",")
 
 
+def serves_only(http, c, key, value, context=""):
+    """Every replica the record names holds `value`, and GETs serve it."""
+    for volume in replicas(http, c, key):
+        assert file_on(c, volume, key) == value, (volume, context)
+    for _ in range(10):
+        r = http.get(c.url(key))
+        assert http.get(r.headers["Location"]).content == value, context
+
+
 def put_stored(http, url, data):
     """PUT until stored: a volume that failed a moment ago is skipped for a
     few seconds (503, nothing stored), by the worker that saw it fail."""
@@ -97,11 +106,7 @@ def test_a_delete_a_volume_carries_out_late_does_not_remove_the_next_value(proxi
     put_stored(http, c.url(key), b"v2")
     assert proxy.delivered == []               # the newer value is there before the late DELETE
     proxy.wait_delivered()                     # the first DELETE reaches nginx now
-    held = [v for v in replicas(http, c, key) if v.startswith(proxy.name)][0]
-    assert file_on(c, held, key) == b"v2"
-    for _ in range(6):
-        r = http.get(c.url(key))
-        assert http.get(r.headers["Location"]).content == b"v2"
+    serves_only(http, c, key, b"v2")
     check_clean(c, names)
 
 
@@ -220,11 +225,7 @@ def test_rebalance_paused_past_its_lease_at_a_412_does_not_replace_the_newer_val
         if tool.poll() is None:
             os.killpg(tool.pid, signal.SIGKILL)
             tool.wait()
-    for volume in replicas(http, c, key):
-        assert file_on(c, volume, key) == b"v2", (volume, out)
-    for _ in range(10):
-        r = http.get(c.url(key))
-        assert http.get(r.headers["Location"]).content == b"v2"
+    serves_only(http, c, key, b"v2", out)
     check_clean(c, names)
     proxy.close()
 
