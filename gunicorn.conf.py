@@ -14,7 +14,7 @@ import gunicorn.util  # noqa: E402
 from mkvlib.errors import SettingsError  # noqa: E402
 from mkvlib.index import Index  # noqa: E402
 from mkvlib.lease import LOCK_LEASE  # noqa: E402
-from mkvlib.placement import named_twice  # noqa: E402
+from mkvlib.placement import check_named_once  # noqa: E402
 from mkvlib.settings import Settings  # noqa: E402
 from mkvlib.volumes import Volumes  # noqa: E402
 
@@ -62,12 +62,10 @@ def write_error_line(sock, status_int, reason, mesg):
 gunicorn.util.write_error = write_error_line
 
 
-def one_disk_twice(settings):
-    """Two names in MKV_VOLUMES for one disk (localhost:3001 and
-    127.0.0.1:3001, say), as their /.id says; None if none (or they do not
-    answer yet)."""
+def disk_ids(settings):
+    """{host: identity} of the volumes in MKV_VOLUMES that answer now."""
     found = Volumes(timeout=settings.voltimeout).identities(settings.volumes, mark=False)
-    return named_twice(settings.volumes, {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)})
+    return {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)}
 
 
 def on_starting(server):
@@ -76,12 +74,9 @@ def on_starting(server):
     try:
         settings = Settings.from_env()
         Index(settings.db).close()
+        check_named_once(settings.volumes, disk_ids(settings))   # one disk under two names
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
-    twins = one_disk_twice(settings)
-    if twins:
-        sys.exit(f"mkv: MKV_VOLUMES names one disk twice: {twins[0]} and {twins[1]} (the same /.id); "
-                 "name each volume once")
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")

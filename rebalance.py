@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import Lease, new_owner
-from mkvlib.placement import TMP_DIR, disk_of, key2path, named_twice, new_tmp, volume_host
+from mkvlib.placement import TMP_DIR, check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
 
@@ -133,10 +133,7 @@ class Rebalance:
                 self.progress.message(f"{PROG}: {host} is not the disk the index knows "
                                       "(wiped or replaced): copying every replica it should hold")
         self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
-        twins = named_twice(self.settings.volumes, self.ids)
-        if twins:
-            raise SettingsError(f"MKV_VOLUMES names one disk twice: {twins[0]} and {twins[1]} "
-                                "(the same /.id); name each volume once")
+        check_named_once(self.settings.volumes, self.ids)
 
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""

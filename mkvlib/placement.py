@@ -6,7 +6,7 @@ import hashlib
 import uuid
 from urllib.parse import quote
 
-from mkvlib.errors import BadKey, KeyTooLong
+from mkvlib.errors import BadKey, KeyTooLong, SettingsError
 
 NAME_MAX = 255             # longest file name a volume's filesystem takes
 PATH_NAME_MAX = 2048       # longest base64 name with its '/' folders (PATH_MAX is 4096 with the volume's)
@@ -69,6 +69,14 @@ def named_twice(hosts, ids: dict):
             return first[ident], host
         first.setdefault(ident, host)
     return None
+
+
+def check_named_once(hosts, ids: dict) -> None:
+    """SettingsError if two of `hosts` (MKV_VOLUMES) name one disk."""
+    twins = named_twice(hosts, ids)
+    if twins:
+        raise SettingsError(f"MKV_VOLUMES names one disk twice: {twins[0]} and {twins[1]} "
+                            "(the same /.id); name each volume once")
 
 
 def fallback_path(key: bytes) -> str:
