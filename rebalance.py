@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
-from mkvlib.lease import Lease, new_owner
+from mkvlib.lease import LOCK_LEASE, Lease, new_owner
 from mkvlib.placement import TMP_DIR, check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
@@ -183,9 +183,24 @@ class Rebalance:
         except VolumeError:
             return False    # the locked path looks again and says what is wrong
 
+    def lock(self, key, final=False):
+        """tools.lock_key; on the final try it waits while the holder is this
+        run itself (its deleter, removing a noted copy of the same key: a
+        fenced delete, done within LOCK_LEASE) instead of calling the key busy."""
+        deadline = time.monotonic() + LOCK_LEASE
+        while True:
+            try:
+                return tools.lock_key(self.index, key, self.owner)
+            except KeyBusy:
+                held = self.index.get(key)
+                if not final or time.monotonic() > deadline or \
+                        (held is not None and held.lock_owner != self.owner):
+                    raise
+                time.sleep(0.05)
+
     def lock_and_move(self, rec, final=False):
         try:
-            rec = tools.lock_key(self.index, rec.key, self.owner)
+            rec = self.lock(rec.key, final)
         except KeyBusy as e:
             if final:
                 return self.busy(rec.key, str(e))

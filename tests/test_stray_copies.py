@@ -479,3 +479,29 @@ def test_an_index_from_an_earlier_boot_drops_its_locks(tmp_path):
     index.db.connection.execute("UPDATE meta SET value = 'another boot' WHERE name = 'boot_id'")
     index.close()
     assert Index(path).get(b"/k").lock_owner is None
+
+
+def test_rebalance_waits_for_its_own_delete_of_a_noted_copy_instead_of_calling_the_key_busy(private_cluster):
+    """A key whose record left a wrong copy (noted long ago, so due at once)
+    needs that volume's copy rewritten: rebalance's deleter holds the key
+    while its (slow) DELETE runs, and the main pass must wait for it, not
+    report its own lock as another request's and exit 1."""
+    from test_late_requests import behind_proxy
+    c = private_cluster(n_volumes=2, replicas=2, subvolumes=1)
+    proxy, names = behind_proxy(c, 1)
+    http = Http()
+    for i in range(20):   # keys scanned first: the deleter takes the key before the main pass
+        assert http.put(c.url(f"/a/{i}"), data=b"x").status_code == 201
+    key = "/check/own"
+    assert http.put(c.url(key), data=b"the value").status_code == 201
+    c.plant(proxy.name, key.encode(), b"an older, longer value")
+    assert run_tool("rebuild.py", names, c.db(), replicas=2, subvolumes=1).returncode == 0
+    index = index_of(c)
+    assert proxy.name not in index.get(key.encode()).volumes
+    with index.db.write() as db:   # noted a minute ago: due at once
+        db.execute("UPDATE pending_deletes SET since = since - 60")
+    proxy.hold(rb"^DELETE ", 2.0)
+    p = run_tool("rebalance.py", names, c.db(), replicas=2, subvolumes=1)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert set(recorded_copies(c, key.encode()).values()) == {b"the value"}
+    assert len(index_of(c).get(key.encode()).volumes) == 2
