@@ -1,0 +1,97 @@
+"""What an S3 read asks beyond the key: a Range, the conditional headers
+(If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, and the
+x-amz-copy-source-if-* of a copy), the response-* overrides. Pure
+functions over header values; the gateway (s3.py) maps the errors."""
+import re
+from email.utils import parsedate_to_datetime
+
+RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+OVERRIDES = {"response-content-type": "Content-Type", "response-content-language": "Content-Language",
+             "response-expires": "Expires", "response-cache-control": "Cache-Control",
+             "response-content-disposition": "Content-Disposition",
+             "response-content-encoding": "Content-Encoding"}
+
+
+class RangeNotSatisfiable(ValueError):
+    """A Range with no byte in the object (416 InvalidRange)."""
+
+
+class NotModified(Exception):
+    """A GET whose If-None-Match or If-Modified-Since holds: 304."""
+
+
+class PreconditionFailed(Exception):
+    """If-Match or If-Unmodified-Since does not hold: 412."""
+
+
+def byte_range(header, size):
+    """(first, last) inclusive of a Range header over `size` bytes; None for
+    the whole object (no header, or one S3 ignores: several ranges, not
+    bytes=); RangeNotSatisfiable if it selects nothing."""
+    if not header:
+        return None
+    m = RANGE.fullmatch(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:                       # the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable("The requested range is not satisfiable")
+        return max(0, size - n), size - 1
+    first = int(first)
+    last = int(last) if last else size - 1
+    if last < first:
+        return None
+    if first >= size:
+        raise RangeNotSatisfiable("The requested range is not satisfiable")
+    return first, min(last, size - 1)
+
+
+def _date(value):
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _etags(value):
+    return [t.strip() for t in value.split(",")]
+
+
+def etag_matches(value, quoted_etag):
+    """If-Match / If-None-Match list against an ETag ('*' matches any)."""
+    for t in _etags(value):
+        if t == "*" or t == quoted_etag or t.strip('"') == quoted_etag.strip('"') or t == "W/" + quoted_etag:
+            return True
+    return False
+
+
+def check_conditions(get, quoted_etag, mtime, read=True):
+    """Raise NotModified or PreconditionFailed as S3 does (RFC 7232's order:
+    If-Match, then If-Unmodified-Since unless If-Match was given, then
+    If-None-Match, then If-Modified-Since unless If-None-Match was given).
+    get(name) -> header value or None. `read`: a GET/HEAD (304), else a copy
+    source (412 for the 'not modified' cases too)."""
+    lm = int(mtime)
+    if_match, if_none = get("if-match"), get("if-none-match")
+    if if_match is not None:
+        if not etag_matches(if_match, quoted_etag):
+            raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
+    else:
+        since = _date(get("if-unmodified-since"))
+        if since is not None and lm > since:
+            raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
+    failed = NotModified if read else PreconditionFailed
+    if if_none is not None:
+        if etag_matches(if_none, quoted_etag):
+            raise failed("Not Modified") if read else failed("At least one of the pre-conditions you specified did not hold")
+    else:
+        since = _date(get("if-modified-since"))
+        if since is not None and lm <= since:
+            raise failed("Not Modified") if read else failed("At least one of the pre-conditions you specified did not hold")
+
+
+def overrides(params):
+    """{header: value} of the response-* query parameters."""
+    return {OVERRIDES[k]: v for k, v in params.items() if k in OVERRIDES}

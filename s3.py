@@ -1,0 +1,486 @@
+"""mkv's S3 gateway: a Falcon WSGI app on the same core as the master
+(mkv.py), over the same index and volumes, speaking S3's path-style dialect.
+
+    MKV_VOLUMES=... MKV_DB=... gunicorn -k gevent -w 4 -b :9000 s3:app
+
+Object `k` of bucket `b` is the mkv key `/b/k` (mkvlib.objects). Reads are
+served through the gateway, streamed (S3 clients follow no redirect).
+Every error is S3's XML with its status (ERRORS), and a request id.
+"""
+import base64
+import binascii
+import logging
+import os
+import sqlite3
+import sys
+import uuid
+from urllib.parse import parse_qsl
+
+import falcon
+
+from mkv import VALUE_MAX, in_a_thread, read_body
+from mkvlib import s3req, s3xml
+from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, IndexBusy, KeyBusy, KeyMissing, KeyTooLong,
+                           MkvError, SettingsError, Unavailable, VolumeDown, VolumeError)
+from mkvlib.objects import (DEFAULT_TYPE, STORED_HEADERS, BadBucketName, BucketMissing, BucketNotEmpty, Objects,
+                            object_key)
+from mkvlib.settings import S3Settings, Settings
+from mkvlib.store import Store
+from mkvlib.volumes import CHUNK
+
+log = logging.getLogger("mkv.s3")
+
+META_MAX = 2048            # bytes of x-amz-meta-* names and values, as S3 allows
+DELETE_MAX = 1000          # keys one DeleteObjects may name
+LIST_MAX = 1000            # keys one listing page may hold
+DELETE_BODY_MAX = 2 << 20  # bytes of a DeleteObjects request
+
+# the core's errors, the nearest class in the hierarchy wins: (status, S3 code)
+ERRORS = {
+    BucketMissing: (404, "NoSuchBucket"),
+    KeyMissing: (404, "NoSuchKey"),
+    KeyTooLong: (400, "KeyTooLongError"),
+    BadKey: (400, "InvalidArgument"),
+    BadBucketName: (400, "InvalidBucketName"),
+    BucketNotEmpty: (409, "BucketNotEmpty"),
+    KeyBusy: (409, "OperationAborted"),
+    ClientGone: (400, "IncompleteBody"),
+    VolumeDown: (503, "ServiceUnavailable"),
+    Unavailable: (503, "ServiceUnavailable"),
+    VolumeError: (500, "InternalError"),
+    DeleteIncomplete: (500, "InternalError"),
+    IndexBusy: (503, "SlowDown"),
+    SettingsError: (503, "ServiceUnavailable"),
+}
+STATUS_TEXT = {200: falcon.HTTP_200, 204: falcon.HTTP_204, 206: falcon.HTTP_206, 304: falcon.HTTP_304}
+
+
+class S3Error(Exception):
+    """An answer in S3's terms: status, code, one-line message."""
+
+    def __init__(self, status, code, message):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def not_implemented(what):
+    return S3Error(501, "NotImplemented", f"A header or query you provided implies functionality "
+                   f"that is not implemented: {what}")
+
+
+def s3_error_of(exc):
+    """The S3Error of a core error: the nearest class of its hierarchy in ERRORS."""
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            status, code = ERRORS[cls]
+            return S3Error(status, code, str(exc))
+    return S3Error(500, "InternalError", "We encountered an internal error. Please try again.")
+
+
+def split_path(path: bytes):
+    """(bucket, key bytes or None) of a path-style request path."""
+    bucket, slash, key = path.lstrip(b"/").partition(b"/")
+    try:
+        name = bucket.decode("ascii")
+    except UnicodeDecodeError:
+        raise S3Error(400, "InvalidBucketName", "The specified bucket is not valid.") from None
+    return name, (key if slash and key else None)
+
+
+class Request:
+    """What a handler needs of one request, read once."""
+
+    def __init__(self, req, request_id):
+        self.req, self.id = req, request_id
+        self.method = req.method
+        self.path = (req.env.get("PATH_INFO") or "/").encode("latin-1")
+        self.params = dict(parse_qsl(req.query_string or "", keep_blank_values=True))
+        self.bucket, self.key = split_path(self.path) if self.path != b"/" else ("", None)
+
+    def header(self, name):
+        return self.req.get_header(name)
+
+    @property
+    def resource(self):
+        return self.path.decode("latin-1")
+
+
+class Gateway:
+    """The S3 face of the store. One per process; the Store opens on first
+    use, after gunicorn forks."""
+
+    def __init__(self, settings: Settings, s3: S3Settings):
+        self.settings, self.s3 = settings, s3
+        self._objects, self._pid = None, None
+
+    @property
+    def objects(self) -> Objects:
+        if self._pid != os.getpid():
+            self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
+        return self._objects
+
+    def __call__(self, req, resp, **kwargs):
+        rid = uuid.uuid4().hex[:16].upper()
+        resp.set_header("x-amz-request-id", rid)
+        resp.set_header("x-amz-id-2", rid)
+        r = None
+        try:
+            r = Request(req, rid)
+            self.dispatch(r, resp)
+        except Exception as e:   # every failure is S3's XML, never a traceback
+            self.answer_error(req, resp, e, r, rid)
+
+    def answer_error(self, req, resp, exc, r, rid):
+        if isinstance(exc, S3Error):
+            err = exc
+        elif isinstance(exc, MkvError):
+            err = s3_error_of(exc)
+        elif isinstance(exc, sqlite3.Error):
+            log.exception("index error on %s %r", req.method, req.env.get("PATH_INFO"))
+            err = S3Error(503, "ServiceUnavailable", f"index error (MKV_DB): {' '.join(str(exc).split())[:200]}")
+        else:
+            log.exception("unexpected error on %s %r", req.method, req.env.get("PATH_INFO"))
+            err = S3Error(500, "InternalError", f"internal error ({type(exc).__name__}); see the gateway's log")
+        resp.status = falcon.code_to_http_status(err.status)
+        resp.stream = None
+        resp.content_type = "application/xml"
+        resource = r.resource if r is not None else (req.env.get("PATH_INFO") or "/")
+        body = s3xml.error(err.code, err.message, resource, rid)
+        if req.method == "HEAD" or err.status == 304:
+            resp.data = None
+            resp.content_length = 0 if req.method != "HEAD" else len(body)
+        else:
+            resp.data = body
+
+    # -- routing
+
+    def dispatch(self, r, resp):
+        if r.method == "OPTIONS":
+            raise S3Error(403, "CORSResponse", "CORS is not enabled for this bucket.")
+        if not r.bucket:
+            if r.method == "GET":
+                return self.list_buckets(r, resp)
+            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        if r.key is None:
+            return self.bucket_request(r, resp)
+        return self.object_request(r, resp)
+
+    BUCKET_QUERIES = {"location", "versions", "list-type", "prefix", "delimiter", "marker", "max-keys",
+                      "encoding-type", "continuation-token", "start-after", "fetch-owner", "key-marker",
+                      "version-id-marker", "delete", "x-id"}
+
+    def bucket_request(self, r, resp):
+        unknown = [p for p in r.params if p not in self.BUCKET_QUERIES]
+        if unknown:
+            raise not_implemented(f"?{unknown[0]}")
+        objects = self.objects
+        if r.method == "PUT":
+            objects.create_bucket(r.bucket)
+            resp.set_header("Location", "/" + r.bucket)
+            return
+        if r.method == "HEAD":
+            objects.need_bucket(r.bucket)
+            resp.set_header("x-amz-bucket-region", self.s3.region)
+            return
+        if r.method == "DELETE":
+            objects.delete_bucket(r.bucket)
+            resp.status = falcon.HTTP_204
+            return
+        if r.method == "POST" and "delete" in r.params:
+            return self.delete_objects(r, resp)
+        if r.method != "GET":
+            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        objects.need_bucket(r.bucket)
+        if "location" in r.params:
+            return self.send_xml(resp, s3xml.location(self.s3.region))
+        return self.list_objects(r, resp)
+
+    def object_request(self, r, resp):
+        if r.method in ("GET", "HEAD"):
+            return self.get_object(r, resp)
+        if r.method == "PUT":
+            if r.header("x-amz-copy-source"):
+                raise not_implemented("x-amz-copy-source")
+            return self.put_object(r, resp)
+        if r.method == "DELETE":
+            self.objects.need_bucket(r.bucket)
+            self.objects.delete(object_key(r.bucket, "") + r.key)
+            resp.status = falcon.HTTP_204
+            return
+        if r.method == "POST":
+            raise not_implemented("POST on an object (multipart uploads)")
+        raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+
+    @staticmethod
+    def send_xml(resp, body):
+        resp.content_type = "application/xml"
+        resp.data = body
+
+    # -- buckets and listings
+
+    def list_buckets(self, r, resp):
+        buckets = self.objects.buckets()
+        prefix = r.params.get("prefix") or ""
+        buckets = [b for b in buckets if b[0].startswith(prefix)]
+        token = r.params.get("continuation-token")
+        if token:
+            buckets = [b for b in buckets if b[0] > token]
+        limit = parse_max(r.params.get("max-buckets"), 10000, "max-buckets")
+        more = len(buckets) > limit
+        buckets = buckets[:limit]
+        self.send_xml(resp, s3xml.list_buckets(buckets, buckets[-1][0] if more else None, prefix or None))
+
+    def list_objects(self, r, resp):
+        p = r.params
+        url = p.get("encoding-type")
+        if url not in (None, "url"):
+            raise S3Error(400, "InvalidArgument", "Invalid Encoding Method specified in Request")
+        url = url == "url"
+        base = object_key(r.bucket, "")
+        prefix = base + p.get("prefix", "").encode("utf-8", "surrogateescape")
+        delimiter = p.get("delimiter", "").encode("utf-8", "surrogateescape") or None
+        max_keys = parse_max(p.get("max-keys"), LIST_MAX, "max-keys")
+        versions = "versions" in p
+        v2 = p.get("list-type") == "2"
+        if versions:
+            start = p.get("key-marker")
+        elif v2:
+            token = p.get("continuation-token")
+            start = decode_token(token) if token is not None else p.get("start-after")
+        else:
+            start = p.get("marker")
+        after = base + start.encode("utf-8", "surrogateescape") if start else None
+        page = self.objects.list(prefix, after, delimiter, max_keys)
+        objects, prefixes, truncated, last = page
+        enc = (lambda s: s3xml.name(s.encode("utf-8", "surrogateescape"), url)) if True else None
+        common = [("Name", r.bucket)]
+        if versions:
+            fields = common + [("Prefix", s3xml.text(p.get("prefix", ""))), ("KeyMarker", enc(p.get("key-marker", ""))),
+                               ("VersionIdMarker", s3xml.text(p.get("version-id-marker", ""))),
+                               ("MaxKeys", max_keys), ("Delimiter", enc(p["delimiter"]) if "delimiter" in p else None),
+                               ("EncodingType", "url" if url else None)]
+            return self.send_xml(resp, s3xml.version_listing(page, len(base), url, fields))
+        if v2:
+            nxt = encode_token(last[len(base):]) if truncated else None
+            fields = common + [("Prefix", enc(p.get("prefix", ""))), ("MaxKeys", max_keys),
+                               ("Delimiter", enc(p["delimiter"]) if "delimiter" in p else None),
+                               ("EncodingType", "url" if url else None), ("KeyCount", len(objects) + len(prefixes)),
+                               ("ContinuationToken", s3xml.text(p["continuation-token"])
+                                if "continuation-token" in p else None),
+                               ("NextContinuationToken", nxt),
+                               ("StartAfter", enc(p["start-after"]) if "start-after" in p else None)]
+            if p.get("fetch-owner") == "true":
+                fields.append(("FetchOwner", ""))
+            body = s3xml.listing(page, len(base), url, True, fields)
+            return self.send_xml(resp, body.replace(b"<FetchOwner></FetchOwner>", b""))
+        fields = common + [("Prefix", s3xml.text(p.get("prefix", ""))), ("Marker", enc(p.get("marker", ""))),
+                           ("NextMarker", s3xml.name(last[len(base):], url) if truncated else None),
+                           ("MaxKeys", max_keys), ("Delimiter", enc(p["delimiter"]) if "delimiter" in p else None),
+                           ("EncodingType", "url" if url else None)]
+        self.send_xml(resp, s3xml.listing(page, len(base), url, False, fields))
+
+    def delete_objects(self, r, resp):
+        self.objects.need_bucket(r.bucket)
+        length = r.req.content_length
+        if length is None or length > DELETE_BODY_MAX:
+            raise S3Error(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
+                          "against our published schema.")
+        body = b"".join(read_body(r.req.stream, length))
+        check_body_md5(r, body)
+        try:
+            keys, quiet = s3xml.parse_delete(body)
+        except s3xml.BadXML as e:
+            raise S3Error(400, "MalformedXML", str(e)) from None
+        if len(keys) > DELETE_MAX:
+            raise S3Error(400, "MalformedXML", f"a DeleteObjects names at most {DELETE_MAX} keys")
+        deleted, errors = [], []
+        base = object_key(r.bucket, "")
+        for name in keys:
+            try:
+                self.objects.delete(base + name.encode("utf-8", "surrogateescape"))
+                deleted.append(name)
+            except MkvError as e:
+                err = s3_error_of(e)
+                errors.append((name, err.code, err.message))
+        self.send_xml(resp, s3xml.delete_result(deleted, errors, quiet))
+
+    # -- objects
+
+    def get_object(self, r, resp):
+        self.objects.need_bucket(r.bucket)
+        key = object_key(r.bucket, "") + r.key
+        head = r.method == "HEAD"
+        obj = self.objects.head(key)
+        check_conditions(r, obj)
+        rng = s3req_range(r, obj.size)
+        download = None
+        if not head and obj.size > 0:
+            extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
+            obj, download = self.objects.open(key, extra)
+            if rng is None:
+                check_conditions(r, obj)   # the value may have changed since the first look
+            want = rng[1] - rng[0] + 1 if rng else obj.size
+            if download.length != want:
+                download.close()
+                raise S3Error(503, "ServiceUnavailable", "a replica's size is not the index's: try again")
+        object_headers(resp, obj, r.params)
+        resp.set_header("Accept-Ranges", "bytes")
+        if rng:
+            resp.status = falcon.HTTP_206
+            resp.set_header("Content-Range", "bytes %d-%d/%d" % (rng[0], rng[1], obj.size))
+            resp.content_length = rng[1] - rng[0] + 1
+        else:
+            resp.content_length = obj.size
+        if download is not None:
+            resp.stream = Streamed(download)
+
+    def put_object(self, r, resp):
+        self.objects.need_bucket(r.bucket)
+        key = object_key(r.bucket, "") + r.key
+        length = r.req.content_length
+        if length is None and r.header("transfer-encoding") is None:
+            raise S3Error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+        if length is not None and length > VALUE_MAX:
+            raise S3Error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed object size.")
+        headers = stored_headers(r)
+        check = digest_check(r)
+        obj = self.objects.put(key, read_body(r.req.stream, length), length, headers, check)
+        resp.set_header("ETag", obj.quoted_etag)
+        resp.content_length = 0
+
+
+class Streamed:
+    """A Download as a WSGI body: closed when the server is done with it,
+    whether it was read or not."""
+
+    def __init__(self, download):
+        self.download = download
+
+    def __iter__(self):
+        return iter(self.download.stream(CHUNK))
+
+    def close(self):
+        self.download.close()
+
+
+def parse_max(value, ceiling, name):
+    if value is None or value == "":
+        return ceiling
+    if not (value.isascii() and value.isdigit()):
+        raise S3Error(400, "InvalidArgument", f"{name} must be a whole number from 0")
+    return min(int(value), ceiling)
+
+
+def encode_token(last: bytes) -> str:
+    return base64.urlsafe_b64encode(last).decode("ascii")
+
+
+def decode_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8", "surrogateescape")
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raise S3Error(400, "InvalidArgument", "The continuation token provided is incorrect") from None
+
+
+def s3req_range(r, size):
+    try:
+        return s3req.byte_range(r.header("range"), size)
+    except s3req.RangeNotSatisfiable as e:
+        raise S3Error(416, "InvalidRange", str(e)) from None
+
+
+def check_conditions(r, obj):
+    try:
+        s3req.check_conditions(r.header, obj.quoted_etag, obj.mtime)
+    except s3req.NotModified:
+        raise S3Error(304, "NotModified", "Not Modified") from None
+    except s3req.PreconditionFailed as e:
+        raise S3Error(412, "PreconditionFailed", str(e)) from None
+
+
+def object_headers(resp, obj, params):
+    """An object's headers on GET and HEAD, the response-* overrides last."""
+    resp.set_header("ETag", obj.quoted_etag)
+    resp.set_header("Last-Modified", s3xml.http_date(obj.mtime))
+    resp.content_type = obj.headers.get("content-type", DEFAULT_TYPE)
+    for name, value in obj.headers.items():
+        if name != "content-type":
+            resp.set_header(name, value)
+    for name, value in s3req.overrides(params).items():
+        if name == "Content-Type":
+            resp.content_type = value
+        else:
+            resp.set_header(name, value)
+
+
+def stored_headers(r):
+    """The headers of a PutObject that the object keeps: STORED_HEADERS and x-amz-meta-*."""
+    kept, meta_size = {}, 0
+    for name, value in r.req.headers.items():
+        low = name.lower()
+        if low in STORED_HEADERS or low.startswith("x-amz-meta-"):
+            kept[low] = value
+            if low.startswith("x-amz-meta-"):
+                meta_size += len(low) - len("x-amz-meta-") + len(value)
+    if meta_size > META_MAX:
+        raise S3Error(400, "MetadataTooLarge", f"Your metadata headers exceed the maximum allowed metadata size "
+                      f"({META_MAX} bytes)")
+    return kept
+
+
+def content_md5(r):
+    """The Content-MD5 header as hex, None if absent; InvalidDigest if malformed."""
+    value = r.header("content-md5")
+    if value is None:
+        return None
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise S3Error(400, "InvalidDigest", "The Content-MD5 you specified was not valid.")
+    return raw.hex()
+
+
+def check_body_md5(r, body):
+    import hashlib
+    want = content_md5(r)
+    if want is not None and hashlib.md5(body).hexdigest() != want:
+        raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
+
+
+def digest_check(r):
+    """check(md5, size) for Objects.put: the Content-MD5, if sent."""
+    want = content_md5(r)
+
+    def check(md5, size):
+        if want is not None and md5 != want:
+            raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
+    return check
+
+
+def create_app(settings: Settings, s3: S3Settings) -> falcon.App:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    app = falcon.App(media_type="application/xml")
+    app.req_options.strip_url_path_trailing_slash = False
+    app.req_options.auto_parse_qs_csv = False
+    app.add_sink(Gateway(settings, s3), prefix="/")
+    return app
+
+
+def _app_from_env():
+    try:
+        return create_app(Settings.from_env(), S3Settings.from_env())
+    except SettingsError as e:
+        print(f"mkv s3: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def __getattr__(name):
+    """`s3:app` is built on first access (gunicorn's import of it)."""
+    if name == "app":
+        globals()["app"] = _app_from_env()
+        return globals()["app"]
+    raise AttributeError(f"module 's3' has no attribute {name!r}")

@@ -1,0 +1,313 @@
+"""The S3 gateway (s3.py) against a real cluster, through boto3 and plain
+HTTP: buckets, objects, overwrite, listings, errors, and the one key space
+it shares with the native API. One cluster and one gateway for the module."""
+import hashlib
+import os
+import re
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+import requests
+from botocore.exceptions import ClientError
+
+from conftest import TIMEOUT, Cluster
+from s3util import boto3_client, gateway_server
+
+BUCKET = "photos"
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory):
+    cluster = Cluster(str(tmp_path_factory.mktemp("s3")), n_volumes=3, replicas=2)
+    server = gateway_server(cluster).start()
+    server.cluster = cluster
+    server.url = f"http://127.0.0.1:{server.port}"
+    try:
+        boto3_client(server.url).create_bucket(Bucket=BUCKET)
+        yield server
+    finally:
+        server.stop()
+        cluster.kill()
+
+
+@pytest.fixture(scope="module")
+def s3(gw):
+    return boto3_client(gw.url)
+
+
+def code_of(call, *args, **kw):
+    with pytest.raises(ClientError) as info:
+        call(*args, **kw)
+    return info.value.response["Error"]["Code"], info.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+
+def test_put_then_get_returns_bytes_type_and_metadata(s3):
+    s3.put_object(Bucket=BUCKET, Key="a.txt", Body=b"hello", ContentType="text/plain",
+                  CacheControl="max-age=60", Metadata={"owner": "ann"})
+    got = s3.get_object(Bucket=BUCKET, Key="a.txt")
+    assert got["Body"].read() == b"hello"
+    assert (got["ContentType"], got["CacheControl"], got["Metadata"]) == ("text/plain", "max-age=60", {"owner": "ann"})
+    assert got["ETag"] == '"%s"' % hashlib.md5(b"hello").hexdigest()
+
+
+def test_zero_byte_object_is_stored(s3):
+    s3.put_object(Bucket=BUCKET, Key="empty", Body=b"")
+    got = s3.get_object(Bucket=BUCKET, Key="empty")
+    assert (got["Body"].read(), got["ContentLength"]) == (b"", 0)
+
+
+def test_overwrite_replaces_value_and_metadata(s3, gw):
+    s3.put_object(Bucket=BUCKET, Key="over", Body=b"first", ContentType="text/a")
+    s3.put_object(Bucket=BUCKET, Key="over", Body=b"second value", ContentType="text/b")
+    got = s3.get_object(Bucket=BUCKET, Key="over")
+    assert (got["Body"].read(), got["ContentType"]) == (b"second value", "text/b")
+
+
+def test_overwrite_leaves_no_old_copy_or_note(s3, gw):
+    key = b"/photos/leak"
+    s3.put_object(Bucket=BUCKET, Key="leak", Body=b"old" * 1000)
+    s3.put_object(Bucket=BUCKET, Key="leak", Body=b"new" * 10)
+    import sqlite3
+    db = sqlite3.connect(gw.cluster.db())
+    volumes, = db.execute("SELECT volumes FROM keys WHERE key = ?", (key,)).fetchone()
+    assert db.execute("SELECT COUNT(*) FROM pending_deletes WHERE key = ?", (key,)).fetchone() == (0,)
+    for v in volumes.split(","):
+        with open(gw.cluster.file_of(v, key), "rb") as f:
+            assert f.read() == b"new" * 10
+    tmp_files = [f for d in gw.cluster.volume_dirs for f in os.listdir(os.path.join(d, ".tmp"))]
+    assert tmp_files == []
+
+
+def test_readers_during_overwrites_see_one_whole_value(s3, gw):
+    values = [bytes([65 + i]) * 1000 for i in range(8)]   # one size: only the ETag tells them apart
+    s3.put_object(Bucket=BUCKET, Key="race", Body=values[0])
+    seen, bad, done = [], [], threading.Event()
+
+    def reader():
+        session = requests.Session()
+        while not done.is_set():
+            r = session.get(f"{gw.url}/photos/race", timeout=TIMEOUT)
+            if r.status_code != 200 or r.content not in values or \
+                    r.headers["ETag"] != '"%s"' % hashlib.md5(r.content).hexdigest() or \
+                    int(r.headers["Content-Length"]) != len(r.content):
+                bad.append((r.status_code, r.content[:20], r.headers.get("ETag")))
+            seen.append(r.content)
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for value in values[1:] * 6:
+            s3.put_object(Bucket=BUCKET, Key="race", Body=value)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert bad == []
+    assert len(set(seen)) > 1     # the readers did see the value change
+
+
+def test_ranged_get_serves_the_part(s3):
+    s3.put_object(Bucket=BUCKET, Key="digits", Body=b"0123456789")
+    got = s3.get_object(Bucket=BUCKET, Key="digits", Range="bytes=2-5")
+    assert (got["Body"].read(), got["ContentRange"]) == (b"2345", "bytes 2-5/10")
+    assert s3.get_object(Bucket=BUCKET, Key="digits", Range="bytes=-3")["Body"].read() == b"789"
+    assert s3.get_object(Bucket=BUCKET, Key="digits", Range="bytes=8-")["Body"].read() == b"89"
+
+
+def test_range_past_the_end_is_invalid_range(s3):
+    s3.put_object(Bucket=BUCKET, Key="short", Body=b"abc")
+    assert code_of(s3.get_object, Bucket=BUCKET, Key="short", Range="bytes=5-9") == ("InvalidRange", 416)
+
+
+def test_conditional_get_answers_304_and_412(s3, gw):
+    etag = s3.put_object(Bucket=BUCKET, Key="cond", Body=b"x")["ETag"]
+    url = f"{gw.url}/photos/cond"
+    assert requests.get(url, headers={"If-None-Match": etag}, timeout=TIMEOUT).status_code == 304
+    r = requests.get(url, headers={"If-Match": '"nope"'}, timeout=TIMEOUT)
+    assert r.status_code == 412 and b"<Code>PreconditionFailed</Code>" in r.content
+    assert requests.get(url, headers={"If-Match": etag}, timeout=TIMEOUT).content == b"x"
+    later = "Fri, 01 Jan 2100 00:00:00 GMT"
+    assert requests.get(url, headers={"If-Modified-Since": later}, timeout=TIMEOUT).status_code == 304
+    assert requests.get(url, headers={"If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"},
+                        timeout=TIMEOUT).status_code == 412
+
+
+def test_response_overrides_set_headers(s3):
+    s3.put_object(Bucket=BUCKET, Key="over.bin", Body=b"x", ContentType="a/b")
+    got = s3.get_object(Bucket=BUCKET, Key="over.bin", ResponseContentType="text/html",
+                        ResponseContentDisposition="attachment; filename=x")
+    assert (got["ContentType"], got["ContentDisposition"]) == ("text/html", "attachment; filename=x")
+
+
+def test_head_object_gives_size_and_etag_without_body(s3):
+    s3.put_object(Bucket=BUCKET, Key="head", Body=b"12345")
+    got = s3.head_object(Bucket=BUCKET, Key="head")
+    assert (got["ContentLength"], got["ETag"]) == (5, '"%s"' % hashlib.md5(b"12345").hexdigest())
+
+
+def test_missing_key_is_no_such_key_and_missing_bucket_no_such_bucket(s3):
+    assert code_of(s3.get_object, Bucket=BUCKET, Key="never") == ("NoSuchKey", 404)
+    assert code_of(s3.get_object, Bucket="no-such-bucket", Key="x") == ("NoSuchBucket", 404)
+    assert code_of(s3.put_object, Bucket="no-such-bucket", Key="x", Body=b"1") == ("NoSuchBucket", 404)
+
+
+def test_error_body_is_xml_with_the_request_id_of_the_header(gw):
+    r = requests.get(f"{gw.url}/photos/never", timeout=TIMEOUT)
+    root = ET.fromstring(r.content)
+    assert root.tag == "Error" and root.findtext("Code") == "NoSuchKey"
+    assert root.findtext("RequestId") == r.headers["x-amz-request-id"]
+    assert root.findtext("Resource") == "/photos/never"
+
+
+def test_key_too_long_is_key_too_long_error(s3):
+    assert code_of(s3.put_object, Bucket=BUCKET, Key="k" * 1100, Body=b"1") == ("KeyTooLongError", 400)
+
+
+def test_delete_object_answers_204_also_when_missing(s3):
+    s3.put_object(Bucket=BUCKET, Key="gone", Body=b"1")
+    assert s3.delete_object(Bucket=BUCKET, Key="gone")["ResponseMetadata"]["HTTPStatusCode"] == 204
+    assert s3.delete_object(Bucket=BUCKET, Key="gone")["ResponseMetadata"]["HTTPStatusCode"] == 204
+    assert code_of(s3.head_object, Bucket=BUCKET, Key="gone")[1] == 404
+
+
+def test_delete_objects_deletes_each_and_quiet_lists_none(s3):
+    for k in ("m/1", "m/2", "m/3"):
+        s3.put_object(Bucket=BUCKET, Key=k, Body=b"1")
+    got = s3.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "m/1"}, {"Key": "m/missing"}]})
+    assert sorted(d["Key"] for d in got["Deleted"]) == ["m/1", "m/missing"]
+    got = s3.delete_objects(Bucket=BUCKET, Delete={"Objects": [{"Key": "m/2"}, {"Key": "m/3"}], "Quiet": True})
+    assert "Deleted" not in got
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="m/")["KeyCount"] == 0
+
+
+def test_list_v2_with_delimiter_pages_keys_and_prefixes(s3):
+    for k in ("l/a", "l/b/1", "l/b/2", "l/c", "l/d/1"):
+        s3.put_object(Bucket=BUCKET, Key=k, Body=b"1")
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="l/", Delimiter="/",
+                                                           PaginationConfig={"PageSize": 2})
+    keys, prefixes = [], []
+    for page in pages:
+        assert page["KeyCount"] <= 2
+        keys += [c["Key"] for c in page.get("Contents", [])]
+        prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    assert (keys, prefixes) == (["l/a", "l/c"], ["l/b/", "l/d/"])
+
+
+def test_list_v1_pages_with_marker_and_next_marker(s3):
+    for k in ("v1/a", "v1/b", "v1/c"):
+        s3.put_object(Bucket=BUCKET, Key=k, Body=b"12")
+    first = s3.list_objects(Bucket=BUCKET, Prefix="v1/", MaxKeys=2)
+    assert ([c["Key"] for c in first["Contents"]], first["IsTruncated"], first["NextMarker"]) == \
+        (["v1/a", "v1/b"], True, "v1/b")
+    rest = s3.list_objects(Bucket=BUCKET, Prefix="v1/", Marker="v1/b")
+    assert ([c["Key"] for c in rest["Contents"]], rest["IsTruncated"], "NextMarker" in rest) == (["v1/c"], False, False)
+    assert rest["Contents"][0]["Size"] == 2 and rest["Contents"][0]["ETag"] == '"%s"' % hashlib.md5(b"12").hexdigest()
+
+
+def test_list_with_encoding_type_url_encodes_space_as_percent_20(gw, s3):
+    s3.put_object(Bucket=BUCKET, Key="enc/a b", Body=b"1")
+    r = requests.get(f"{gw.url}/photos?list-type=2&prefix=enc/&encoding-type=url", timeout=TIMEOUT)
+    assert b"<Key>enc/a%20b</Key>" in r.content
+    assert [c["Key"] for c in s3.list_objects_v2(Bucket=BUCKET, Prefix="enc/")["Contents"]] == ["enc/a b"]
+
+
+def test_list_with_max_keys_zero_lists_nothing(s3):
+    s3.put_object(Bucket=BUCKET, Key="zero/a", Body=b"1")
+    got = s3.list_objects_v2(Bucket=BUCKET, Prefix="zero/", MaxKeys=0)
+    assert got["KeyCount"] == 0 and "Contents" not in got
+
+
+def test_list_object_versions_gives_each_object_as_null_version(s3):
+    s3.put_object(Bucket=BUCKET, Key="ver/a", Body=b"1")
+    got = s3.list_object_versions(Bucket=BUCKET, Prefix="ver/")
+    assert [(v["Key"], v["VersionId"], v["IsLatest"]) for v in got["Versions"]] == [("ver/a", "null", True)]
+
+
+def test_create_bucket_twice_is_200_and_bad_name_is_invalid_bucket_name(s3):
+    assert s3.create_bucket(Bucket="twice")["ResponseMetadata"]["HTTPStatusCode"] == 200
+    assert s3.create_bucket(Bucket="twice")["ResponseMetadata"]["HTTPStatusCode"] == 200
+    for bad in ("ab", "Upper", "a..b", "192.168.1.1", "-dash"):
+        assert code_of(s3.create_bucket, Bucket=bad)[0] == "InvalidBucketName"
+
+
+def test_delete_bucket_with_objects_is_bucket_not_empty(s3):
+    s3.create_bucket(Bucket="full")
+    s3.put_object(Bucket="full", Key="x", Body=b"1")
+    assert code_of(s3.delete_bucket, Bucket="full") == ("BucketNotEmpty", 409)
+    s3.delete_object(Bucket="full", Key="x")
+    s3.delete_bucket(Bucket="full")
+    assert code_of(s3.head_bucket, Bucket="full")[1] == 404
+
+
+def test_list_buckets_pages_with_max_buckets(s3):
+    for name in ("page-a", "page-b", "page-c"):
+        s3.create_bucket(Bucket=name)
+    first = s3.list_buckets(MaxBuckets=2, Prefix="page-")
+    assert [b["Name"] for b in first["Buckets"]] == ["page-a", "page-b"]
+    rest = s3.list_buckets(MaxBuckets=2, Prefix="page-", ContinuationToken=first["ContinuationToken"])
+    assert [b["Name"] for b in rest["Buckets"]] == ["page-c"] and "ContinuationToken" not in rest
+
+
+def test_get_bucket_location_answers_the_region(s3):
+    assert s3.get_bucket_location(Bucket=BUCKET)["LocationConstraint"] is None   # us-east-1
+
+
+def test_object_written_by_s3_is_read_by_native_api(s3, gw):
+    s3.put_object(Bucket=BUCKET, Key="dir/both ways", Body=b"from s3")
+    r = requests.get(gw.cluster.url("/photos/dir/both%20ways"), timeout=TIMEOUT)
+    assert r.content == b"from s3"
+
+
+def test_key_written_by_native_api_is_read_by_s3(s3, gw):
+    r = requests.put(gw.cluster.url("/photos/native/k1"), data=b"from mkv", timeout=TIMEOUT)
+    assert r.status_code == 201
+    got = s3.get_object(Bucket=BUCKET, Key="native/k1")
+    assert (got["Body"].read(), got["ContentType"]) == (b"from mkv", "binary/octet-stream")
+    assert "native/k1" in [c["Key"] for c in s3.list_objects_v2(Bucket=BUCKET, Prefix="native/")["Contents"]]
+
+
+def test_bucket_of_native_keys_exists_and_is_listed(s3, gw):
+    requests.put(gw.cluster.url("/nativebucket/k"), data=b"1", timeout=TIMEOUT)
+    s3.head_bucket(Bucket="nativebucket")
+    assert "nativebucket" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_options_is_403_not_a_server_error(gw):
+    r = requests.options(f"{gw.url}/photos/x", timeout=TIMEOUT)
+    assert r.status_code == 403 and b"<Code>" in r.content
+
+
+def test_unknown_subresource_is_not_implemented_by_name(gw):
+    r = requests.get(f"{gw.url}/photos?lifecycle", timeout=TIMEOUT)
+    assert r.status_code == 501 and b"<Code>NotImplemented</Code>" in r.content and b"lifecycle" in r.content
+
+
+def test_large_object_streams_with_bounded_memory(s3, gw):
+    import psutil
+    size = 48 << 20
+    block = os.urandom(1 << 20)
+    value = block * (size >> 20)
+
+    def rss():
+        return max(psutil.Process(p).memory_info().rss for p in gw.pids()[1:])
+    before = rss()
+    s3.put_object(Bucket=BUCKET, Key="big", Body=value)
+    got = s3.get_object(Bucket=BUCKET, Key="big")["Body"].read()
+    assert hashlib.md5(got).digest() == hashlib.md5(value).digest()
+    assert rss() - before < 32 << 20
+
+
+def test_content_md5_mismatch_is_bad_digest_and_nothing_is_stored(gw, s3):
+    import base64
+    wrong = base64.b64encode(hashlib.md5(b"other").digest()).decode()
+    r = requests.put(f"{gw.url}/photos/digest", data=b"value", headers={"Content-MD5": wrong}, timeout=TIMEOUT)
+    assert r.status_code == 400 and b"<Code>BadDigest</Code>" in r.content
+    assert code_of(s3.head_object, Bucket=BUCKET, Key="digest")[1] == 404
+    r = requests.put(f"{gw.url}/photos/digest", data=b"value", headers={"Content-MD5": "bad"}, timeout=TIMEOUT)
+    assert r.status_code == 400 and b"<Code>InvalidDigest</Code>" in r.content
+
+
+def test_request_ids_differ(gw):
+    ids = {requests.get(f"{gw.url}/", timeout=TIMEOUT).headers["x-amz-request-id"] for _ in range(3)}
+    assert len(ids) == 3 and all(re.fullmatch(r"[0-9A-F]{16}", i) for i in ids)
