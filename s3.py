@@ -13,17 +13,19 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 import uuid
 from urllib.parse import parse_qsl
 
 import falcon
 
 from mkv import VALUE_MAX, in_a_thread, read_body
-from mkvlib import s3req, s3xml
+from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, IndexBusy, KeyBusy, KeyMissing, KeyTooLong,
                            MkvError, SettingsError, Unavailable, VolumeDown, VolumeError)
 from mkvlib.objects import (DEFAULT_TYPE, STORED_HEADERS, BadBucketName, BucketMissing, BucketNotEmpty, Objects,
                             object_key)
+from mkvlib.payload import Payload, PayloadError
 from mkvlib.settings import S3Settings, Settings
 from mkvlib.store import Store
 from mkvlib.volumes import CHUNK
@@ -87,11 +89,24 @@ def split_path(path: bytes):
     return name, (key if slash and key else None)
 
 
+class Headers:
+    """header(name) -> value or None, and .names: the request's header names, lowercase."""
+
+    def __init__(self, req):
+        self.req = req
+        self.names = [n.lower() for n in req.headers]
+
+    def __call__(self, name):
+        return self.req.get_header(name)
+
+
 class Request:
     """What a handler needs of one request, read once."""
 
     def __init__(self, req, request_id):
         self.req, self.id = req, request_id
+        self.headers = Headers(req)
+        self.signed = None      # sigv4.Signed once verified (with MKV_S3_KEYS set)
         self.method = req.method
         self.path = (req.env.get("PATH_INFO") or "/").encode("latin-1")
         self.params = dict(parse_qsl(req.query_string or "", keep_blank_values=True))
@@ -133,6 +148,8 @@ class Gateway:
     def answer_error(self, req, resp, exc, r, rid):
         if isinstance(exc, S3Error):
             err = exc
+        elif isinstance(exc, (sigv4.AuthError, PayloadError)):
+            err = S3Error(exc.status, exc.code, str(exc))
         elif isinstance(exc, MkvError):
             err = s3_error_of(exc)
         elif isinstance(exc, sqlite3.Error):
@@ -154,7 +171,14 @@ class Gateway:
 
     # -- routing
 
+    def authenticate(self, r):
+        """With MKV_S3_KEYS set, every request is signed (SigV4, header or
+        presigned) by one of them; with none set, the gateway is open."""
+        if self.s3.keys:
+            r.signed = sigv4.check(r.method, r.path, r.req.query_string or "", r.headers, self.s3.keys, time.time())
+
     def dispatch(self, r, resp):
+        self.authenticate(r)
         if r.method == "OPTIONS":
             raise S3Error(403, "CORSResponse", "CORS is not enabled for this bucket.")
         if not r.bucket:
@@ -285,7 +309,9 @@ class Gateway:
         if length is None or length > DELETE_BODY_MAX:
             raise S3Error(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
                           "against our published schema.")
-        body = b"".join(read_body(r.req.stream, length))
+        payload = Payload(r.headers, r.signed)
+        body = b"".join(payload.chunks(read_body(r.req.stream, length)))
+        payload.check(None, len(body))
         check_body_md5(r, body)
         try:
             keys, quiet = s3xml.parse_delete(body)
@@ -343,8 +369,9 @@ class Gateway:
         if length is not None and length > VALUE_MAX:
             raise S3Error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed object size.")
         headers = stored_headers(r)
-        check = digest_check(r)
-        obj = self.objects.put(key, read_body(r.req.stream, length), length, headers, check)
+        payload = Payload(r.headers, r.signed)
+        obj = self.objects.put(key, payload.chunks(read_body(r.req.stream, length)), payload.length(length),
+                               headers, digest_check(r, payload))
         resp.set_header("ETag", obj.quoted_etag)
         resp.content_length = 0
 
@@ -418,6 +445,10 @@ def stored_headers(r):
     kept, meta_size = {}, 0
     for name, value in r.req.headers.items():
         low = name.lower()
+        if low == "content-encoding":   # aws-chunked frames this request's body, not the object
+            value = ",".join(v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked")
+            if not value:
+                continue
         if low in STORED_HEADERS or low.startswith("x-amz-meta-"):
             kept[low] = value
             if low.startswith("x-amz-meta-"):
@@ -449,11 +480,12 @@ def check_body_md5(r, body):
         raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
 
 
-def digest_check(r):
-    """check(md5, size) for Objects.put: the Content-MD5, if sent."""
+def digest_check(r, payload):
+    """check(md5, size) for Objects.put: the body's digests, and the Content-MD5 if sent."""
     want = content_md5(r)
 
     def check(md5, size):
+        payload.check(md5, size)
         if want is not None and md5 != want:
             raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
     return check

@@ -26,5 +26,5 @@ def boto3_client(url, access=ACCESS, secret=SECRET, **config):
     from botocore.config import Config
     return boto3.client("s3", endpoint_url=url, aws_access_key_id=access, aws_secret_access_key=secret,
                         region_name="us-east-1",
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
+                        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1},
                                       connect_timeout=5, read_timeout=20, **config))
