@@ -7,8 +7,6 @@ Object `k` of bucket `b` is the mkv key `/b/k` (mkvlib.objects). Reads are
 served through the gateway, streamed (S3 clients follow no redirect).
 Every error is S3's XML with its status (ERRORS), and a request id.
 """
-import base64
-import binascii
 import logging
 import os
 import sqlite3
@@ -21,73 +19,22 @@ import falcon
 
 from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
-from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, IndexBusy, KeyBusy, KeyMissing, KeyTooLong,
-                           MkvError, SettingsError, Unavailable, VolumeDown, VolumeError)
-from mkvlib.objects import (DEFAULT_TYPE, STORED_HEADERS, BadBucketName, BucketMissing, BucketNotEmpty, Objects,
-                            object_key)
-from mkvlib.payload import Payload, PayloadError
+from mkvlib.errors import MkvError, SettingsError
+from mkvlib.multipart import Multipart
+from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
+from mkvlib.payload import Payload
+from mkvlib.s3errors import S3Error, not_implemented, s3_error_of
+from mkvlib.s3req import (check_body_md5, decode_token, digest_check, encode_token, parse_max, split_path,
+                          stored_headers)
 from mkvlib.settings import S3Settings, Settings
 from mkvlib.store import Store
 from mkvlib.volumes import CHUNK
 
 log = logging.getLogger("mkv.s3")
 
-META_MAX = 2048            # bytes of x-amz-meta-* names and values, as S3 allows
 DELETE_MAX = 1000          # keys one DeleteObjects may name
 LIST_MAX = 1000            # keys one listing page may hold
 DELETE_BODY_MAX = 2 << 20  # bytes of a DeleteObjects request
-
-# the core's errors, the nearest class in the hierarchy wins: (status, S3 code)
-ERRORS = {
-    BucketMissing: (404, "NoSuchBucket"),
-    KeyMissing: (404, "NoSuchKey"),
-    KeyTooLong: (400, "KeyTooLongError"),
-    BadKey: (400, "InvalidArgument"),
-    BadBucketName: (400, "InvalidBucketName"),
-    BucketNotEmpty: (409, "BucketNotEmpty"),
-    KeyBusy: (409, "OperationAborted"),
-    ClientGone: (400, "IncompleteBody"),
-    VolumeDown: (503, "ServiceUnavailable"),
-    Unavailable: (503, "ServiceUnavailable"),
-    VolumeError: (500, "InternalError"),
-    DeleteIncomplete: (500, "InternalError"),
-    IndexBusy: (503, "SlowDown"),
-    SettingsError: (503, "ServiceUnavailable"),
-}
-STATUS_TEXT = {200: falcon.HTTP_200, 204: falcon.HTTP_204, 206: falcon.HTTP_206, 304: falcon.HTTP_304}
-
-
-class S3Error(Exception):
-    """An answer in S3's terms: status, code, one-line message."""
-
-    def __init__(self, status, code, message):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def not_implemented(what):
-    return S3Error(501, "NotImplemented", f"A header or query you provided implies functionality "
-                   f"that is not implemented: {what}")
-
-
-def s3_error_of(exc):
-    """The S3Error of a core error: the nearest class of its hierarchy in ERRORS."""
-    for cls in type(exc).__mro__:
-        if cls in ERRORS:
-            status, code = ERRORS[cls]
-            return S3Error(status, code, str(exc))
-    return S3Error(500, "InternalError", "We encountered an internal error. Please try again.")
-
-
-def split_path(path: bytes):
-    """(bucket, key bytes or None) of a path-style request path."""
-    bucket, slash, key = path.lstrip(b"/").partition(b"/")
-    try:
-        name = bucket.decode("ascii")
-    except UnicodeDecodeError:
-        raise S3Error(400, "InvalidBucketName", "The specified bucket is not valid.") from None
-    return name, (key if slash and key else None)
-
 
 class Headers:
     """header(name) -> value or None, and .names: the request's header names, lowercase."""
@@ -98,6 +45,9 @@ class Headers:
 
     def __call__(self, name):
         return self.req.get_header(name)
+
+    def items(self):
+        return ((name.lower(), value) for name, value in self.req.headers.items())
 
 
 class Request:
@@ -132,7 +82,12 @@ class Gateway:
     def objects(self) -> Objects:
         if self._pid != os.getpid():
             self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
+            self._multipart = Multipart(self._objects)
         return self._objects
+
+    @property
+    def multipart(self) -> Multipart:
+        return self.objects and self._multipart
 
     def __call__(self, req, resp, **kwargs):
         rid = uuid.uuid4().hex[:16].upper()
@@ -148,8 +103,6 @@ class Gateway:
     def answer_error(self, req, resp, exc, r, rid):
         if isinstance(exc, S3Error):
             err = exc
-        elif isinstance(exc, (sigv4.AuthError, PayloadError)):
-            err = S3Error(exc.status, exc.code, str(exc))
         elif isinstance(exc, MkvError):
             err = s3_error_of(exc)
         elif isinstance(exc, sqlite3.Error):
@@ -191,7 +144,8 @@ class Gateway:
 
     BUCKET_QUERIES = {"location", "versions", "list-type", "prefix", "delimiter", "marker", "max-keys",
                       "encoding-type", "continuation-token", "start-after", "fetch-owner", "key-marker",
-                      "version-id-marker", "delete", "x-id"}
+                      "version-id-marker", "delete", "x-id", "uploads", "upload-id-marker",
+                      "max-uploads"}
 
     def bucket_request(self, r, resp):
         unknown = [p for p in r.params if p not in self.BUCKET_QUERIES]
@@ -217,9 +171,13 @@ class Gateway:
         objects.need_bucket(r.bucket)
         if "location" in r.params:
             return self.send_xml(resp, s3xml.location(self.s3.region))
+        if "uploads" in r.params:
+            return self.list_uploads(r, resp)
         return self.list_objects(r, resp)
 
     def object_request(self, r, resp):
+        if "uploadId" in r.params or "uploads" in r.params:
+            return self.multipart_request(r, resp)
         if r.method in ("GET", "HEAD"):
             return self.get_object(r, resp)
         if r.method == "PUT":
@@ -231,8 +189,6 @@ class Gateway:
             self.objects.delete(object_key(r.bucket, "") + r.key)
             resp.status = falcon.HTTP_204
             return
-        if r.method == "POST":
-            raise not_implemented("POST on an object (multipart uploads)")
         raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
 
     @staticmethod
@@ -305,14 +261,7 @@ class Gateway:
 
     def delete_objects(self, r, resp):
         self.objects.need_bucket(r.bucket)
-        length = r.req.content_length
-        if length is None or length > DELETE_BODY_MAX:
-            raise S3Error(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
-                          "against our published schema.")
-        payload = Payload(r.headers, r.signed)
-        body = b"".join(payload.chunks(read_body(r.req.stream, length)))
-        payload.check(None, len(body))
-        check_body_md5(r, body)
+        body = self.small_body(r)
         try:
             keys, quiet = s3xml.parse_delete(body)
         except s3xml.BadXML as e:
@@ -338,7 +287,7 @@ class Gateway:
         head = r.method == "HEAD"
         obj = self.objects.head(key)
         check_conditions(r, obj)
-        rng = s3req_range(r, obj.size)
+        rng = part_range(r, obj) if "partNumber" in r.params else s3req_range(r, obj.size)
         download = None
         if not head and obj.size > 0:
             extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
@@ -351,6 +300,8 @@ class Gateway:
                 raise S3Error(503, "ServiceUnavailable", "a replica's size is not the index's: try again")
         object_headers(resp, obj, r.params)
         resp.set_header("Accept-Ranges", "bytes")
+        if getattr(r, "parts_count", None):
+            resp.set_header("x-amz-mp-parts-count", str(r.parts_count))
         if rng:
             resp.status = falcon.HTTP_206
             resp.set_header("Content-Range", "bytes %d-%d/%d" % (rng[0], rng[1], obj.size))
@@ -376,6 +327,81 @@ class Gateway:
         resp.content_length = 0
 
 
+    # -- multipart uploads
+
+    def multipart_request(self, r, resp):
+        self.objects.need_bucket(r.bucket)
+        key = object_key(r.bucket, "") + r.key
+        name = r.key.decode("utf-8", "surrogateescape")
+        upload_id = r.params.get("uploadId")
+        if r.method == "POST" and "uploads" in r.params:
+            upload_id = self.multipart.create(key, stored_headers(r))
+            return self.send_xml(resp, s3xml.initiate(r.bucket, name, upload_id))
+        if upload_id is None:
+            raise not_implemented(f"{r.method} with ?uploads")
+        if r.method == "PUT":
+            if r.header("x-amz-copy-source"):
+                raise not_implemented("UploadPartCopy (x-amz-copy-source on a part)")
+            number = parse_max(r.params.get("partNumber"), 1 << 30, "partNumber")
+            payload = Payload(r.headers, r.signed)
+            length = r.req.content_length
+            md5 = self.multipart.upload_part(upload_id, key, number, payload.chunks(read_body(r.req.stream, length)),
+                                             payload.length(length), digest_check(r, payload))
+            resp.set_header("ETag", f'"{md5}"')
+            resp.content_length = 0
+            return
+        if r.method == "POST":
+            return self.complete_upload(r, resp, key, name, upload_id)
+        if r.method == "DELETE":
+            self.multipart.abort(upload_id, key)
+            resp.status = falcon.HTTP_204
+            return
+        if r.method == "GET":
+            return self.list_parts(r, resp, key, name, upload_id)
+        raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+
+    def complete_upload(self, r, resp, key, name, upload_id):
+        body = self.small_body(r)
+        try:
+            parts = s3xml.parse_complete(body)
+        except s3xml.BadXML as e:
+            raise S3Error(400, "MalformedXML", str(e)) from None
+        etag = self.multipart.complete(upload_id, key, parts)
+        self.send_xml(resp, s3xml.complete_result(f"/{r.bucket}/{name}", r.bucket, name, etag))
+
+    def list_parts(self, r, resp, key, name, upload_id):
+        self.multipart._upload(upload_id, key)
+        marker = parse_max(r.params.get("part-number-marker") or "0", 1 << 30, "part-number-marker")
+        limit = parse_max(r.params.get("max-parts"), 1000, "max-parts")
+        parts = self.multipart.parts(upload_id, marker, limit + 1)
+        self.send_xml(resp, s3xml.list_parts(r.bucket, name, upload_id, parts[:limit], marker, limit,
+                                             len(parts) > limit))
+
+    def list_uploads(self, r, resp):
+        p = r.params
+        base = object_key(r.bucket, "")
+        marker = p.get("key-marker")
+        limit = parse_max(p.get("max-uploads"), 1000, "max-uploads")
+        uploads, truncated = self.multipart.uploads(
+            base + p.get("prefix", "").encode("utf-8", "surrogateescape"),
+            base + marker.encode("utf-8", "surrogateescape") if marker else None, p.get("upload-id-marker", ""), limit)
+        fields = [("KeyMarker", s3xml.text(marker or "")), ("UploadIdMarker", s3xml.text(p.get("upload-id-marker", ""))),
+                  ("Prefix", s3xml.text(p.get("prefix", ""))), ("MaxUploads", limit)]
+        self.send_xml(resp, s3xml.list_uploads(r.bucket, uploads, len(base), fields, truncated))
+
+    def small_body(self, r):
+        """The whole body of a request that carries a small XML document, checked."""
+        length = r.req.content_length
+        if length is None or length > DELETE_BODY_MAX:
+            raise S3Error(400, "MalformedXML", "The XML you provided was not well-formed or did not validate "
+                          "against our published schema.")
+        payload = Payload(r.headers, r.signed)
+        body = b"".join(payload.chunks(read_body(r.req.stream, length)))
+        payload.check(None, len(body))
+        check_body_md5(r, body)
+        return body
+
+
 class Streamed:
     """A Download as a WSGI body: closed when the server is done with it,
     whether it was read or not."""
@@ -390,23 +416,16 @@ class Streamed:
         self.download.close()
 
 
-def parse_max(value, ceiling, name):
-    if value is None or value == "":
-        return ceiling
-    if not (value.isascii() and value.isdigit()):
-        raise S3Error(400, "InvalidArgument", f"{name} must be a whole number from 0")
-    return min(int(value), ceiling)
-
-
-def encode_token(last: bytes) -> str:
-    return base64.urlsafe_b64encode(last).decode("ascii")
-
-
-def decode_token(token: str) -> str:
-    try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8", "surrogateescape")
-    except (ValueError, binascii.Error, UnicodeEncodeError):
-        raise S3Error(400, "InvalidArgument", "The continuation token provided is incorrect") from None
+def part_range(r, obj):
+    """(first, last) of part ?partNumber=N of a multipart object (N=1: all of another)."""
+    number = parse_max(r.params.get("partNumber"), 1 << 30, "partNumber")
+    sizes = obj.parts or [obj.size]
+    if not 1 <= number <= len(sizes):
+        raise S3Error(416, "InvalidPartNumber", "The requested partnumber is not satisfiable")
+    first = sum(sizes[:number - 1])
+    if obj.parts:
+        r.parts_count = len(sizes)
+    return (first, first + sizes[number - 1] - 1) if sizes[number - 1] else None
 
 
 def s3req_range(r, size):
@@ -438,57 +457,6 @@ def object_headers(resp, obj, params):
             resp.content_type = value
         else:
             resp.set_header(name, value)
-
-
-def stored_headers(r):
-    """The headers of a PutObject that the object keeps: STORED_HEADERS and x-amz-meta-*."""
-    kept, meta_size = {}, 0
-    for name, value in r.req.headers.items():
-        low = name.lower()
-        if low == "content-encoding":   # aws-chunked frames this request's body, not the object
-            value = ",".join(v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked")
-            if not value:
-                continue
-        if low in STORED_HEADERS or low.startswith("x-amz-meta-"):
-            kept[low] = value
-            if low.startswith("x-amz-meta-"):
-                meta_size += len(low) - len("x-amz-meta-") + len(value)
-    if meta_size > META_MAX:
-        raise S3Error(400, "MetadataTooLarge", f"Your metadata headers exceed the maximum allowed metadata size "
-                      f"({META_MAX} bytes)")
-    return kept
-
-
-def content_md5(r):
-    """The Content-MD5 header as hex, None if absent; InvalidDigest if malformed."""
-    value = r.header("content-md5")
-    if value is None:
-        return None
-    try:
-        raw = base64.b64decode(value.encode("ascii"), validate=True)
-    except (ValueError, binascii.Error, UnicodeEncodeError):
-        raw = b""
-    if len(raw) != 16:
-        raise S3Error(400, "InvalidDigest", "The Content-MD5 you specified was not valid.")
-    return raw.hex()
-
-
-def check_body_md5(r, body):
-    import hashlib
-    want = content_md5(r)
-    if want is not None and hashlib.md5(body).hexdigest() != want:
-        raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
-
-
-def digest_check(r, payload):
-    """check(md5, size) for Objects.put: the body's digests, and the Content-MD5 if sent."""
-    want = content_md5(r)
-
-    def check(md5, size):
-        payload.check(md5, size)
-        if want is not None and md5 != want:
-            raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
-    return check
 
 
 def create_app(settings: Settings, s3: S3Settings) -> falcon.App:

@@ -25,6 +25,7 @@ import time
 
 from mkvlib.errors import KeyBusy, KeyExists, KeyMissing, MkvError, Unavailable, VolumeError
 from mkvlib.index import LIVE, prefix_end
+from mkvlib.multipart import SCHEMA as MULTIPART_SCHEMA
 from mkvlib.placement import check_storable, key2path, volume_host
 from mkvlib.replace import replace, sleep_busy
 
@@ -39,7 +40,8 @@ CREATE TABLE IF NOT EXISTS s3_objects (
     size    INTEGER NOT NULL,
     etag    TEXT NOT NULL,             -- without quotes: the md5, or md5-N of a multipart upload
     mtime   REAL NOT NULL,             -- unix time: Last-Modified
-    headers TEXT NOT NULL              -- JSON {lowercase header name: value}
+    headers TEXT NOT NULL,             -- JSON {lowercase header name: value}
+    parts   TEXT                       -- JSON [size of each part] of a multipart object, else NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS s3_gens (
     key     BLOB PRIMARY KEY,
@@ -59,7 +61,7 @@ BUSY_TRIES = 30               # tries at a key another request holds (about 12 s
 LIST_BATCH = 1000             # rows read at once by a listing
 
 OBJECT_SQL = ("SELECT k.state, k.volumes, k.md5, k.size, k.lock_owner, o.md5, o.size, o.etag, o.mtime,"
-              " o.headers, g.gen FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
+              " o.headers, o.parts, g.gen FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
               " LEFT JOIN s3_gens g ON g.key = k.key WHERE k.key = ?")
 
 
@@ -85,6 +87,7 @@ class Obj:
     mtime: float
     headers: dict
     volumes: list
+    parts: list = None     # sizes of the parts of a multipart object
     gen: int = 0
 
     @property
@@ -107,19 +110,19 @@ def check_bucket_name(name: str) -> None:
 
 def obj_from_row(key, row):
     """The Obj of an OBJECT_SQL row, or None if the key is not live."""
-    state, volumes, md5, size, _, omd5, osize, etag, mtime, headers, gen = row
+    state, volumes, md5, size, _, omd5, osize, etag, mtime, headers, parts, gen = row
     if state != LIVE:
         return None
     vols = volumes.split(",") if volumes else []
     if omd5 is not None and omd5 == md5 and osize == size:
-        return Obj(key, size, md5, etag, mtime, json.loads(headers), vols, gen or 0)
-    return Obj(key, size, md5, md5 or "", LAST_MODIFIED_UNKNOWN, {}, vols, gen or 0)
+        return Obj(key, size, md5, etag, mtime, json.loads(headers), vols, json.loads(parts or "null"), gen or 0)
+    return Obj(key, size, md5, md5 or "", LAST_MODIFIED_UNKNOWN, {}, vols, None, gen or 0)
 
 
-def meta_row(key, md5, size, etag, headers, mtime=None):
+def meta_row(key, md5, size, etag, headers, parts=None, mtime=None):
     """The s3_objects row of a value about to go live."""
     return (key, md5, size, etag or md5, mtime if mtime is not None else time.time(),
-            json.dumps(headers, sort_keys=True))
+            json.dumps(headers, sort_keys=True), json.dumps(parts) if parts else None)
 
 
 class Objects:
@@ -128,7 +131,7 @@ class Objects:
     def __init__(self, store):
         self.store, self.index, self.db = store, store.index, store.index.db
         with self.db.write() as db:   # an index of an earlier mkv gets the S3 tables once
-            for statement in SCHEMA.split(";\n"):
+            for statement in (SCHEMA + MULTIPART_SCHEMA).split(";\n"):
                 if statement.strip():
                     db.execute(statement)
 
@@ -239,8 +242,8 @@ class Objects:
     def record_meta(self, row):
         """Insert or replace an object's s3_objects row (meta_row())."""
         with self.db.write() as db:
-            db.execute("INSERT OR REPLACE INTO s3_objects (key, md5, size, etag, mtime, headers)"
-                       " VALUES (?, ?, ?, ?, ?, ?)", row)
+            db.execute("INSERT OR REPLACE INTO s3_objects (key, md5, size, etag, mtime, headers, parts)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", row)
 
     def forget_meta(self, key, md5, size):
         """Drop the row of a value deleted (s3_gens stay: a generation never goes back)."""
@@ -249,7 +252,7 @@ class Objects:
 
     # -- writing and deleting objects
 
-    def put(self, key, chunks, length, headers, check=None, etag=None):
+    def put(self, key, chunks, length, headers, check=None, etag=None, parts=None):
         """Write object `key`: a new key, or an atomic replace of a live one
         (mkvlib.replace); last writer wins. check(md5, size) may refuse the
         value (a digest) before it lands. Returns its Obj."""
@@ -260,7 +263,7 @@ class Objects:
         def checked(md5, size):
             if check is not None:
                 check(md5, size)
-            got["row"] = meta_row(key, md5, size, etag, headers)
+            got["row"] = meta_row(key, md5, size, etag, headers, parts)
             return got["row"]
 
         def new_key_check(md5, size):
@@ -271,8 +274,8 @@ class Objects:
                 done = replace(self, key, body, length, checked, lambda md5, size: got["row"])
                 if done is None:
                     self.store.put(key, body, length, empty_ok=True, check=new_key_check)
-                _, md5, size, etag_, mtime, _ = got["row"]
-                return Obj(key, size, md5, etag_, mtime, headers, [])
+                _, md5, size, etag_, mtime, _, _ = got["row"]
+                return Obj(key, size, md5, etag_, mtime, headers, [], parts)
             except (KeyBusy, KeyExists):
                 if body.started:
                     raise
@@ -304,7 +307,7 @@ class Objects:
         strict = strict and low == after
         while True:
             sql = ("SELECT k.key, k.state, k.volumes, k.md5, k.size, k.lock_owner, o.md5, o.size, o.etag,"
-                   " o.mtime, o.headers, NULL FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
+                   " o.mtime, o.headers, o.parts, NULL FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
                    f" WHERE k.state = 'live' AND k.key {'>' if strict else '>='} ?"
                    + (" AND k.key < ?" if high is not None else "") + " ORDER BY k.key LIMIT ?")
             params = (low, high, LIST_BATCH) if high is not None else (low, LIST_BATCH)

@@ -144,8 +144,8 @@ class Replace:
                 self.index._note(db, self.key, [v], self.tmp)
             db.execute("UPDATE keys SET md5 = ?, size = ?, volumes = ? WHERE key = ?", (md5, size, first, self.key))
             self.index._unnote(db, self.key, [first])
-            db.execute("INSERT OR REPLACE INTO s3_objects (key, md5, size, etag, mtime, headers)"
-                       " VALUES (?, ?, ?, ?, ?, ?)", row)
+            db.execute("INSERT OR REPLACE INTO s3_objects (key, md5, size, etag, mtime, headers, parts)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", row)
         self.volumes_now = [first]
 
     def _join(self, volume):

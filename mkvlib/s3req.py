@@ -2,9 +2,16 @@
 (If-Match, If-None-Match, If-Modified-Since, If-Unmodified-Since, and the
 x-amz-copy-source-if-* of a copy), the response-* overrides. Pure
 functions over header values; the gateway (s3.py) maps the errors."""
+import base64
+import binascii
+import hashlib
 import re
 from email.utils import parsedate_to_datetime
 
+from mkvlib.objects import STORED_HEADERS
+from mkvlib.s3errors import S3Error
+
+META_MAX = 2048            # bytes of x-amz-meta-* names and values, as S3 allows
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 OVERRIDES = {"response-content-type": "Content-Type", "response-content-language": "Content-Language",
              "response-expires": "Expires", "response-cache-control": "Cache-Control",
@@ -95,3 +102,82 @@ def check_conditions(get, quoted_etag, mtime, read=True):
 def overrides(params):
     """{header: value} of the response-* query parameters."""
     return {OVERRIDES[k]: v for k, v in params.items() if k in OVERRIDES}
+
+
+def parse_max(value, ceiling, name):
+    if value is None or value == "":
+        return ceiling
+    if not (value.isascii() and value.isdigit()):
+        raise S3Error(400, "InvalidArgument", f"{name} must be a whole number from 0")
+    return min(int(value), ceiling)
+
+
+def encode_token(last: bytes) -> str:
+    return base64.urlsafe_b64encode(last).decode("ascii")
+
+
+def decode_token(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8", "surrogateescape")
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raise S3Error(400, "InvalidArgument", "The continuation token provided is incorrect") from None
+
+
+def stored_headers(r):
+    """The headers of a PutObject that the object keeps: STORED_HEADERS and x-amz-meta-*."""
+    kept, meta_size = {}, 0
+    for name, value in r.headers.items():
+        low = name.lower()
+        if low == "content-encoding":   # aws-chunked frames this request's body, not the object
+            value = ",".join(v.strip() for v in value.split(",") if v.strip().lower() != "aws-chunked")
+            if not value:
+                continue
+        if low in STORED_HEADERS or low.startswith("x-amz-meta-"):
+            kept[low] = value
+            if low.startswith("x-amz-meta-"):
+                meta_size += len(low) - len("x-amz-meta-") + len(value)
+    if meta_size > META_MAX:
+        raise S3Error(400, "MetadataTooLarge", f"Your metadata headers exceed the maximum allowed metadata size "
+                      f"({META_MAX} bytes)")
+    return kept
+
+
+def content_md5(r):
+    """The Content-MD5 header as hex, None if absent; InvalidDigest if malformed."""
+    value = r.headers("content-md5")
+    if value is None:
+        return None
+    try:
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, binascii.Error, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 16:
+        raise S3Error(400, "InvalidDigest", "The Content-MD5 you specified was not valid.")
+    return raw.hex()
+
+
+def check_body_md5(r, body):
+    want = content_md5(r)
+    if want is not None and hashlib.md5(body).hexdigest() != want:
+        raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
+
+
+def digest_check(r, payload):
+    """check(md5, size) for Objects.put: the body's digests, and the Content-MD5 if sent."""
+    want = content_md5(r)
+
+    def check(md5, size):
+        payload.check(md5, size)
+        if want is not None and md5 != want:
+            raise S3Error(400, "BadDigest", "The Content-MD5 you specified did not match what we received.")
+    return check
+
+
+def split_path(path: bytes):
+    """(bucket, key bytes or None) of a path-style request path."""
+    bucket, slash, key = path.lstrip(b"/").partition(b"/")
+    try:
+        name = bucket.decode("ascii")
+    except UnicodeDecodeError:
+        raise S3Error(400, "InvalidBucketName", "The specified bucket is not valid.") from None
+    return name, (key if slash and key else None)

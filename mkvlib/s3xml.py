@@ -143,3 +143,52 @@ def delete_result(deleted, errors, quiet) -> bytes:
 
 def copy_result(etag, mtime) -> bytes:
     return document("CopyObjectResult", tag("LastModified", iso8601(mtime)) + tag("ETag", text(etag)))
+
+
+def initiate(bucket, key, upload_id) -> bytes:
+    return document("InitiateMultipartUploadResult", tag("Bucket", bucket) + tag("Key", text(key))
+                    + tag("UploadId", upload_id))
+
+
+def complete_result(location, bucket, key, etag) -> bytes:
+    return document("CompleteMultipartUploadResult", tag("Location", text(location)) + tag("Bucket", bucket)
+                    + tag("Key", text(key)) + tag("ETag", text(f'"{etag}"')))
+
+
+def parse_complete(body: bytes):
+    """[(part number, etag)] of a CompleteMultipartUpload request, as given."""
+    root = parse(body, "CompleteMultipartUpload")
+    parts = []
+    for part in _children(root, "Part"):
+        number, etag = child_text(part, "PartNumber"), child_text(part, "ETag")
+        if number is None or etag is None or not number.strip().isdigit():
+            raise BadXML("a Part needs a PartNumber and an ETag")
+        parts.append((int(number), etag.strip()))
+    return parts
+
+
+def list_parts(bucket, key, upload_id, parts, marker, max_parts, truncated) -> bytes:
+    """parts: [(number, md5, size, mtime)]."""
+    body = (tag("Bucket", bucket) + tag("Key", text(key)) + tag("UploadId", upload_id)
+            + tag("PartNumberMarker", marker) + OWNER.replace("Owner>", "Initiator>") + OWNER
+            + tag("StorageClass", "STANDARD") + tag("MaxParts", max_parts)
+            + tag("IsTruncated", "true" if truncated else "false"))
+    if truncated and parts:
+        body += tag("NextPartNumberMarker", parts[-1][0])
+    for number, md5, size, mtime in parts:
+        body += ("<Part>" + tag("PartNumber", number) + tag("LastModified", iso8601(mtime))
+                 + tag("ETag", f'"{md5}"') + tag("Size", size) + "</Part>")
+    return document("ListPartsResult", body)
+
+
+def list_uploads(bucket, uploads, strip, params, truncated) -> bytes:
+    """uploads: [(key, id, created)]."""
+    body = tag("Bucket", bucket) + "".join(tag(label, value) for label, value in params if value is not None)
+    body += tag("IsTruncated", "true" if truncated else "false")
+    if truncated and uploads:
+        body += tag("NextKeyMarker", text(uploads[-1][0][strip:])) + tag("NextUploadIdMarker", uploads[-1][1])
+    for key, upload_id, created in uploads:
+        body += ("<Upload>" + tag("Key", text(key[strip:])) + tag("UploadId", upload_id)
+                 + OWNER.replace("Owner>", "Initiator>") + OWNER + tag("StorageClass", "STANDARD")
+                 + tag("Initiated", iso8601(created)) + "</Upload>")
+    return document("ListMultipartUploadsResult", body)

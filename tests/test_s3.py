@@ -311,3 +311,108 @@ def test_content_md5_mismatch_is_bad_digest_and_nothing_is_stored(gw, s3):
 def test_request_ids_differ(gw):
     ids = {requests.get(f"{gw.url}/", timeout=TIMEOUT).headers["x-amz-request-id"] for _ in range(3)}
     assert len(ids) == 3 and all(re.fullmatch(r"[0-9A-F]{16}", i) for i in ids)
+
+
+# -- multipart uploads
+
+MiB = 1 << 20
+
+
+def start_upload(s3, key, parts):
+    """An upload of `key` with `parts` (values) sent; returns (upload id, [(number, etag)])."""
+    upload = s3.create_multipart_upload(Bucket=BUCKET, Key=key, ContentType="video/x")["UploadId"]
+    sent = []
+    for n, value in enumerate(parts, 1):
+        etag = s3.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=n, Body=value)["ETag"]
+        sent.append((n, etag))
+    return upload, sent
+
+
+def complete(s3, key, upload, sent):
+    return s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload, MultipartUpload={
+        "Parts": [{"PartNumber": n, "ETag": e} for n, e in sent]})
+
+
+def test_multipart_by_hand_makes_one_object_with_s3s_etag(s3, gw):
+    parts = [os.urandom(5 * MiB), b"tail"]
+    upload, sent = start_upload(s3, "mp/hand", parts)
+    assert [p["Size"] for p in s3.list_parts(Bucket=BUCKET, Key="mp/hand", UploadId=upload)["Parts"]] == [5 * MiB, 4]
+    assert upload in [u["UploadId"] for u in s3.list_multipart_uploads(Bucket=BUCKET, Prefix="mp/")["Uploads"]]
+    etag = complete(s3, "mp/hand", upload, sent)["ETag"]
+    want = hashlib.md5(b"".join(hashlib.md5(p).digest() for p in parts)).hexdigest() + "-2"
+    assert etag == f'"{want}"'
+    got = s3.get_object(Bucket=BUCKET, Key="mp/hand")
+    assert (got["Body"].read() == b"".join(parts), got["ETag"], got["ContentType"]) == (True, etag, "video/x")
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket=BUCKET, Prefix="mp/hand")
+    assert requests.get(gw.cluster.url("/photos/mp/hand"), timeout=TIMEOUT).content == b"".join(parts)
+
+
+def test_completing_again_answers_as_the_first_time(s3):
+    upload, sent = start_upload(s3, "mp/again", [b"only part"])
+    first = complete(s3, "mp/again", upload, sent)["ETag"]
+    assert complete(s3, "mp/again", upload, sent)["ETag"] == first
+
+
+def test_get_with_part_number_serves_that_part(s3):
+    parts = [b"a" * (5 * MiB), b"bcd"]
+    upload, sent = start_upload(s3, "mp/part", parts)
+    complete(s3, "mp/part", upload, sent)
+    got = s3.get_object(Bucket=BUCKET, Key="mp/part", PartNumber=2)
+    assert (got["Body"].read(), got["PartsCount"]) == (b"bcd", 2)
+
+
+def test_upload_file_and_download_file_round_trip(s3, tmp_path):
+    from boto3.s3.transfer import TransferConfig
+    config = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    source = tmp_path / "up.bin"
+    source.write_bytes(os.urandom(11 * MiB + 5))
+    s3.upload_file(str(source), BUCKET, "mp/file", Config=config)
+    assert s3.head_object(Bucket=BUCKET, Key="mp/file")["ETag"].endswith('-3"')
+    s3.download_file(BUCKET, "mp/file", str(tmp_path / "down.bin"), Config=config)
+    assert (tmp_path / "down.bin").read_bytes() == source.read_bytes()
+
+
+def test_parts_out_of_order_are_invalid_part_order(s3):
+    upload, sent = start_upload(s3, "mp/order", [b"1" * (5 * MiB), b"2"])
+    assert code_of(complete, s3, "mp/order", upload, sent[::-1]) == ("InvalidPartOrder", 400)
+
+
+def test_a_wrong_part_etag_is_invalid_part(s3):
+    upload, sent = start_upload(s3, "mp/wrong", [b"1"])
+    assert code_of(complete, s3, "mp/wrong", upload, [(1, '"' + "0" * 32 + '"')]) == ("InvalidPart", 400)
+
+
+def test_a_small_part_but_the_last_is_entity_too_small(s3):
+    upload, sent = start_upload(s3, "mp/small", [b"1", b"2"])
+    assert code_of(complete, s3, "mp/small", upload, sent) == ("EntityTooSmall", 400)
+
+
+def test_aborted_upload_is_no_such_upload_and_its_parts_go(s3, gw):
+    upload, sent = start_upload(s3, "mp/abort", [b"1"])
+    s3.abort_multipart_upload(Bucket=BUCKET, Key="mp/abort", UploadId=upload)
+    assert code_of(s3.list_parts, Bucket=BUCKET, Key="mp/abort", UploadId=upload) == ("NoSuchUpload", 404)
+    r = requests.get(gw.cluster.url(f"/.s3-parts/{upload}/?list"), timeout=TIMEOUT)
+    assert r.json()["keys"] == []
+
+
+def test_upload_survives_a_restart_of_the_gateway(s3, gw):
+    upload, sent = start_upload(s3, "mp/restart", [b"r" * (5 * MiB)])
+    gw.restart()
+    n2 = s3.upload_part(Bucket=BUCKET, Key="mp/restart", UploadId=upload, PartNumber=2, Body=b"end")["ETag"]
+    complete(s3, "mp/restart", upload, sent + [(2, n2)])
+    assert s3.get_object(Bucket=BUCKET, Key="mp/restart")["Body"].read() == b"r" * (5 * MiB) + b"end"
+
+
+def test_rebalance_removes_abandoned_uploads(s3, gw):
+    from test_tools import run_tool
+    upload, sent = start_upload(s3, "mp/abandoned", [b"1", b"2"])
+    c = gw.cluster
+    p = run_tool("rebalance.py", c.volume_names(), c.db(), "--s3-upload-age", "0", replicas=2)
+    assert p.returncode == 0, p.stderr
+    assert code_of(s3.list_parts, Bucket=BUCKET, Key="mp/abandoned", UploadId=upload)[0] == "NoSuchUpload"
+    assert requests.get(c.url(f"/.s3-parts/{upload}/?list"), timeout=TIMEOUT).json()["keys"] == []
+    from mkvlib.multipart import part_key
+    from mkvlib.placement import key2path
+    leftovers = [d for d in c.volume_dirs for sv in os.listdir(d) if sv.startswith("sv")
+                 if os.path.exists(os.path.join(d, sv, key2path(part_key(upload, 1)).lstrip("/")))]
+    assert leftovers == []
