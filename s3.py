@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import falcon
 
@@ -182,7 +182,7 @@ class Gateway:
             return self.get_object(r, resp)
         if r.method == "PUT":
             if r.header("x-amz-copy-source"):
-                raise not_implemented("x-amz-copy-source")
+                return self.copy_object(r, resp)
             return self.put_object(r, resp)
         if r.method == "DELETE":
             self.objects.need_bucket(r.bucket)
@@ -402,6 +402,35 @@ class Gateway:
         return body
 
 
+    def copy_object(self, r, resp):
+        """CopyObject: the source's bytes streamed into the target (within or
+        across buckets), its headers kept (COPY) or the request's (REPLACE)."""
+        bucket, name = copy_source(r.header("x-amz-copy-source"))
+        self.objects.need_bucket(bucket)
+        self.objects.need_bucket(r.bucket)
+        source, target = object_key(bucket, "") + name, object_key(r.bucket, "") + r.key
+        directive = (r.header("x-amz-metadata-directive") or "COPY").upper()
+        if directive not in ("COPY", "REPLACE"):
+            raise S3Error(400, "InvalidArgument", "Unknown metadata directive.")
+        if source == target and directive == "COPY":
+            raise S3Error(400, "InvalidRequest", "This copy request is illegal because it is trying to copy an "
+                          "object to itself without changing the object's metadata, storage class, website "
+                          "redirect location or encryption attributes.")
+        obj = self.objects.head(source)
+        check_copy_conditions(r, obj)
+        headers = obj.headers if directive == "COPY" else stored_headers(r)
+        if obj.size:
+            obj, download = self.objects.open(source)
+            chunks = Streamed(download)
+        else:
+            chunks = Streamed(None)
+        try:
+            new = self.objects.put(target, iter(chunks), obj.size, headers)
+        finally:
+            chunks.close()
+        self.send_xml(resp, s3xml.copy_result(new.quoted_etag, new.mtime))
+
+
 class Streamed:
     """A Download as a WSGI body: closed when the server is done with it,
     whether it was read or not."""
@@ -410,10 +439,11 @@ class Streamed:
         self.download = download
 
     def __iter__(self):
-        return iter(self.download.stream(CHUNK))
+        return iter(self.download.stream(CHUNK) if self.download is not None else ())
 
     def close(self):
-        self.download.close()
+        if self.download is not None:
+            self.download.close()
 
 
 def part_range(r, obj):
@@ -433,6 +463,26 @@ def s3req_range(r, size):
         return s3req.byte_range(r.header("range"), size)
     except s3req.RangeNotSatisfiable as e:
         raise S3Error(416, "InvalidRange", str(e)) from None
+
+
+def copy_source(value):
+    """(bucket, key bytes) of x-amz-copy-source: 'bucket/key', percent-encoded, a leading '/' allowed."""
+    path, _, query = value.partition("?")
+    if query and query != "versionId=null":
+        raise not_implemented("a versionId in x-amz-copy-source")
+    bucket, key = split_path(unquote_to_bytes(path))
+    if not bucket or key is None:
+        raise S3Error(400, "InvalidArgument", "Copy Source must mention the source bucket and key: "
+                      "sourcebucket/sourcekey")
+    return bucket, key
+
+
+def check_copy_conditions(r, obj):
+    try:
+        s3req.check_conditions(lambda name: r.header("x-amz-copy-source-" + name), obj.quoted_etag, obj.mtime,
+                               read=False)
+    except s3req.PreconditionFailed as e:
+        raise S3Error(412, "PreconditionFailed", str(e)) from None
 
 
 def check_conditions(r, obj):

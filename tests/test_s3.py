@@ -416,3 +416,42 @@ def test_rebalance_removes_abandoned_uploads(s3, gw):
     leftovers = [d for d in c.volume_dirs for sv in os.listdir(d) if sv.startswith("sv")
                  if os.path.exists(os.path.join(d, sv, key2path(part_key(upload, 1)).lstrip("/")))]
     assert leftovers == []
+
+
+# -- CopyObject
+
+def test_copy_within_bucket_keeps_bytes_and_metadata(s3):
+    s3.put_object(Bucket=BUCKET, Key="cp/src", Body=b"copied", ContentType="text/x", Metadata={"a": "1"})
+    s3.copy_object(Bucket=BUCKET, Key="cp/dst", CopySource={"Bucket": BUCKET, "Key": "cp/src"})
+    got = s3.get_object(Bucket=BUCKET, Key="cp/dst")
+    assert (got["Body"].read(), got["ContentType"], got["Metadata"]) == (b"copied", "text/x", {"a": "1"})
+
+
+def test_copy_across_buckets_with_replace_takes_new_metadata(s3):
+    s3.create_bucket(Bucket="copies")
+    s3.put_object(Bucket=BUCKET, Key="cp/x y", Body=b"across", ContentType="text/x")
+    s3.copy_object(Bucket="copies", Key="dst", CopySource={"Bucket": BUCKET, "Key": "cp/x y"},
+                   MetadataDirective="REPLACE", ContentType="text/y", Metadata={"b": "2"})
+    got = s3.get_object(Bucket="copies", Key="dst")
+    assert (got["Body"].read(), got["ContentType"], got["Metadata"]) == (b"across", "text/y", {"b": "2"})
+
+
+def test_copy_onto_itself_needs_replace(s3):
+    s3.put_object(Bucket=BUCKET, Key="cp/self", Body=b"me", ContentType="text/old")
+    assert code_of(s3.copy_object, Bucket=BUCKET, Key="cp/self",
+                   CopySource={"Bucket": BUCKET, "Key": "cp/self"}) == ("InvalidRequest", 400)
+    s3.copy_object(Bucket=BUCKET, Key="cp/self", CopySource={"Bucket": BUCKET, "Key": "cp/self"},
+                   MetadataDirective="REPLACE", ContentType="text/new")
+    got = s3.get_object(Bucket=BUCKET, Key="cp/self")
+    assert (got["Body"].read(), got["ContentType"]) == (b"me", "text/new")
+
+
+def test_copy_source_conditions_are_412(s3):
+    s3.put_object(Bucket=BUCKET, Key="cp/cond", Body=b"c")
+    assert code_of(s3.copy_object, Bucket=BUCKET, Key="cp/cond2", CopySource={"Bucket": BUCKET, "Key": "cp/cond"},
+                   CopySourceIfMatch='"0000"') == ("PreconditionFailed", 412)
+
+
+def test_copy_of_a_missing_source_is_no_such_key(s3):
+    assert code_of(s3.copy_object, Bucket=BUCKET, Key="cp/to",
+                   CopySource={"Bucket": BUCKET, "Key": "cp/never"}) == ("NoSuchKey", 404)
