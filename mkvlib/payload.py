@@ -26,24 +26,28 @@ class PayloadError(MkvError):
 
 
 class Crc:
-    """A CRC as hashlib's objects look: update(), digest() (big-endian)."""
+    """A CRC as hashlib's objects look: update(), digest() (big-endian, `width` bytes)."""
 
-    def __init__(self, fn):
-        self.fn, self.value = fn, 0
+    def __init__(self, fn, width=4):
+        self.fn, self.width, self.value = fn, width, 0
 
     def update(self, data):
         self.value = self.fn(data, self.value)
 
     def digest(self):
-        return self.value.to_bytes(4, "big")
+        return self.value.to_bytes(self.width, "big")
 
 
-def _crc32c():
-    import crc32c
-    return Crc(lambda data, value: crc32c.crc32c(data, value))
+def _crt(name, width):
+    """A CRC of awscrt (AWS's C library, as the SDKs use it: crc32c, crc64nvme at C speed)."""
+    def make():
+        from awscrt import checksums
+        return Crc(getattr(checksums, name), width)
+    return make
 
 
-CHECKSUMS = {"crc32": lambda: Crc(zlib.crc32), "crc32c": _crc32c, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
+CHECKSUMS = {"crc32": lambda: Crc(zlib.crc32), "crc32c": _crt("crc32c", 4), "crc64nvme": _crt("crc64nvme", 8),
+             "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 
 
 def _b64(value):
@@ -75,7 +79,7 @@ class Payload:
         for name in header_names(header, "x-amz-checksum-"):
             if name not in CHECKSUMS and name not in ("algorithm", "type", "mode"):
                 raise PayloadError("InvalidRequest", f"x-amz-checksum-{name} is not supported "
-                                   f"(crc32, crc32c, sha1, sha256 are)")
+                                   f"(crc32, crc32c, crc64nvme, sha1, sha256 are)")
         trailer = (header("x-amz-trailer") or "").strip().lower()
         self.trailer = trailer[len("x-amz-checksum-"):] if trailer.startswith("x-amz-checksum-") else None
         if trailer and self.trailer not in CHECKSUMS:

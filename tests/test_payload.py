@@ -121,10 +121,13 @@ def test_checksum_headers_are_verified(name, digest):
         decode(Payload(bad), value)
 
 
-def test_crc32c_header_is_verified():
-    import crc32c
-    value = b"checksummed"
-    good = Header({"x-amz-checksum-crc32c": base64.b64encode(crc32c.crc32c(value).to_bytes(4, "big")).decode()})
+@pytest.mark.parametrize("name", ["crc32c", "crc64nvme"])
+def test_crt_checksum_headers_are_verified_as_botocore_computes_them(name):
+    from botocore.httpchecksum import CrtCrc32cChecksum, CrtCrc64NvmeChecksum
+    value = b"checksummed" * 1000
+    checksum = {"crc32c": CrtCrc32cChecksum, "crc64nvme": CrtCrc64NvmeChecksum}[name]()
+    checksum.update(value)
+    good = Header({f"x-amz-checksum-{name}": checksum.b64digest()})
     assert decode(Payload(good), value) == value
     with pytest.raises(PayloadError):
-        decode(Payload(Header({"x-amz-checksum-crc32c": "AAAAAA=="})), value)
+        decode(Payload(Header({f"x-amz-checksum-{name}": checksum.b64digest()})), value + b"!")
