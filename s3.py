@@ -175,7 +175,15 @@ class Gateway:
             return self.list_uploads(r, resp)
         return self.list_objects(r, resp)
 
+    OBJECT_QUERIES = {"uploadId", "uploads", "partNumber", "versionId", "x-id"} | set(s3req.OVERRIDES)
+
     def object_request(self, r, resp):
+        unknown = [p for p in r.params if p not in self.OBJECT_QUERIES]
+        if unknown:
+            raise not_implemented(f"?{unknown[0]}")
+        if r.params.get("versionId", "null") != "null":
+            raise S3Error(404, "NoSuchVersion", "The specified version does not exist (objects have one "
+                          "version: null).")
         if "uploadId" in r.params or "uploads" in r.params:
             return self.multipart_request(r, resp)
         if r.method in ("GET", "HEAD"):
@@ -513,6 +521,9 @@ def create_app(settings: Settings, s3: S3Settings) -> falcon.App:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    if not s3.keys:
+        log.warning("MKV_S3_KEYS is empty: the S3 gateway is open, anyone who reaches it may read, "
+                    "write and delete every object")
     app = falcon.App(media_type="application/xml")
     app.req_options.strip_url_path_trailing_slash = False
     app.req_options.auto_parse_qs_csv = False

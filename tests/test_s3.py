@@ -283,6 +283,19 @@ def test_unknown_subresource_is_not_implemented_by_name(gw):
     assert r.status_code == 501 and b"<Code>NotImplemented</Code>" in r.content and b"lifecycle" in r.content
 
 
+def test_object_subresource_not_implemented_is_named(gw, s3):
+    s3.put_object(Bucket=BUCKET, Key="acl", Body=b"1")
+    r = requests.get(f"{gw.url}/photos/acl?tagging", timeout=TIMEOUT)
+    assert r.status_code == 501 and b"tagging" in r.content
+
+
+def test_the_null_version_is_the_object(s3):
+    s3.put_object(Bucket=BUCKET, Key="nullver", Body=b"v")
+    assert s3.get_object(Bucket=BUCKET, Key="nullver", VersionId="null")["Body"].read() == b"v"
+    s3.delete_object(Bucket=BUCKET, Key="nullver", VersionId="null")
+    assert code_of(s3.head_object, Bucket=BUCKET, Key="nullver")[1] == 404
+
+
 def test_large_object_streams_with_bounded_memory(s3, gw):
     import psutil
     size = 48 << 20

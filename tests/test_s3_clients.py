@@ -187,3 +187,14 @@ def test_pyarrow_writes_and_reads_a_parquet_dataset(gw):
     ds.write_dataset(table, f"{BUCKET}/parquet", format="parquet", filesystem=s3fs, partitioning=["part"])
     back = ds.dataset(f"{BUCKET}/parquet", format="parquet", filesystem=s3fs, partitioning=["part"]).to_table()
     assert sorted(back.column("n").to_pylist()) == list(range(1000))
+
+
+def test_gateway_with_malformed_keys_does_not_start(gw):
+    import signal
+    bad = gateway_server(gw.cluster, workers=1, MKV_S3_KEYS="no-colon-here")
+    bad.spawn()
+    try:
+        assert bad.proc.wait(timeout=20) != 0
+        assert "MKV_S3_KEYS" in bad.tail()
+    finally:
+        bad.stop(signal.SIGKILL)
