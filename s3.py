@@ -70,141 +70,8 @@ class Request:
         return self.path.decode("latin-1")
 
 
-class Gateway:
-    """The S3 face of the store. One per process; the Store opens on first
-    use, after gunicorn forks."""
-
-    def __init__(self, settings: Settings, s3: S3Settings):
-        self.settings, self.s3 = settings, s3
-        self._objects, self._pid = None, None
-
-    @property
-    def objects(self) -> Objects:
-        if self._pid != os.getpid():
-            self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
-            self._multipart = Multipart(self._objects)
-        return self._objects
-
-    @property
-    def multipart(self) -> Multipart:
-        return self.objects and self._multipart
-
-    def __call__(self, req, resp, **kwargs):
-        rid = uuid.uuid4().hex[:16].upper()
-        resp.set_header("x-amz-request-id", rid)
-        resp.set_header("x-amz-id-2", rid)
-        r = None
-        try:
-            r = Request(req, rid)
-            self.dispatch(r, resp)
-        except Exception as e:   # every failure is S3's XML, never a traceback
-            self.answer_error(req, resp, e, r, rid)
-
-    def answer_error(self, req, resp, exc, r, rid):
-        if isinstance(exc, S3Error):
-            err = exc
-        elif isinstance(exc, MkvError):
-            err = s3_error_of(exc)
-        elif isinstance(exc, sqlite3.Error):
-            log.exception("index error on %s %r", req.method, req.env.get("PATH_INFO"))
-            err = S3Error(503, "ServiceUnavailable", f"index error (MKV_DB): {' '.join(str(exc).split())[:200]}")
-        else:
-            log.exception("unexpected error on %s %r", req.method, req.env.get("PATH_INFO"))
-            err = S3Error(500, "InternalError", f"internal error ({type(exc).__name__}); see the gateway's log")
-        resp.status = falcon.code_to_http_status(err.status)
-        resp.stream = None
-        resp.content_type = "application/xml"
-        resource = r.resource if r is not None else (req.env.get("PATH_INFO") or "/")
-        body = s3xml.error(err.code, err.message, resource, rid)
-        if req.method == "HEAD" or err.status == 304:
-            resp.data = None
-            resp.content_length = 0 if req.method != "HEAD" else len(body)
-        else:
-            resp.data = body
-
-    # -- routing
-
-    def authenticate(self, r):
-        """With MKV_S3_KEYS set, every request is signed (SigV4, header or
-        presigned) by one of them; with none set, the gateway is open."""
-        if self.s3.keys:
-            r.signed = sigv4.check(r.method, r.path, r.req.query_string or "", r.headers, self.s3.keys, time.time())
-
-    def dispatch(self, r, resp):
-        self.authenticate(r)
-        if r.method == "OPTIONS":
-            raise S3Error(403, "CORSResponse", "CORS is not enabled for this bucket.")
-        if not r.bucket:
-            if r.method == "GET":
-                return self.list_buckets(r, resp)
-            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
-        if r.key is None:
-            return self.bucket_request(r, resp)
-        return self.object_request(r, resp)
-
-    BUCKET_QUERIES = {"location", "versions", "list-type", "prefix", "delimiter", "marker", "max-keys",
-                      "encoding-type", "continuation-token", "start-after", "fetch-owner", "key-marker",
-                      "version-id-marker", "delete", "x-id", "uploads", "upload-id-marker",
-                      "max-uploads"}
-
-    def bucket_request(self, r, resp):
-        unknown = [p for p in r.params if p not in self.BUCKET_QUERIES]
-        if unknown:
-            raise not_implemented(f"?{unknown[0]}")
-        objects = self.objects
-        if r.method == "PUT":
-            objects.create_bucket(r.bucket)
-            resp.set_header("Location", "/" + r.bucket)
-            return
-        if r.method == "HEAD":
-            objects.need_bucket(r.bucket)
-            resp.set_header("x-amz-bucket-region", self.s3.region)
-            return
-        if r.method == "DELETE":
-            objects.delete_bucket(r.bucket)
-            resp.status = falcon.HTTP_204
-            return
-        if r.method == "POST" and "delete" in r.params:
-            return self.delete_objects(r, resp)
-        if r.method != "GET":
-            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
-        objects.need_bucket(r.bucket)
-        if "location" in r.params:
-            return self.send_xml(resp, s3xml.location(self.s3.region))
-        if "uploads" in r.params:
-            return self.list_uploads(r, resp)
-        return self.list_objects(r, resp)
-
-    OBJECT_QUERIES = {"uploadId", "uploads", "partNumber", "versionId", "x-id"} | set(s3req.OVERRIDES)
-
-    def object_request(self, r, resp):
-        unknown = [p for p in r.params if p not in self.OBJECT_QUERIES]
-        if unknown:
-            raise not_implemented(f"?{unknown[0]}")
-        if r.params.get("versionId", "null") != "null":
-            raise S3Error(404, "NoSuchVersion", "The specified version does not exist (objects have one "
-                          "version: null).")
-        if "uploadId" in r.params or "uploads" in r.params:
-            return self.multipart_request(r, resp)
-        if r.method in ("GET", "HEAD"):
-            return self.get_object(r, resp)
-        if r.method == "PUT":
-            if r.header("x-amz-copy-source"):
-                return self.copy_object(r, resp)
-            return self.put_object(r, resp)
-        if r.method == "DELETE":
-            self.objects.need_bucket(r.bucket)
-            self.objects.delete(object_key(r.bucket, "") + r.key)
-            resp.status = falcon.HTTP_204
-            return
-        raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
-
-    @staticmethod
-    def send_xml(resp, body):
-        resp.content_type = "application/xml"
-        resp.data = body
-
-    # -- buckets and listings
+class Listings:
+    """ListBuckets, ListObjects (v1, v2, versions), DeleteObjects: a part of Gateway."""
 
     def list_buckets(self, r, resp):
         buckets = self.objects.buckets()
@@ -287,7 +154,9 @@ class Gateway:
                 errors.append((name, err.code, err.message))
         self.send_xml(resp, s3xml.delete_result(deleted, errors, quiet))
 
-    # -- objects
+
+class ObjectRequests:
+    """Get/Head/Put/CopyObject: a part of Gateway."""
 
     def get_object(self, r, resp):
         self.objects.need_bucket(r.bucket)
@@ -334,8 +203,37 @@ class Gateway:
         resp.set_header("ETag", obj.quoted_etag)
         resp.content_length = 0
 
+    def copy_object(self, r, resp):
+        """CopyObject: the source's bytes streamed into the target (within or
+        across buckets), its headers kept (COPY) or the request's (REPLACE)."""
+        bucket, name = copy_source(r.header("x-amz-copy-source"))
+        self.objects.need_bucket(bucket)
+        self.objects.need_bucket(r.bucket)
+        source, target = object_key(bucket, "") + name, object_key(r.bucket, "") + r.key
+        directive = (r.header("x-amz-metadata-directive") or "COPY").upper()
+        if directive not in ("COPY", "REPLACE"):
+            raise S3Error(400, "InvalidArgument", "Unknown metadata directive.")
+        if source == target and directive == "COPY":
+            raise S3Error(400, "InvalidRequest", "This copy request is illegal because it is trying to copy an "
+                          "object to itself without changing the object's metadata, storage class, website "
+                          "redirect location or encryption attributes.")
+        obj = self.objects.head(source)
+        check_copy_conditions(r, obj)
+        headers = obj.headers if directive == "COPY" else stored_headers(r)
+        if obj.size:
+            obj, download = self.objects.open(source)
+            chunks = Streamed(download)
+        else:
+            chunks = Streamed(None)
+        try:
+            new = self.objects.put(target, iter(chunks), obj.size, headers)
+        finally:
+            chunks.close()
+        self.send_xml(resp, s3xml.copy_result(new.quoted_etag, new.mtime))
 
-    # -- multipart uploads
+
+class Uploads:
+    """Multipart uploads: a part of Gateway."""
 
     def multipart_request(self, r, resp):
         self.objects.need_bucket(r.bucket)
@@ -410,33 +308,144 @@ class Gateway:
         return body
 
 
-    def copy_object(self, r, resp):
-        """CopyObject: the source's bytes streamed into the target (within or
-        across buckets), its headers kept (COPY) or the request's (REPLACE)."""
-        bucket, name = copy_source(r.header("x-amz-copy-source"))
-        self.objects.need_bucket(bucket)
-        self.objects.need_bucket(r.bucket)
-        source, target = object_key(bucket, "") + name, object_key(r.bucket, "") + r.key
-        directive = (r.header("x-amz-metadata-directive") or "COPY").upper()
-        if directive not in ("COPY", "REPLACE"):
-            raise S3Error(400, "InvalidArgument", "Unknown metadata directive.")
-        if source == target and directive == "COPY":
-            raise S3Error(400, "InvalidRequest", "This copy request is illegal because it is trying to copy an "
-                          "object to itself without changing the object's metadata, storage class, website "
-                          "redirect location or encryption attributes.")
-        obj = self.objects.head(source)
-        check_copy_conditions(r, obj)
-        headers = obj.headers if directive == "COPY" else stored_headers(r)
-        if obj.size:
-            obj, download = self.objects.open(source)
-            chunks = Streamed(download)
-        else:
-            chunks = Streamed(None)
+class Gateway(Listings, ObjectRequests, Uploads):
+    """The S3 face of the store. One per process; the Store opens on first
+    use, after gunicorn forks."""
+
+    def __init__(self, settings: Settings, s3: S3Settings):
+        self.settings, self.s3 = settings, s3
+        self._objects, self._pid = None, None
+
+    @property
+    def objects(self) -> Objects:
+        if self._pid != os.getpid():
+            self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
+            self._multipart = Multipart(self._objects)
+        return self._objects
+
+    @property
+    def multipart(self) -> Multipart:
+        return self.objects and self._multipart
+
+    def __call__(self, req, resp, **kwargs):
+        rid = uuid.uuid4().hex[:16].upper()
+        resp.set_header("x-amz-request-id", rid)
+        resp.set_header("x-amz-id-2", rid)
+        r = None
         try:
-            new = self.objects.put(target, iter(chunks), obj.size, headers)
-        finally:
-            chunks.close()
-        self.send_xml(resp, s3xml.copy_result(new.quoted_etag, new.mtime))
+            r = Request(req, rid)
+            self.dispatch(r, resp)
+        except Exception as e:   # every failure is S3's XML, never a traceback
+            self.answer_error(req, resp, e, r, rid)
+
+    def answer_error(self, req, resp, exc, r, rid):
+        if isinstance(exc, S3Error):
+            err = exc
+        elif isinstance(exc, MkvError):
+            err = s3_error_of(exc)
+        elif isinstance(exc, sqlite3.Error):
+            log.exception("index error on %s %r", req.method, req.env.get("PATH_INFO"))
+            err = S3Error(503, "ServiceUnavailable", f"index error (MKV_DB): {' '.join(str(exc).split())[:200]}")
+        else:
+            log.exception("unexpected error on %s %r", req.method, req.env.get("PATH_INFO"))
+            err = S3Error(500, "InternalError", f"internal error ({type(exc).__name__}); see the gateway's log")
+        resp.status = falcon.code_to_http_status(err.status)
+        resp.stream = None
+        resp.content_type = "application/xml"
+        resource = r.resource if r is not None else (req.env.get("PATH_INFO") or "/")
+        body = s3xml.error(err.code, err.message, resource, rid)
+        if req.method == "HEAD" or err.status == 304:
+            resp.data = None
+            resp.content_length = 0 if req.method != "HEAD" else len(body)
+        else:
+            resp.data = body
+
+    # -- routing
+
+    def authenticate(self, r):
+        """With MKV_S3_KEYS set, every request is signed (SigV4, header or
+        presigned) by one of them; with none set, the gateway is open."""
+        if self.s3.keys:
+            r.signed = sigv4.check(r.method, r.path, r.req.query_string or "", r.headers, self.s3.keys, time.time())
+
+    def dispatch(self, r, resp):
+        self.authenticate(r)
+        if r.method == "OPTIONS":
+            raise S3Error(403, "CORSResponse", "CORS is not enabled for this bucket.")
+        if not r.bucket:
+            if r.method == "GET":
+                return self.list_buckets(r, resp)
+            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        if r.key is None:
+            return self.bucket_request(r, resp)
+        return self.object_request(r, resp)
+
+    BUCKET_QUERIES = {"location", "versions", "list-type", "prefix", "delimiter", "marker", "max-keys",
+                      "encoding-type", "continuation-token", "start-after", "fetch-owner", "key-marker",
+                      "version-id-marker", "delete", "x-id", "uploads", "upload-id-marker",
+                      "max-uploads"}
+
+    def bucket_request(self, r, resp):
+        unknown = [p for p in r.params if p not in self.BUCKET_QUERIES and not is_presign(p)]
+        if unknown:
+            raise not_implemented(f"?{unknown[0]}")
+        objects = self.objects
+        if r.method == "PUT":
+            objects.create_bucket(r.bucket)
+            resp.set_header("Location", "/" + r.bucket)
+            return
+        if r.method == "HEAD":
+            objects.need_bucket(r.bucket)
+            resp.set_header("x-amz-bucket-region", self.s3.region)
+            return
+        if r.method == "DELETE":
+            objects.delete_bucket(r.bucket)
+            resp.status = falcon.HTTP_204
+            return
+        if r.method == "POST" and "delete" in r.params:
+            return self.delete_objects(r, resp)
+        if r.method != "GET":
+            raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+        objects.need_bucket(r.bucket)
+        if "location" in r.params:
+            return self.send_xml(resp, s3xml.location(self.s3.region))
+        if "uploads" in r.params:
+            return self.list_uploads(r, resp)
+        return self.list_objects(r, resp)
+
+    OBJECT_QUERIES = {"uploadId", "uploads", "partNumber", "versionId", "x-id"} | set(s3req.OVERRIDES)
+
+    def object_request(self, r, resp):
+        unknown = [p for p in r.params if p not in self.OBJECT_QUERIES and not is_presign(p)]
+        if unknown:
+            raise not_implemented(f"?{unknown[0]}")
+        if r.params.get("versionId", "null") != "null":
+            raise S3Error(404, "NoSuchVersion", "The specified version does not exist (objects have one "
+                          "version: null).")
+        if "uploadId" in r.params or "uploads" in r.params:
+            return self.multipart_request(r, resp)
+        if r.method in ("GET", "HEAD"):
+            return self.get_object(r, resp)
+        if r.method == "PUT":
+            if r.header("x-amz-copy-source"):
+                return self.copy_object(r, resp)
+            return self.put_object(r, resp)
+        if r.method == "DELETE":
+            self.objects.need_bucket(r.bucket)
+            self.objects.delete(object_key(r.bucket, "") + r.key)
+            resp.status = falcon.HTTP_204
+            return
+        raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+
+    @staticmethod
+    def send_xml(resp, body):
+        resp.content_type = "application/xml"
+        resp.data = body
+
+
+def is_presign(param):
+    """A query parameter of a presigned URL (X-Amz-Signature and the others)."""
+    return param.lower().startswith("x-amz-")
 
 
 class Streamed:

@@ -4,7 +4,7 @@ import os
 import signal
 import sys
 
-from conftest import Server, free_port
+from conftest import Cluster, Server, free_port
 
 ACCESS, SECRET = "mkvtestaccess", "mkvtestsecret"
 
@@ -28,3 +28,19 @@ def boto3_client(url, access=ACCESS, secret=SECRET, **config):
                         region_name="us-east-1",
                         config=Config(signature_version="s3v4", s3={"addressing_style": "path"}, retries={"max_attempts": 1},
                                       connect_timeout=5, read_timeout=20, **config))
+
+
+def cluster_with_gateway(folder, bucket, **env_vars):
+    """A cluster (3 volumes, 2 replicas) and a started gateway over it with
+    `bucket` made; yields the gateway (.cluster, .url), then stops both."""
+    cluster = Cluster(folder, n_volumes=3, replicas=2)
+    try:
+        server = gateway_server(cluster, **env_vars).start()
+        server.cluster, server.url = cluster, f"http://127.0.0.1:{server.port}"
+        try:
+            boto3_client(server.url).create_bucket(Bucket=bucket)
+            yield server
+        finally:
+            server.stop()
+    finally:
+        cluster.kill()

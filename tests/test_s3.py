@@ -11,24 +11,15 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from conftest import TIMEOUT, Cluster
-from s3util import boto3_client, gateway_server
+from conftest import TIMEOUT
+from s3util import boto3_client, cluster_with_gateway
 
 BUCKET = "photos"
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    cluster = Cluster(str(tmp_path_factory.mktemp("s3")), n_volumes=3, replicas=2)
-    server = gateway_server(cluster).start()
-    server.cluster = cluster
-    server.url = f"http://127.0.0.1:{server.port}"
-    try:
-        boto3_client(server.url).create_bucket(Bucket=BUCKET)
-        yield server
-    finally:
-        server.stop()
-        cluster.kill()
+    yield from cluster_with_gateway(str(tmp_path_factory.mktemp("s3")), BUCKET)
 
 
 @pytest.fixture(scope="module")

@@ -10,25 +10,16 @@ import pytest
 import requests
 from botocore.exceptions import ClientError
 
-from conftest import TIMEOUT, Cluster
-from s3util import ACCESS, SECRET, boto3_client, gateway_server
+from conftest import TIMEOUT
+from s3util import ACCESS, SECRET, boto3_client, cluster_with_gateway, gateway_server
 
 BUCKET = "clients"
 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    cluster = Cluster(str(tmp_path_factory.mktemp("s3c")), n_volumes=3, replicas=2)
-    server = gateway_server(cluster, MKV_S3_KEYS=f"{ACCESS}:{SECRET},second:secondsecret",
-                            MKV_S3_REGION="eu-north-7").start()
-    server.cluster = cluster
-    server.url = f"http://127.0.0.1:{server.port}"
-    try:
-        boto3_client(server.url).create_bucket(Bucket=BUCKET)
-        yield server
-    finally:
-        server.stop()
-        cluster.kill()
+    yield from cluster_with_gateway(str(tmp_path_factory.mktemp("s3c")), BUCKET,
+                                    MKV_S3_KEYS=f"{ACCESS}:{SECRET},second:secondsecret", MKV_S3_REGION="eu-north-7")
 
 
 @pytest.fixture(scope="module")
