@@ -36,6 +36,11 @@ for i in 1 2 3; do
 done
 echo "bringup.sh: volumes on :3001 :3002 :3003, data in $home/volume{1,2,3}" >&2
 
+if port_open "${S3_PORT:-9000}"; then
+  echo "bringup.sh: port ${S3_PORT:-9000} (the S3 gateway's, S3_PORT) is already in use; stop what runs there first" >&2
+  exit 1
+fi
+
 export MKV_VOLUMES=${MKV_VOLUMES:-localhost:3001,localhost:3002,localhost:3003}
 export MKV_DB=${MKV_DB:-$home/index.sqlite3}
 .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b 127.0.0.1:3000 mkv:app &
