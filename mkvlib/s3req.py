@@ -47,12 +47,11 @@ def byte_range(header, size):
             raise RangeNotSatisfiable("The requested range is not satisfiable")
         return max(0, size - n), size - 1
     first = int(first)
-    last = int(last) if last else size - 1
-    if last < first:
-        return None
+    if last and int(last) < first:
+        return None                     # not a range at all: S3 serves the whole object
     if first >= size:
         raise RangeNotSatisfiable("The requested range is not satisfiable")
-    return first, min(last, size - 1)
+    return first, min(int(last), size - 1) if last else size - 1
 
 
 def _date(value):
@@ -118,7 +117,8 @@ def encode_token(last: bytes) -> str:
 
 def decode_token(token: str) -> str:
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode("utf-8", "surrogateescape")
+        return base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode(
+            "utf-8", "surrogateescape")
     except (ValueError, binascii.Error, UnicodeEncodeError):
         raise S3Error(400, "InvalidArgument", "The continuation token provided is incorrect") from None
 

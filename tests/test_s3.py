@@ -459,3 +459,39 @@ def test_copy_source_conditions_are_412(s3):
 def test_copy_of_a_missing_source_is_no_such_key(s3):
     assert code_of(s3.copy_object, Bucket=BUCKET, Key="cp/to",
                    CopySource={"Bucket": BUCKET, "Key": "cp/never"}) == ("NoSuchKey", 404)
+
+
+# -- malformed requests: S3's 4xx, never a 5xx
+
+MALFORMED = [
+    ("GET", "/photos?max-keys=abc", {}, None, 400, "InvalidArgument"),
+    ("GET", "/photos?list-type=2&continuation-token=!!!!", {}, None, 400, "InvalidArgument"),
+    ("GET", "/photos?encoding-type=xml", {}, None, 400, "InvalidArgument"),
+    ("GET", "/photos/bad-input", {"Range": "bytes=200-"}, None, 416, "InvalidRange"),
+    ("GET", "/photos/bad-input?partNumber=0", {}, None, 416, "InvalidPartNumber"),
+    ("GET", "/photos/bad-input?uploadId=nope", {}, None, 404, "NoSuchUpload"),
+    ("PUT", "/photos/bad-input?partNumber=1&uploadId=nope", {}, b"x", 404, "NoSuchUpload"),
+    ("POST", "/photos/bad-input?uploadId=nope", {}, b"<bad", 400, "MalformedXML"),
+    ("POST", "/photos?delete", {}, b"<bad", 400, "MalformedXML"),
+    ("POST", "/photos", {}, b"x", 405, "MethodNotAllowed"),
+    ("PUT", "/photos/c", {"x-amz-copy-source": "/"}, None, 400, "InvalidArgument"),
+    ("PUT", "/photos/d", {"x-amz-content-sha256": "zzz"}, b"x", 400, "InvalidArgument"),
+    ("PUT", "/photos/d", {"x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                          "x-amz-decoded-content-length": "5"}, b"garbage", 400, "IncompleteBody"),
+    ("PUT", "/photos/d", {"x-amz-content-sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER"}, b"0\r\n\r\n",
+     411, "MissingContentLength"),
+    ("PUT", "/photos/d", {"x-amz-checksum-crc32": "!!"}, b"x", 400, "InvalidRequest"),
+    ("PUT", "/photos/d", {"x-amz-checksum-md4": "AAAA"}, b"x", 400, "InvalidRequest"),
+    ("PUT", "/photos/x", {"x-amz-meta-big": "v" * 3000}, b"x", 400, "MetadataTooLarge"),
+    ("PUT", "/%FF/x", {}, b"x", 400, "InvalidBucketName"),
+    ("GET", "/photos/bad-input?versionId=abc", {}, None, 404, "NoSuchVersion"),
+    ("PATCH", "/photos/bad-input", {}, None, 405, "MethodNotAllowed"),
+]
+
+
+@pytest.mark.parametrize("method, path, headers, body, status, code", MALFORMED,
+                         ids=[f"{m} {p[:40]} {c}" for m, p, _, _, _, c in MALFORMED])
+def test_malformed_request_is_s3s_error(gw, s3, method, path, headers, body, status, code):
+    s3.put_object(Bucket=BUCKET, Key="bad-input", Body=b"x" * 100)
+    r = requests.request(method, gw.url + path, headers=headers, data=body, timeout=TIMEOUT)
+    assert (r.status_code, ET.fromstring(r.content).findtext("Code")) == (status, code)
