@@ -166,15 +166,13 @@ class Objects:
         found = dict(self.db.read("SELECT name, created FROM s3_buckets"))
         start = b"/"
         while True:
+            # the next key in a folder; keys without one ('/k', the native API's) are passed over in SQLite
             rows = self.db.read("SELECT key FROM keys WHERE state = 'live' AND key >= ? AND key < ?"
-                                " ORDER BY key LIMIT 1", (start, b"0"))
+                                " AND instr(substr(key, 2), X'2F') > 0 ORDER BY key LIMIT 1", (start, b"0"))
             if not rows:
                 break
             key = bytes(rows[0][0])
             slash = key.find(b"/", 1)
-            if slash < 0:
-                start = key + b"\x00"
-                continue
             try:
                 name = key[1:slash].decode()
                 check_bucket_name(name)
