@@ -21,7 +21,7 @@ from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import MkvError, SettingsError
 from mkvlib.multipart import Multipart
-from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
+from mkvlib.objects import DEFAULT_TYPE, LAST_MODIFIED_UNKNOWN, Objects, object_key
 from mkvlib.payload import Payload
 from mkvlib.s3errors import S3Error, not_implemented, s3_error_of
 from mkvlib.s3req import (check_body_md5, decode_token, digest_check, encode_token, parse_max, split_path,
@@ -494,17 +494,22 @@ def copy_source(value):
     return bucket, key
 
 
+def known_mtime(obj):
+    """The object's Last-Modified, None if not known (a key the native API wrote)."""
+    return None if obj.mtime == LAST_MODIFIED_UNKNOWN else obj.mtime
+
+
 def check_copy_conditions(r, obj):
     try:
-        s3req.check_conditions(lambda name: r.header("x-amz-copy-source-" + name), obj.quoted_etag, obj.mtime,
-                               read=False)
+        s3req.check_conditions(lambda name: r.header("x-amz-copy-source-" + name), obj.quoted_etag,
+                               known_mtime(obj), read=False)
     except s3req.PreconditionFailed as e:
         raise S3Error(412, "PreconditionFailed", str(e)) from None
 
 
 def check_conditions(r, obj):
     try:
-        s3req.check_conditions(r.header, obj.quoted_etag, obj.mtime)
+        s3req.check_conditions(r.header, obj.quoted_etag, known_mtime(obj))
     except s3req.NotModified:
         raise S3Error(304, "NotModified", "Not Modified") from None
     except s3req.PreconditionFailed as e:

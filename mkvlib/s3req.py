@@ -78,24 +78,28 @@ def check_conditions(get, quoted_etag, mtime, read=True):
     If-Match, then If-Unmodified-Since unless If-Match was given, then
     If-None-Match, then If-Modified-Since unless If-None-Match was given).
     get(name) -> header value or None. `read`: a GET/HEAD (304), else a copy
-    source (412 for the 'not modified' cases too)."""
-    lm = int(mtime)
+    source (412 for the 'not modified' cases too). `mtime` None: not known
+    (a key the native API wrote): the date conditions hold."""
+    failed = "At least one of the pre-conditions you specified did not hold"
     if_match, if_none = get("if-match"), get("if-none-match")
     if if_match is not None:
         if not etag_matches(if_match, quoted_etag):
-            raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
-    else:
-        since = _date(get("if-unmodified-since"))
-        if since is not None and lm > since:
-            raise PreconditionFailed("At least one of the pre-conditions you specified did not hold")
-    failed = NotModified if read else PreconditionFailed
+            raise PreconditionFailed(failed)
+    elif _changed_since(get("if-unmodified-since"), mtime):
+        raise PreconditionFailed(failed)
+    same = NotModified("Not Modified") if read else PreconditionFailed(failed)
     if if_none is not None:
         if etag_matches(if_none, quoted_etag):
-            raise failed("Not Modified") if read else failed("At least one of the pre-conditions you specified did not hold")
-    else:
-        since = _date(get("if-modified-since"))
-        if since is not None and lm <= since:
-            raise failed("Not Modified") if read else failed("At least one of the pre-conditions you specified did not hold")
+            raise same
+    elif get("if-modified-since") is not None and _date(get("if-modified-since")) is not None \
+            and mtime is not None and not _changed_since(get("if-modified-since"), mtime):
+        raise same
+
+
+def _changed_since(value, mtime):
+    """True if the object changed after the date `value` (False if either is unknown)."""
+    since = _date(value) if value is not None else None
+    return since is not None and mtime is not None and int(mtime) > since
 
 
 def overrides(params):

@@ -495,3 +495,12 @@ def test_malformed_request_is_s3s_error(gw, s3, method, path, headers, body, sta
     s3.put_object(Bucket=BUCKET, Key="bad-input", Body=b"x" * 100)
     r = requests.request(method, gw.url + path, headers=headers, data=body, timeout=TIMEOUT)
     assert (r.status_code, ET.fromstring(r.content).findtext("Code")) == (status, code)
+
+
+def test_date_conditions_hold_for_a_key_of_unknown_date(gw):
+    requests.put(gw.cluster.url("/photos/native/dated"), data=b"native", timeout=TIMEOUT)
+    url = f"{gw.url}/photos/native/dated"
+    r = requests.get(url, headers={"If-Modified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}, timeout=TIMEOUT)
+    assert (r.status_code, r.content) == (200, b"native")
+    r = requests.get(url, headers={"If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}, timeout=TIMEOUT)
+    assert r.status_code == 200
