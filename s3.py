@@ -53,14 +53,18 @@ class Headers:
 class Request:
     """What a handler needs of one request, read once."""
 
-    def __init__(self, req, request_id):
+    def __init__(self, req, request_id, domain=None):
         self.req, self.id = req, request_id
         self.headers = Headers(req)
         self.signed = None      # sigv4.Signed once verified (with MKV_S3_KEYS set)
         self.method = req.method
         self.path = (req.env.get("PATH_INFO") or "/").encode("latin-1")
         self.params = dict(parse_qsl(req.query_string or "", keep_blank_values=True))
-        self.bucket, self.key = split_path(self.path) if self.path != b"/" else ("", None)
+        bucket = virtual_bucket(req.get_header("host") or "", domain)
+        if bucket is not None:      # virtual-host style: the path is the key
+            self.bucket, self.key = bucket, self.path[1:] or None
+        else:
+            self.bucket, self.key = split_path(self.path) if self.path != b"/" else ("", None)
 
     def header(self, name):
         return self.req.get_header(name)
@@ -333,7 +337,7 @@ class Gateway(Listings, ObjectRequests, Uploads):
         resp.set_header("x-amz-id-2", rid)
         r = None
         try:
-            r = Request(req, rid)
+            r = Request(req, rid, self.s3.domain)
             self.dispatch(r, resp)
         except Exception as e:   # every failure is S3's XML, never a traceback
             self.answer_error(req, resp, e, r, rid)
@@ -441,6 +445,14 @@ class Gateway(Listings, ObjectRequests, Uploads):
     def send_xml(resp, body):
         resp.content_type = "application/xml"
         resp.data = body
+
+
+def virtual_bucket(host, domain):
+    """The bucket of a virtual-host style request ('bucket.DOMAIN[:port]'), None if not one."""
+    name = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else ""
+    if domain and name.endswith("." + domain):
+        return name[:-len(domain) - 1]
+    return None
 
 
 def is_presign(param):

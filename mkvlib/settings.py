@@ -134,6 +134,7 @@ class S3Settings:
     """The S3 gateway's own settings (s3.py); the rest are Settings'."""
     keys: dict = dataclasses.field(default_factory=dict, repr=False)   # access key -> secret key
     region: str = "us-east-1"
+    domain: str = None     # virtual-host style: a Host of 'bucket.DOMAIN' names the bucket
 
     @classmethod
     def from_env(cls, env=None):
@@ -141,4 +142,7 @@ class S3Settings:
         region = env.get("MKV_S3_REGION", "") or "us-east-1"
         if not re.fullmatch(r"[a-z0-9-]{1,40}", region):
             raise SettingsError(f"MKV_S3_REGION: {region!r} is not a region name (like us-east-1)")
-        return cls(keys=_parse_s3_keys(env.get("MKV_S3_KEYS", "")), region=region)
+        domain = env.get("MKV_S3_DOMAIN", "").strip().lower() or None
+        if domain is not None and not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", domain):
+            raise SettingsError(f"MKV_S3_DOMAIN: {domain!r} is not a domain name (like s3.example.com)")
+        return cls(keys=_parse_s3_keys(env.get("MKV_S3_KEYS", "")), region=region, domain=domain)

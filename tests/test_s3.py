@@ -19,7 +19,7 @@ BUCKET = "photos"
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    yield from cluster_with_gateway(str(tmp_path_factory.mktemp("s3")), BUCKET)
+    yield from cluster_with_gateway(str(tmp_path_factory.mktemp("s3")), BUCKET, MKV_S3_DOMAIN="s3.test")
 
 
 @pytest.fixture(scope="module")
@@ -504,3 +504,11 @@ def test_date_conditions_hold_for_a_key_of_unknown_date(gw):
     assert (r.status_code, r.content) == (200, b"native")
     r = requests.get(url, headers={"If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}, timeout=TIMEOUT)
     assert r.status_code == 200
+
+
+def test_virtual_host_style_names_the_bucket_in_the_host(gw, s3):
+    s3.put_object(Bucket=BUCKET, Key="vhost/k", Body=b"virtual")
+    host = {"Host": f"{BUCKET}.s3.test:{gw.port}"}
+    assert requests.get(f"{gw.url}/vhost/k", headers=host, timeout=TIMEOUT).content == b"virtual"
+    r = requests.get(f"{gw.url}/?list-type=2&prefix=vhost/", headers=host, timeout=TIMEOUT)
+    assert b"<Key>vhost/k</Key>" in r.content
