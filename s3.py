@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl
 
 import falcon
 
@@ -21,11 +21,12 @@ from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import MkvError, SettingsError
 from mkvlib.multipart import Multipart
-from mkvlib.objects import DEFAULT_TYPE, LAST_MODIFIED_UNKNOWN, Objects, object_key
+from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
 from mkvlib.payload import Payload
 from mkvlib.s3errors import S3Error, not_implemented, s3_error_of
-from mkvlib.s3req import (check_body_md5, decode_token, digest_check, encode_token, parse_max, split_path,
-                          stored_headers)
+from mkvlib.s3req import (check_body_md5, check_copy_conditions, check_read_conditions, copy_range, copy_source,
+                          decode_token, digest_check, encode_token, parse_max, part_range, request_range,
+                          split_path, stored_headers)
 from mkvlib.settings import S3Settings, Settings
 from mkvlib.store import Store
 from mkvlib.volumes import CHUNK
@@ -167,14 +168,14 @@ class ObjectRequests:
         key = object_key(r.bucket, "") + r.key
         head = r.method == "HEAD"
         obj = self.objects.head(key)
-        check_conditions(r, obj)
-        rng = part_range(r, obj) if "partNumber" in r.params else s3req_range(r, obj.size)
+        check_read_conditions(r, obj)
+        rng = part_range(r, obj) if "partNumber" in r.params else request_range(r, obj.size)
         download = None
         if not head and obj.size > 0:
             extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
             obj, download = self.objects.open(key, extra)
             if rng is None:
-                check_conditions(r, obj)   # the value may have changed since the first look
+                check_read_conditions(r, obj)   # the value may have changed since the first look
             want = rng[1] - rng[0] + 1 if rng else obj.size
             if download.length != want:
                 download.close()
@@ -221,19 +222,28 @@ class ObjectRequests:
             raise S3Error(400, "InvalidRequest", "This copy request is illegal because it is trying to copy an "
                           "object to itself without changing the object's metadata, storage class, website "
                           "redirect location or encryption attributes.")
-        obj = self.objects.head(source)
-        check_copy_conditions(r, obj)
+        obj, chunks, size = self.copy_source_bytes(r, source)
         headers = obj.headers if directive == "COPY" else stored_headers(r)
-        if obj.size:
-            obj, download = self.objects.open(source)
-            chunks = Streamed(download)
-        else:
-            chunks = Streamed(None)
         try:
-            new = self.objects.put(target, iter(chunks), obj.size, headers)
+            new = self.objects.put(target, iter(chunks), size, headers)
         finally:
             chunks.close()
         self.send_xml(resp, s3xml.copy_result(new.quoted_etag, new.mtime))
+
+    def copy_source_bytes(self, r, source, rng=None):
+        """(Obj, Streamed, length) of a copy's source (bytes `rng` of it),
+        once its x-amz-copy-source-if-* hold."""
+        obj = self.objects.head(source)
+        check_copy_conditions(r, obj)
+        if rng is None and obj.size == 0:
+            return obj, Streamed(None), 0
+        extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
+        obj, download = self.objects.open(source, extra)
+        size = rng[1] - rng[0] + 1 if rng else obj.size
+        if download.length != size:
+            download.close()
+            raise S3Error(503, "ServiceUnavailable", "a replica's size is not the index's: try again")
+        return obj, Streamed(download), size
 
 
 class Uploads:
@@ -250,9 +260,9 @@ class Uploads:
         if upload_id is None:
             raise not_implemented(f"{r.method} with ?uploads")
         if r.method == "PUT":
-            if r.header("x-amz-copy-source"):
-                raise not_implemented("UploadPartCopy (x-amz-copy-source on a part)")
             number = parse_max(r.params.get("partNumber"), 1 << 30, "partNumber")
+            if r.header("x-amz-copy-source"):
+                return self.upload_part_copy(r, resp, key, upload_id, number)
             payload = Payload(r.headers, r.signed)
             length = r.req.content_length
             md5 = self.multipart.upload_part(upload_id, key, number, payload.chunks(read_body(r.req.stream, length)),
@@ -269,6 +279,19 @@ class Uploads:
         if r.method == "GET":
             return self.list_parts(r, resp, key, name, upload_id)
         raise S3Error(405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+
+    def upload_part_copy(self, r, resp, key, upload_id, number):
+        """UploadPartCopy: a part made of an object's bytes (x-amz-copy-source-range: some of them)."""
+        bucket, name = copy_source(r.header("x-amz-copy-source"))
+        self.objects.need_bucket(bucket)
+        source = object_key(bucket, "") + name
+        rng = copy_range(r.header("x-amz-copy-source-range"), self.objects.head(source).size)
+        _, chunks, size = self.copy_source_bytes(r, source, rng)
+        try:
+            md5 = self.multipart.upload_part(upload_id, key, number, iter(chunks), size, lambda md5, size: None)
+        finally:
+            chunks.close()
+        self.send_xml(resp, s3xml.copy_result(f'"{md5}"', time.time(), "CopyPartResult"))
 
     def complete_upload(self, r, resp, key, name, upload_id):
         body = self.small_body(r)
@@ -473,59 +496,6 @@ class Streamed:
     def close(self):
         if self.download is not None:
             self.download.close()
-
-
-def part_range(r, obj):
-    """(first, last) of part ?partNumber=N of a multipart object (N=1: all of another)."""
-    number = parse_max(r.params.get("partNumber"), 1 << 30, "partNumber")
-    sizes = obj.parts or [obj.size]
-    if not 1 <= number <= len(sizes):
-        raise S3Error(416, "InvalidPartNumber", "The requested partnumber is not satisfiable")
-    first = sum(sizes[:number - 1])
-    if obj.parts:
-        r.parts_count = len(sizes)
-    return (first, first + sizes[number - 1] - 1) if sizes[number - 1] else None
-
-
-def s3req_range(r, size):
-    try:
-        return s3req.byte_range(r.header("range"), size)
-    except s3req.RangeNotSatisfiable as e:
-        raise S3Error(416, "InvalidRange", str(e)) from None
-
-
-def copy_source(value):
-    """(bucket, key bytes) of x-amz-copy-source: 'bucket/key', percent-encoded, a leading '/' allowed."""
-    path, _, query = value.partition("?")
-    if query and query != "versionId=null":
-        raise not_implemented("a versionId in x-amz-copy-source")
-    bucket, key = split_path(unquote_to_bytes(path))
-    if not bucket or key is None:
-        raise S3Error(400, "InvalidArgument", "Copy Source must mention the source bucket and key: "
-                      "sourcebucket/sourcekey")
-    return bucket, key
-
-
-def known_mtime(obj):
-    """The object's Last-Modified, None if not known (a key the native API wrote)."""
-    return None if obj.mtime == LAST_MODIFIED_UNKNOWN else obj.mtime
-
-
-def check_copy_conditions(r, obj):
-    try:
-        s3req.check_conditions(lambda name: r.header("x-amz-copy-source-" + name), obj.quoted_etag,
-                               known_mtime(obj), read=False)
-    except s3req.PreconditionFailed as e:
-        raise S3Error(412, "PreconditionFailed", str(e)) from None
-
-
-def check_conditions(r, obj):
-    try:
-        s3req.check_conditions(r.header, obj.quoted_etag, known_mtime(obj))
-    except s3req.NotModified:
-        raise S3Error(304, "NotModified", "Not Modified") from None
-    except s3req.PreconditionFailed as e:
-        raise S3Error(412, "PreconditionFailed", str(e)) from None
 
 
 def object_headers(resp, obj, params):

@@ -7,9 +7,10 @@ import binascii
 import hashlib
 import re
 from email.utils import parsedate_to_datetime
+from urllib.parse import unquote_to_bytes
 
-from mkvlib.objects import STORED_HEADERS
-from mkvlib.s3errors import S3Error
+from mkvlib.objects import LAST_MODIFIED_UNKNOWN, STORED_HEADERS
+from mkvlib.s3errors import S3Error, not_implemented
 
 META_MAX = 2048            # bytes of x-amz-meta-* names and values, as S3 allows
 RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -185,3 +186,71 @@ def split_path(path: bytes):
     except UnicodeDecodeError:
         raise S3Error(400, "InvalidBucketName", "The specified bucket is not valid.") from None
     return name, (key if slash and key else None)
+
+
+def part_range(r, obj):
+    """(first, last) of part ?partNumber=N of a multipart object (N=1: all of another)."""
+    number = parse_max(r.params.get("partNumber"), 1 << 30, "partNumber")
+    sizes = obj.parts or [obj.size]
+    if not 1 <= number <= len(sizes):
+        raise S3Error(416, "InvalidPartNumber", "The requested partnumber is not satisfiable")
+    first = sum(sizes[:number - 1])
+    if obj.parts:
+        r.parts_count = len(sizes)
+    return (first, first + sizes[number - 1] - 1) if sizes[number - 1] else None
+
+
+def request_range(r, size):
+    try:
+        return byte_range(r.header("range"), size)
+    except RangeNotSatisfiable as e:
+        raise S3Error(416, "InvalidRange", str(e)) from None
+
+
+def copy_source(value):
+    """(bucket, key bytes) of x-amz-copy-source: 'bucket/key', percent-encoded, a leading '/' allowed."""
+    path, _, query = value.partition("?")
+    if query and query != "versionId=null":
+        raise not_implemented("a versionId in x-amz-copy-source")
+    bucket, key = split_path(unquote_to_bytes(path))
+    if not bucket or key is None:
+        raise S3Error(400, "InvalidArgument", "Copy Source must mention the source bucket and key: "
+                      "sourcebucket/sourcekey")
+    return bucket, key
+
+
+def known_mtime(obj):
+    """The object's Last-Modified, None if not known (a key the native API wrote)."""
+    return None if obj.mtime == LAST_MODIFIED_UNKNOWN else obj.mtime
+
+
+def check_copy_conditions(r, obj):
+    try:
+        check_conditions(lambda name: r.header("x-amz-copy-source-" + name), obj.quoted_etag,
+                               known_mtime(obj), read=False)
+    except PreconditionFailed as e:
+        raise S3Error(412, "PreconditionFailed", str(e)) from None
+
+
+def check_read_conditions(r, obj):
+    try:
+        check_conditions(r.header, obj.quoted_etag, known_mtime(obj))
+    except NotModified:
+        raise S3Error(304, "NotModified", "Not Modified") from None
+    except PreconditionFailed as e:
+        raise S3Error(412, "PreconditionFailed", str(e)) from None
+
+
+def copy_range(value, size):
+    """(first, last) of an x-amz-copy-source-range 'bytes=first-last' within `size` bytes; None if absent."""
+    if value is None:
+        return None
+    m = RANGE.fullmatch(value.strip())
+    if not m or not m.group(1) or not m.group(2) or int(m.group(2)) < int(m.group(1)):
+        raise S3Error(400, "InvalidArgument", "The x-amz-copy-source-range value must be of the form "
+                      "bytes=first-last where first and last are the zero-based offsets of the first and last bytes "
+                      "to copy")
+    first, last = int(m.group(1)), int(m.group(2))
+    if last >= size:
+        raise S3Error(400, "InvalidRange", "The requested range is not satisfiable")
+    return first, last

@@ -141,8 +141,8 @@ def delete_result(deleted, errors, quiet) -> bytes:
     return document("DeleteResult", body)
 
 
-def copy_result(etag, mtime) -> bytes:
-    return document("CopyObjectResult", tag("LastModified", iso8601(mtime)) + tag("ETag", text(etag)))
+def copy_result(etag, mtime, root="CopyObjectResult") -> bytes:
+    return document(root, tag("LastModified", iso8601(mtime)) + tag("ETag", text(etag)))
 
 
 def initiate(bucket, key, upload_id) -> bytes:

@@ -512,3 +512,13 @@ def test_virtual_host_style_names_the_bucket_in_the_host(gw, s3):
     assert requests.get(f"{gw.url}/vhost/k", headers=host, timeout=TIMEOUT).content == b"virtual"
     r = requests.get(f"{gw.url}/?list-type=2&prefix=vhost/", headers=host, timeout=TIMEOUT)
     assert b"<Key>vhost/k</Key>" in r.content
+
+
+def test_managed_copy_of_a_large_object_uses_upload_part_copy(s3):
+    from boto3.s3.transfer import TransferConfig
+    value = os.urandom(11 * MiB)
+    s3.put_object(Bucket=BUCKET, Key="cp/large", Body=value)
+    config = TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB)
+    s3.copy({"Bucket": BUCKET, "Key": "cp/large"}, BUCKET, "cp/large-copy", Config=config)
+    got = s3.get_object(Bucket=BUCKET, Key="cp/large-copy")
+    assert got["ETag"].endswith('-3"') and got["Body"].read() == value
