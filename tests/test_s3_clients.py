@@ -130,11 +130,14 @@ def run(argv, env=None):
 
 def test_aws_cli_sync_up_and_back_is_byte_equal(gw, tmp_path):
     files = make_tree(tmp_path / "up")
+    files["big.bin"] = os.urandom(9 << 20)   # over the CLI's 8 MB threshold: a multipart upload, ranged GETs
+    (tmp_path / "up" / "big.bin").write_bytes(files["big.bin"])
     aws = [os.path.join(os.path.dirname(sys.executable), "aws"), "--endpoint-url", gw.url]
     env = aws_env(gw, tmp_path)
     run(aws + ["s3", "sync", str(tmp_path / "up"), f"s3://{BUCKET}/awstree"], env)
     run(aws + ["s3", "sync", f"s3://{BUCKET}/awstree", str(tmp_path / "down")], env)
     assert read_tree(tmp_path / "down") == files
+    assert boto3_client(gw.url).head_object(Bucket=BUCKET, Key="awstree/big.bin")["ETag"].endswith('-2"')
 
 
 def rclone_env(gw):
