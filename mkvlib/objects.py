@@ -58,7 +58,8 @@ DEFAULT_TYPE = "binary/octet-stream"
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 IP_LIKE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 BUSY_TRIES = 30               # tries at a key another request holds (about 12 s in all)
-LIST_BATCH = 1000             # rows read at once by a listing
+LIST_BATCH = 1000             # rows read at once by a listing, at most
+LIST_FIRST = 16               # rows its first read takes (then 4 times more each time)
 
 OBJECT_SQL = ("SELECT k.state, k.volumes, k.md5, k.size, k.lock_owner, o.md5, o.size, o.etag, o.mtime,"
               " o.headers, o.parts, g.gen FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
@@ -297,26 +298,28 @@ class Objects:
 
     # -- listing
 
-    def scan(self, prefix: bytes, after: bytes = None, strict=True):
+    def scan(self, prefix: bytes, after: bytes = None, strict=True, first=LIST_BATCH):
         """Every live Obj whose key starts with `prefix` and is past `after`
-        (or from `after` on, if not `strict`), in byte order."""
+        (or from `after` on, if not `strict`), in byte order; read `first`
+        rows at first, then four times more each time (up to LIST_BATCH)."""
         high = prefix_end(prefix)
         low = after if after is not None and after >= prefix else prefix
         strict = strict and low == after
+        batch = first
         while True:
             sql = ("SELECT k.key, k.state, k.volumes, k.md5, k.size, k.lock_owner, o.md5, o.size, o.etag,"
                    " o.mtime, o.headers, o.parts, NULL FROM keys k LEFT JOIN s3_objects o ON o.key = k.key"
                    f" WHERE k.state = 'live' AND k.key {'>' if strict else '>='} ?"
                    + (" AND k.key < ?" if high is not None else "") + " ORDER BY k.key LIMIT ?")
-            params = (low, high, LIST_BATCH) if high is not None else (low, LIST_BATCH)
+            params = (low, high, batch) if high is not None else (low, batch)
             rows = self.db.read(sql, params)
             for row in rows:
                 obj = obj_from_row(bytes(row[0]), row[1:])
                 if obj is not None:
                     yield obj
-            if len(rows) < LIST_BATCH:
+            if len(rows) < batch:
                 return
-            low, strict = bytes(rows[-1][0]), True
+            low, strict, batch = bytes(rows[-1][0]), True, min(LIST_BATCH, batch * 4)
 
     def list(self, prefix: bytes, after: bytes = None, delimiter: bytes = None, max_keys=1000):
         """One page of a bucket's listing under `prefix` (bucket's '/name/'
@@ -326,10 +329,10 @@ class Objects:
         objects, prefixes, last = [], [], None
         if max_keys == 0:
             return objects, prefixes, False, last   # as S3 answers it: nothing, and no next page
-        start, strict = after, True
+        start, strict, first = after, True, min(LIST_BATCH, max_keys + 1)
         while True:
             jumped = False
-            for obj in self.scan(prefix, start, strict):
+            for obj in self.scan(prefix, start, strict, first):
                 common = None
                 if delimiter:
                     at = obj.key.find(delimiter, len(prefix))
@@ -347,6 +350,7 @@ class Objects:
                     last = obj.key
                     continue
                 start, strict = prefix_end(common), False
+                first = LIST_FIRST     # past a common prefix: often one key of the next run is all we need
                 jumped = start is not None
                 break
             if not jumped:
