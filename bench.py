@@ -28,6 +28,11 @@ Workloads (--only takes these names):
              SQLite); limit: the same on an index of 1,000 keys
   list       ?list&limit=1000 from a random start on that index, one client: p99
              latency; limit: the same on the 1,000-key index
+  s3get      one 256 MB GetObject through the S3 gateway (s3.py) and its worker's
+             peak RSS growth; limit: curl of the same file from its volume's nginx
+  s3put      one 256 MB PutObject through the gateway; limit: the native PUT
+  s3small    put/get/delete of 1 KB objects through boto3 and the gateway, one
+             client; limit: the same through the native API (requests)
 
 --quick: shorter runs and smaller data (a 200,000-key index); under 3 minutes.
 The volumes of the `index` and `list` masters are stub nginx servers that
@@ -60,9 +65,10 @@ from benchkit.mkvdata import every, fill, index_size  # noqa: E402
 from benchkit.repair import Rebalance, Rebuild  # noqa: E402
 from benchkit.report import machine_line, print_table  # noqa: E402
 from benchkit.servers import STUB_VOLUME, Bench, start_stub  # noqa: E402,F401  (tests/test_bench.py)
+from benchkit.s3 import S3Get, S3Put, S3Small  # noqa: E402
 from benchkit.writes import BigPut, Thrash  # noqa: E402
 
-WORKLOADS = [Get, Missing, Thrash, BigPut, Rebuild, Rebalance, Index, List]
+WORKLOADS = [Get, Missing, Thrash, BigPut, Rebuild, Rebalance, Index, List, S3Get, S3Put, S3Small]
 
 
 def fill_main(argv):

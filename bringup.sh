@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A local mkv cluster in the foreground: 3 nginx volumes on :3001-:3003 and the
-# master on :3000, all on 127.0.0.1 only. Installs whatever is missing first. Ctrl-C stops it all.
+# A local mkv cluster in the foreground: 3 nginx volumes on :3001-:3003, the
+# master on :3000 and the S3 gateway on :9000 (S3_PORT), all on 127.0.0.1 only. Installs whatever is missing first. Ctrl-C stops it all.
 #
 #   MKV_HOME   where volumes and the index live      (default /tmp/mkv)
 #   WORKERS    gunicorn worker processes              (default 4)
@@ -36,11 +36,23 @@ for i in 1 2 3; do
 done
 echo "bringup.sh: volumes on :3001 :3002 :3003, data in $home/volume{1,2,3}" >&2
 
+if port_open "${S3_PORT:-9000}"; then
+  echo "bringup.sh: port ${S3_PORT:-9000} (the S3 gateway's, S3_PORT) is already in use; stop what runs there first" >&2
+  exit 1
+fi
+
 export MKV_VOLUMES=${MKV_VOLUMES:-localhost:3001,localhost:3002,localhost:3003}
 export MKV_DB=${MKV_DB:-$home/index.sqlite3}
 .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b 127.0.0.1:3000 mkv:app &
 pids+=($!)
 echo "bringup.sh: master on :3000 (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:3000/wehave" >&2
+.venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:${S3_PORT:-9000}" s3:app &
+pids+=($!)
+if [ -z "${MKV_S3_KEYS:-}" ]; then
+  echo "bringup.sh: S3 gateway on :${S3_PORT:-9000}, OPEN TO ANYONE who reaches it (set MKV_S3_KEYS=ACCESS:SECRET)" >&2
+else
+  echo "bringup.sh: S3 gateway on :${S3_PORT:-9000} (SigV4 with MKV_S3_KEYS)" >&2
+fi
 wait -n "${pids[@]}"
 echo "bringup.sh: a server stopped; stopping the rest" >&2
 exit 1

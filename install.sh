@@ -19,11 +19,14 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
 
-# nginx-light: the volume server; wrk and curl: bench.py and its test
+# nginx-light: the volume server; wrk and curl: bench.py and its test;
+# rclone and s3cmd: S3 clients the gateway's tests run
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v curl >/dev/null || missing+=(curl)
+command -v rclone >/dev/null || missing+=(rclone)
+command -v s3cmd >/dev/null || missing+=(s3cmd)
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || { echo "install.sh: install ${missing[*]} first (nginx with the dav module)" >&2; exit 1; }
   apt_install "${missing[@]}"

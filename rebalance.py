@@ -36,6 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from mkvlib import multipart
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import LOCK_LEASE, Lease, new_owner
@@ -55,7 +56,7 @@ class CopyFailed(MkvError):
 
 
 class Rebalance:
-    def __init__(self, settings, index, volumes, progress, forget=()):
+    def __init__(self, settings, index, volumes, progress, forget=(), upload_age=multipart.UPLOAD_AGE):
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
         self.forget = set(forget)       # hosts gone for good: their copies count as lost
         self.owner = new_owner("rebalance-")
@@ -65,6 +66,7 @@ class Rebalance:
         self.noted = set()              # keys with notes when the run began
         self.replaced = {}              # host -> identity of a disk the index does not know yet
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
+        self.upload_age = upload_age    # seconds: S3 multipart uploads untouched longer are removed
 
     def placement(self, key):
         return self.settings.placement(key)
@@ -84,6 +86,7 @@ class Rebalance:
         if self.ids is None:
             self.identify()
         self.sweep()
+        self.expire_uploads()
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
                 self.index.unnote(key, volume)    # nothing left to delete there
@@ -353,6 +356,13 @@ class Rebalance:
 
     # -- the copies no record vouches for
 
+    def expire_uploads(self):
+        """S3 multipart uploads untouched for upload_age seconds (and parts no
+        upload names) go: their part keys are marked deleting, purged below."""
+        marked = multipart.expire(self.index.db, self.upload_age)
+        if marked:
+            self.progress.message(f"{PROG}: {marked} part(s) of abandoned S3 multipart uploads to remove")
+
     def delete_loop(self):
         retry = []
         while True:
@@ -430,6 +440,9 @@ def main(argv=None):
     parser.add_argument("--forget-volume", metavar="H:P", action="append", default=[],
                         help="a volume removed from MKV_VOLUMES that is gone for good (dead disk): "
                              "its copies count as lost and are not deleted; may be given more than once")
+    parser.add_argument("--s3-upload-age", metavar="SECONDS", type=float, default=multipart.UPLOAD_AGE,
+                        help="remove S3 multipart uploads untouched for this long "
+                             f"(default {multipart.UPLOAD_AGE:.0f}: 7 days)")
     args = parser.parse_args(argv)
     settings = tools.settings_from_args(PROG, args)
     in_use = [h for h in args.forget_volume if h in settings.volumes]
@@ -438,7 +451,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="keys")
-    job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume)
+    job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume, upload_age=args.s3_upload_age)
     try:
         job.identify()
     except SettingsError as e:

@@ -398,17 +398,17 @@ class Pool:
             if not todo:
                 return results
 
-    def open(self, host, path, timeout):
-        """A streaming GET: (status, Reader) for a 200, else (status, body).
-        Unreachable or NoAnswer if no answer came."""
-        data = request("GET", host, path)
+    def open(self, host, path, timeout, headers=b""):
+        """A streaming GET: (status, Reader) for a 200 (or a 206: a Range in
+        `headers`), else (status, body). Unreachable or NoAnswer if no answer came."""
+        data = request("GET", host, path, headers)
         for attempt in (1, 2):
             conn = self.take(host, new=attempt == 2)
             try:
                 conn.sock.settimeout(timeout)
                 conn.sock.sendall(data)
                 status, low, keep = conn.head()
-                if status == 200:
+                if status in (200, 206):
                     reader = Reader(self, host, conn, low, keep)
                 else:
                     body = conn.body(status, low)
@@ -418,7 +418,7 @@ class Pool:
                     continue
                 raise NoAnswer(host, e) from None
             conn.used = True
-            if status == 200:
+            if status in (200, 206):
                 return status, reader
             self.give(host, conn, keep)
             return status, body

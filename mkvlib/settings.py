@@ -112,3 +112,37 @@ class Settings:
     def placement(self, key: bytes) -> list:
         """The volumes (with their svXX folder) that should hold `key`, best first."""
         return key2volume(key, self.volumes, self.replicas, self.subvolumes)
+
+
+def _parse_s3_keys(value):
+    """MKV_S3_KEYS: comma-separated ACCESS_KEY:SECRET_KEY pairs -> {access: secret}."""
+    keys = {}
+    for pair in (p.strip() for p in (value or "").split(",")):
+        if not pair:
+            continue
+        access, sep, secret = pair.partition(":")
+        if not sep or not access or not secret:
+            raise SettingsError("MKV_S3_KEYS: each entry is ACCESS_KEY:SECRET_KEY, comma-separated")
+        if access in keys:
+            raise SettingsError(f"MKV_S3_KEYS names the access key {access} twice")
+        keys[access] = secret
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """The S3 gateway's own settings (s3.py); the rest are Settings'."""
+    keys: dict = dataclasses.field(default_factory=dict, repr=False)   # access key -> secret key
+    region: str = "us-east-1"
+    domain: str = None     # virtual-host style: a Host of 'bucket.DOMAIN' names the bucket
+
+    @classmethod
+    def from_env(cls, env=None):
+        env = os.environ if env is None else env
+        region = env.get("MKV_S3_REGION", "") or "us-east-1"
+        if not re.fullmatch(r"[a-z0-9-]{1,40}", region):
+            raise SettingsError(f"MKV_S3_REGION: {region!r} is not a region name (like us-east-1)")
+        domain = env.get("MKV_S3_DOMAIN", "").strip().lower() or None
+        if domain is not None and not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", domain):
+            raise SettingsError(f"MKV_S3_DOMAIN: {domain!r} is not a domain name (like s3.example.com)")
+        return cls(keys=_parse_s3_keys(env.get("MKV_S3_KEYS", "")), region=region, domain=domain)

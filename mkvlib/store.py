@@ -65,11 +65,15 @@ class Store:
             raise Unavailable("no replica of this key is on its volumes (run rebuild.py --check)")
         raise Unavailable("no volume holding this key can be reached")
 
-    def put(self, key, chunks, length=None):
+    def put(self, key, chunks, length=None, empty_ok=False, check=None):
         """Write a new key: every replica, then the index. Returns (md5, size).
 
         The key is claimed before the first byte of the body is read, so a
-        second PUT of it meanwhile is 409 however slow this client is."""
+        second PUT of it meanwhile is 409 however slow this client is.
+        `empty_ok`: an empty value is stored (S3's zero-byte objects);
+        `check(md5, size)`: called once every upload is complete, before any
+        lands: it may refuse the value by raising (the S3 gateway checks
+        digests and records the object's metadata there)."""
         check_storable(key)
         rec = self.index.get(key)
         if rec is not None and rec.state == LIVE:
@@ -84,12 +88,15 @@ class Store:
                 chunks = iter(chunks)
                 first = next((c for c in chunks if c), None)
                 if first is None:
-                    raise EmptyValue("empty value: a PUT needs a body")
+                    if not empty_ok:
+                        raise EmptyValue("empty value: a PUT needs a body")
+                    first = b""
                 for v in volumes:
                     if not self.health.may_write(volume_host(v)):
                         raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
                 md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
-                                             tmp=tmp, fence=lambda md5, size: self.fence(key, owner, lease))
+                                             tmp=tmp, fence=lambda md5, size: self._fence_put(key, owner, lease,
+                                                                                              md5, size, check))
             except BaseException as e:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
@@ -138,6 +145,12 @@ class Store:
             raise KeyBusy(f"lost the lock on the key while {doing} (stalled longer than the "
                           f"{LOCK_LEASE:.0f} s lease); try again")
         lease.renewed = started
+
+    def _fence_put(self, key, owner, lease, md5, size, check):
+        """fence() of a put, after check(md5, size) if given."""
+        if check is not None:
+            check(md5, size)
+        self.fence(key, owner, lease)
 
     def _fence_undo(self, key, owner, lease):
         """fence() for the undoing of a failed write, which may fail because

@@ -198,18 +198,19 @@ class Volumes:
             out.append(result)
         return out
 
-    def open(self, volume, path):
+    def open(self, volume, path, headers=b""):
         """A streaming GET of a file: a Download (.length, .stream(CHUNK),
-        .close()); None if the file is missing."""
+        .close()); None if the file is missing. `headers`: extra header
+        lines (a Range: the Download then holds that part, a 206)."""
         host, there = _on_host(volume, path)
         try:
-            status, got = self.pool.open(host, there, TRANSFER_TIMEOUT)
+            status, got = self.pool.open(host, there, TRANSFER_TIMEOUT, headers)
         except Unreachable as e:
             raise self._failed(host, e.cause) from None
         except NoAnswer as e:
             raise self._failed(host, e.cause, what="did not answer GET") from None
         self.health.answered(host)
-        if status == 200:
+        if status in (200, 206):
             return Download(got)
         if status == 404:
             return None
@@ -413,6 +414,22 @@ class Volumes:
         except VolumeError as e:
             e.cleared = cleared
             raise
+
+    def move_over(self, volume, name, path, fence=None):
+        """MOVE the upload `name` onto `path`, replacing the file there in one
+        rename (Overwrite: T: a reader opens the old file or the new one,
+        never neither), right after fence(), if given. The caller holds the
+        key and has noted the path (mkvlib.replace). VolumeError: nothing
+        moved; MoveUnknown: no answer (and it will not land later)."""
+        host, there = _on_host(volume, path)
+        headers = b"Destination: %s\r\nOverwrite: T\r\n%s" % (http_target(there), self.write_headers)
+        deadline = write_deadline(self.op_timeout)
+        if fence is not None:
+            fence()
+        status, body = self._call("MOVE", host, name, headers, timeout=self.op_timeout,
+                                  kind=MoveUnknown, deadline=deadline)
+        if status not in (201, 204):
+            raise refused(volume, "MOVE", status, body)
 
 
 class Upload:

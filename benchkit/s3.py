@@ -1,0 +1,152 @@
+"""s3get, s3put, s3small: the S3 gateway (s3.py, open: no MKV_S3_KEYS)
+beside the same work without it, on the bench's cluster: a 256 MB GetObject
+against nginx sending the same file, a 256 MB PutObject against the native
+PUT, small objects through boto3 against the native API through requests."""
+import hashlib
+import os
+import subprocess
+import time
+
+from benchkit.common import MB, ensure_curl, http, peak_rss, say
+from benchkit.writes import BigPut
+from benchkit.workload import Workload
+
+SMALL_KEYS = (200, 1000)    # small objects put, got and deleted (--quick, not)
+
+
+def gateway(bench):
+    """The S3 gateway over the bench's cluster, started on first use; a bucket 'bench' in it."""
+    if getattr(bench, "_gateway", None) is None:
+        from s3util import gateway_server
+        bench._gateway = gateway_server(bench.cluster(), workers=2).start()
+        bench._gateway.url = f"http://127.0.0.1:{bench._gateway.port}"
+        http("PUT", bench._gateway.url + "/bench")
+        say(f"s3 gateway :{bench._gateway.port}")
+    return bench._gateway
+
+
+def curl(*args):
+    return subprocess.run(["curl", "-sS", "-H", "Expect:", "-o", "/dev/null", "-w", "%{http_code}", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+class S3Get(BigPut):
+    name, title, goal = "s3get", "one 256 MB GetObject through the gateway", 0.8
+
+    def setup(self):
+        super().setup()
+        self.notes[:] = ["curl to /dev/null; limit: curl of the same file from the volume's nginx; "
+                         "RSS: VmHWM growth of the busiest gateway worker"]
+        gw = gateway(self.b)
+        p = curl("-T", self.file, gw.url + "/bench/big")
+        if p.stdout != "200":
+            raise RuntimeError(f"PutObject of 256 MB: {p.stdout} {p.stderr}")
+        r = http("GET", self.b.cluster().url("/bench/big"))   # the native API redirects to a replica
+        if r.status_code != 302:
+            raise RuntimeError(f"GET of the native key: {r.status_code}")
+        self.direct = r.headers["Location"]
+
+    def mkv(self):
+        gw = gateway(self.b)
+        workers = gw.pids()[1:]
+        before = {pid: peak_rss(pid) for pid in workers}
+        start = time.monotonic()
+        p = curl(gw.url + "/bench/big")
+        took = time.monotonic() - start
+        if p.stdout != "200":
+            raise RuntimeError(f"GetObject: {p.stdout} {p.stderr}")
+        grown = max(peak_rss(pid) - before[pid] for pid in workers)
+        self.growth.append(grown)
+        rate = self.size / MB / took
+        return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
+
+    def limit(self):
+        start = time.monotonic()
+        p = curl(self.direct)
+        took = time.monotonic() - start
+        if p.stdout != "200":
+            raise RuntimeError(f"GET {self.direct}: {p.stdout} {p.stderr}")
+        rate = self.size / MB / took
+        return {"value": rate, "text": f"{rate:,.0f} MB/s"}
+
+
+class S3Put(BigPut):
+    name, title, goal = "s3put", "one 256 MB PutObject through the gateway, 3 replicas", 0.8
+
+    def setup(self):
+        super().setup()
+        self.notes[:] = ["curl -T; limit: the same file PUT to the native master (curl -L); "
+                         "RSS: VmHWM growth of the busiest gateway worker"]
+        gateway(self.b)
+
+    def mkv(self):
+        gw = gateway(self.b)
+        self.count += 1
+        workers = gw.pids()[1:]
+        before = {pid: peak_rss(pid) for pid in workers}
+        start = time.monotonic()
+        p = curl("-T", self.file, f"{gw.url}/bench/put-{self.count}")
+        took = time.monotonic() - start
+        if p.stdout != "200":
+            raise RuntimeError(f"PutObject: {p.stdout} {p.stderr}")
+        grown = max(peak_rss(pid) - before[pid] for pid in workers)
+        self.growth.append(grown)
+        http("DELETE", f"{gw.url}/bench/put-{self.count}")
+        rate = self.size / MB / took
+        return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
+
+    def limit(self):
+        self.count += 1
+        c = self.b.cluster()
+        url = c.url(f"/bench/native-put-{self.count}")
+        start = time.monotonic()
+        p = curl("-T", self.file, url)
+        took = time.monotonic() - start
+        if p.stdout != "201":
+            raise RuntimeError(f"native PUT: {p.stdout} {p.stderr}")
+        http("DELETE", url)
+        rate = self.size / MB / took
+        return {"value": rate, "text": f"{rate:,.0f} MB/s"}
+
+
+class S3Small(Workload):
+    name, goal, sizes = "s3small", 0.5, SMALL_KEYS
+    title = "put/get/delete of {keys:,} 1 KB objects, one client"
+    note = "boto3 through the gateway; limit: the same through the native API with requests (GET follows the 302)"
+
+    def setup(self):
+        ensure_curl()
+        gw = gateway(self.b)
+        from s3util import boto3_client
+        self.s3 = boto3_client(gw.url)
+        self.value = os.urandom(1024)
+        self.md5 = hashlib.md5(self.value).hexdigest()
+
+    def mkv(self):
+        start = time.monotonic()
+        for i in range(self.keys):
+            self.s3.put_object(Bucket="bench", Key=f"small/{i}", Body=self.value)
+        for i in range(self.keys):
+            if self.s3.get_object(Bucket="bench", Key=f"small/{i}")["Body"].read() != self.value:
+                raise RuntimeError(f"GetObject small/{i}: wrong value")
+        for i in range(self.keys):
+            self.s3.delete_object(Bucket="bench", Key=f"small/{i}")
+        rate = self.keys / (time.monotonic() - start)
+        return {"value": rate, "text": f"{rate:,.0f} keys/s"}
+
+    def limit(self):
+        import requests
+        c = self.b.cluster()
+        session = requests.Session()
+        start = time.monotonic()
+        for i in range(self.keys):
+            r = session.put(c.url(f"/bench/native-small/{i}"), data=self.value, timeout=30)
+            if r.status_code != 201:
+                raise RuntimeError(f"native PUT: {r.status_code}")
+        for i in range(self.keys):
+            if session.get(c.url(f"/bench/native-small/{i}"), timeout=30).content != self.value:
+                raise RuntimeError(f"native GET /bench/native-small/{i}: wrong value")
+        for i in range(self.keys):
+            session.delete(c.url(f"/bench/native-small/{i}"), timeout=30)
+        rate = self.keys / (time.monotonic() - start)
+        return {"value": rate, "text": f"{rate:,.0f} keys/s"}
