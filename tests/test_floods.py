@@ -1,0 +1,212 @@
+"""Hostile clients against a real master: floods of connections, a client that
+pipelines requests and never reads, clients looping on big listings. What is
+asserted is that others are answered and the master's limits hold; latencies
+are printed, never asserted (the machine is shared)."""
+import os
+import resource
+import selectors
+import socket
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+from conftest import TIMEOUT, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+FLOOD = 2100           # connections: more than gunicorn's default 1000 per worker, on 2 workers
+GET = b"GET /flood-%d HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+# ---------------------------------------------------------------- helpers
+
+def enough_open_files(n):
+    """This process may open n more sockets (raise the soft limit to the hard one)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
+        pytest.skip(f"ulimit -n allows fewer than {want} open files here")
+
+
+def connect(port):
+    s = socket.socket()
+    s.settimeout(TIMEOUT)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def reset(s):
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+    except OSError:
+        pass
+
+
+class Flood:
+    """n connections of three kinds, in turn: idle keep-alive ones (one GET
+    answered, then nothing), ones that send a GET every `every` seconds, and
+    slowloris ones that send a request head a byte a second, never ending it."""
+
+    def __init__(self, port, n, every=20.0):
+        self.socks = [connect(port) for _ in range(n)]
+        self.kinds = ["idle", "periodic", "slowloris"]
+        for i, s in enumerate(self.socks):
+            s.setblocking(False)
+            try:
+                s.send(GET % i if self.kind(i) != "slowloris" else b"GET /slowloris-%d HTTP/1.1\r\nX-Slow: " % i)
+            except OSError:
+                pass
+        self.every, self.stopped = every, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def kind(self, i):
+        return self.kinds[i % 3]
+
+    def _run(self):
+        sel = selectors.DefaultSelector()
+        for s in self.socks:
+            sel.register(s, selectors.EVENT_READ)
+        last_get, tick = time.monotonic(), 0
+        while not self.stopped.is_set():
+            for key, _ in sel.select(timeout=1.0):   # read (and forget) whatever answers come
+                try:
+                    if not key.fileobj.recv(65536):
+                        sel.unregister(key.fileobj)
+                except OSError:
+                    sel.unregister(key.fileobj)
+            tick += 1
+            periodic = time.monotonic() - last_get >= self.every
+            last_get = time.monotonic() if periodic else last_get
+            for i, s in enumerate(self.socks):
+                try:
+                    if self.kind(i) == "slowloris":
+                        s.send(b"abcdefghijklmnopqrstuvwxyz"[tick % 26:][:1])
+                    elif self.kind(i) == "periodic" and periodic:
+                        s.send(GET % i)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(TIMEOUT)
+        for s in self.socks:
+            reset(s)
+
+
+def held(cluster):
+    """Client connections the master's workers hold open."""
+    return sum(1 for pid in cluster.master.pids()
+               for conn in psutil.Process(pid).net_connections("tcp")
+               if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == cluster.master.port)
+
+
+def timed_get(url):
+    started = time.monotonic()
+    r = requests.get(url, timeout=TIMEOUT, allow_redirects=False)
+    return r, time.monotonic() - started
+
+
+def master_log(cluster):
+    with open(cluster.master.log_path, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------- floods of connections
+
+def test_a_new_client_is_answered_while_2100_idle_periodic_and_slowloris_connections_are_held(private_cluster):
+    enough_open_files(FLOOD)
+    c = private_cluster(workers=2)
+    assert requests.put(c.url("/flooded"), data=b"v", timeout=TIMEOUT).status_code == 201
+    flood = Flood(c.master.port, FLOOD)
+    try:
+        wait_until(lambda: held(c) >= 1900, TIMEOUT, "the workers to take up the flood")
+        latencies = []
+        for _ in range(5):
+            r, seconds = timed_get(c.url("/flooded"))
+            assert r.status_code == 302
+            latencies.append(seconds)
+        r = requests.put(c.url("/flooded-put"), data=b"v", timeout=TIMEOUT)
+        assert r.status_code == 201
+        print(f"{held(c)} flood connections held; new clients' GETs took "
+              + ", ".join(f"{s * 1000:.0f} ms" for s in latencies))
+    finally:
+        flood.stop()
+
+
+def test_a_spent_budget_drops_the_oldest_idle_connections_for_new_clients(private_cluster, monkeypatch):
+    """worker_connections 200: 100 connections answered and idle, then 200
+    more: the 100 oldest go, every new one gets in, and so does a GET."""
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--worker-connections 200")
+    c = private_cluster(workers=1)
+    oldest = [connect(c.master.port) for _ in range(100)]
+    for s in oldest:
+        s.sendall(b"GET /oldest HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 404")
+    newer = [connect(c.master.port) for _ in range(200)]
+    try:
+        r, seconds = timed_get(c.url("/after-the-flood"))
+        assert r.status_code == 404
+        for s in oldest:        # each was dropped: the end of the stream, not an answer
+            assert s.recv(4096) == b""
+        assert held(c) == 200
+        print(f"GET past a spent budget took {seconds * 1000:.0f} ms")
+    finally:
+        for s in oldest + newer:
+            reset(s)
+
+
+def test_one_client_over_its_budget_loses_its_own_oldest_idle_connection(private_cluster):
+    c = private_cluster(workers=1, client_connections=50)
+    socks = [connect(c.master.port) for _ in range(50)]
+    try:
+        wait_until(lambda: held(c) == 50, TIMEOUT, "the worker to take the 50 connections")
+        newest = connect(c.master.port)
+        socks.append(newest)
+        newest.sendall(b"GET /mine HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert newest.recv(4096).startswith(b"HTTP/1.1 404")
+        assert socks[0].recv(4096) == b""      # the oldest went to make room
+        assert held(c) == 50
+    finally:
+        for s in socks:
+            reset(s)
+
+
+# ---------------------------------------------------------------- a client that never reads
+
+def test_a_pipelining_client_that_never_reads_is_dropped_after_the_send_timeout(private_cluster):
+    c = private_cluster(workers=1, send_timeout=2)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)   # before connect: a small window
+    s.connect(("127.0.0.1", c.master.port))
+    s.setblocking(False)
+    port = s.getsockname()[1]
+    pipeline = b"".join(GET % (i % 1000) for i in range(40_000))
+    sent, deadline = 0, time.monotonic() + 5
+    try:
+        while sent < len(pipeline) and time.monotonic() < deadline:   # as much as the master takes
+            try:
+                sent += s.send(pipeline[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+
+        def holds_it():
+            return any(conn.raddr and conn.raddr.port == port and conn.status == psutil.CONN_ESTABLISHED
+                       for pid in c.master.pids() for conn in psutil.Process(pid).net_connections("tcp"))
+        wait_until(lambda: not holds_it(), 15, "the master to drop the client that never reads")
+        r = requests.get(c.url("/after-the-pipeliner"), timeout=TIMEOUT, allow_redirects=False)
+        assert r.status_code == 404
+        log = master_log(c)
+        print(f"sent {sent} bytes of requests before the master stopped reading")
+        assert "MKV_SEND_TIMEOUT" in log
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        reset(s)
