@@ -2,8 +2,8 @@
 pipelines requests and never reads, clients looping on big listings. What is
 asserted is that others are answered and the master's limits hold; latencies
 are printed, never asserted (the machine is shared)."""
+import multiprocessing
 import os
-import resource
 import selectors
 import socket
 import threading
@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, enough_open_files, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,16 +22,6 @@ GET = b"GET /flood-%d HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 # ---------------------------------------------------------------- helpers
-
-def enough_open_files(n):
-    """This process may open n more sockets (raise the soft limit to the hard one)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = n + 256
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
-        pytest.skip(f"ulimit -n allows fewer than {want} open files here")
-
 
 def connect(port):
     s = socket.socket()
@@ -210,3 +200,91 @@ def test_a_pipelining_client_that_never_reads_is_dropped_after_the_send_timeout(
         assert "Traceback" not in log, log[-3000:]
     finally:
         reset(s)
+
+
+# ---------------------------------------------------------------- clients looping on big listings
+
+LISTED = 1_000_000
+
+
+def index_of_a_million_keys(path):
+    """Live records of /k/0000000 ... straight into a fresh index (no files):
+    a listing has something to list."""
+    from mkvlib.index import Index
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    index = Index(path)
+    index.insert_live((b"/k/%07d" % i, ["127.0.0.1:1"], None, 1) for i in range(LISTED))
+    index.close()
+
+
+def workers_rss(cluster):
+    """{worker pid: resident bytes}."""
+    return {pid: psutil.Process(pid).memory_info().rss for pid in cluster.master.pids()[1:]}
+
+
+def loop_listing(port, stopped, pages):
+    """Ask for the whole index again and again, reading each answer to its end
+    and keeping only its status and size (a process of its own: threads of
+    the test would wait for each other's GIL, and the test's own requests
+    with them)."""
+    while not stopped.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+                s.sendall(b"GET /?list&limit=1000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                first, size = s.recv(65536), 0
+                while True:
+                    data = s.recv(1 << 20)
+                    if not data:
+                        break
+                    size += len(data)
+        except OSError:
+            return
+        pages.put((first[:12], size))
+
+
+def test_eight_list_loopers_and_never_reading_listers_on_a_million_keys_leave_gets_puts_and_memory_alone(
+        private_cluster, tmp_path):
+    index_of_a_million_keys(str(tmp_path / "c0" / "index.sqlite3"))
+    c = private_cluster(workers=2)
+    before = workers_rss(c)
+    processes = multiprocessing.get_context("fork")
+    stopped, pages, peak = processes.Event(), processes.Queue(), dict(before)
+    loopers = [processes.Process(target=loop_listing, args=(c.master.port, stopped, pages), daemon=True)
+               for _ in range(8)]
+    never_read = []
+    try:
+        for t in loopers:
+            t.start()
+        for _ in range(24):      # ask for the whole index, never read a byte of it
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", c.master.port))
+            s.sendall(b"GET /?list&limit=1000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            never_read.append(s)
+        latencies, deadline, n = [], time.monotonic() + 10, 0
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            assert requests.put(c.url(f"/beside-the-listings-{n}"), data=b"v", timeout=TIMEOUT).status_code == 201
+            r = requests.get(c.url(f"/beside-the-listings-{n}"), timeout=TIMEOUT, allow_redirects=False)
+            assert r.status_code == 302
+            latencies.append(time.monotonic() - started)
+            for pid, rss in workers_rss(c).items():
+                peak[pid] = max(peak.get(pid, 0), rss)
+            n += 1
+            time.sleep(0.1)
+    finally:
+        stopped.set()
+        for s in never_read:
+            reset(s)
+        for p in loopers:
+            p.terminate()
+    pages = [pages.get() for _ in range(pages.qsize())]
+    grown = {pid: (peak[pid] - before.get(pid, peak[pid])) >> 20 for pid in peak}
+    latencies.sort()
+    print(f"{n} PUT+GET pairs beside 8 list loopers ({len(pages)} pages of about "
+          f"{max([size for _, size in pages] or [0]) >> 20} MB) and 24 listers that never read: median "
+          f"{latencies[len(latencies) // 2] * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms; "
+          f"workers grew {grown} MB")
+    assert n >= 3
+    assert {status for status, _ in pages} <= {b"HTTP/1.1 200"}
+    assert max(grown.values()) < 150, f"a worker grew by {max(grown.values())} MB"
