@@ -151,11 +151,21 @@ def tracked_handle_request(budget, handle_request):
 def write_within(send_timeout, write):
     """gunicorn.util.write with a deadline: each piece of an answer must be
     taken by the client within send_timeout seconds (socket.timeout, and the
-    connection is closed). A non-blocking write (gunicorn's error answers,
-    timeout 0) is left as it is."""
+    connection is closed). What the kernel takes at once (a redirect, nearly
+    always) is sent by one non-blocking send of the raw socket, without a
+    timer: cheaper than gevent's sendall. A non-blocking write (gunicorn's
+    error answers, timeout 0) is left as it is."""
     def write_or_time_out(sock, data, chunked=False):
         if sock.timeout is not None:
             return write(sock, data, chunked)
+        if not chunked:
+            try:
+                sent = getattr(sock, "_sock", sock).send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return None
+            data = memoryview(data)[sent:]
         sock.settimeout(send_timeout)
         try:
             return write(sock, data, chunked)
