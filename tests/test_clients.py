@@ -212,9 +212,10 @@ def test_2100_slowloris_connections_do_not_stop_ordinary_gets_and_puts(private_c
                 for i in range(2100)]
     drip = Drip(c.master.port, openings, b"abcdefghijklmnopqrstuvwxyz")
     try:
-        wait_until(lambda: accepted(c) >= 1900, TIMEOUT, "the workers to accept the slow connections")
+        # up to 1000 a worker from one address (MKV_CLIENT_CONNECTIONS), the oldest dropped
+        wait_until(lambda: accepted(c) >= 1500, TIMEOUT, "the workers to accept the slow connections")
         done, slowest = hold_while_serving(c, drip, 8)
-        assert accepted(c) >= 1900, "the master dropped slow connections: nothing was held"
+        assert accepted(c) >= 1500, "the master dropped slow connections: nothing was held"
     finally:
         drip.stop()
     print(f"{done} ordinary round trips in 8 s, slowest request {slowest:.3f} s")

@@ -116,7 +116,9 @@ def test_a_new_client_is_answered_while_2100_idle_periodic_and_slowloris_connect
     assert requests.put(c.url("/flooded"), data=b"v", timeout=TIMEOUT).status_code == 201
     flood = Flood(c.master.port, FLOOD)
     try:
-        wait_until(lambda: held(c) >= 1900, TIMEOUT, "the workers to take up the flood")
+        # MKV_CLIENT_CONNECTIONS (1000 a worker; all come from 127.0.0.1) holds
+        # up to 2,000 of them, fewer if the workers accepted unevenly
+        wait_until(lambda: held(c) >= 1500, TIMEOUT, "the workers to take up the flood")
         latencies = []
         for _ in range(5):
             r, seconds = timed_get(c.url("/flooded"))
@@ -128,6 +130,7 @@ def test_a_new_client_is_answered_while_2100_idle_periodic_and_slowloris_connect
               + ", ".join(f"{s * 1000:.0f} ms" for s in latencies))
     finally:
         flood.stop()
+    assert "Traceback" not in master_log(c)
 
 
 def test_a_spent_budget_drops_the_oldest_idle_connections_for_new_clients(private_cluster, monkeypatch):
@@ -146,6 +149,7 @@ def test_a_spent_budget_drops_the_oldest_idle_connections_for_new_clients(privat
         for s in oldest:        # each was dropped: the end of the stream, not an answer
             assert s.recv(4096) == b""
         assert held(c) == 200
+        assert "Traceback" not in master_log(c)
         print(f"GET past a spent budget took {seconds * 1000:.0f} ms")
     finally:
         for s in oldest + newer:
