@@ -172,6 +172,28 @@ def test_one_client_over_its_budget_loses_its_own_oldest_idle_connection(private
             reset(s)
 
 
+def test_a_spent_budget_with_no_idle_connection_refuses_a_new_one_with_a_one_line_503(private_cluster,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--worker-connections 5")
+    c = private_cluster(workers=1)
+    busy = [connect(c.master.port) for _ in range(5)]
+    try:
+        for i, s in enumerate(busy):     # five PUTs in the middle of their bodies
+            s.sendall(b"PUT /busy-%d HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc" % i)
+        from mkvlib.index import Index
+        index = Index(c.db())
+        wait_until(lambda: all(index.get(b"/busy-%d" % i) for i in range(5)), TIMEOUT, "the five PUTs to start")
+        s = connect(c.master.port)
+        s.sendall(b"GET /refused HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = s.recv(4096)
+        s.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and body.count(b"\n") == 1 and b"worker_connections" in body
+    finally:
+        for s in busy:
+            reset(s)
+
+
 # ---------------------------------------------------------------- a client that never reads
 
 def test_a_pipelining_client_that_never_reads_is_dropped_after_the_send_timeout(private_cluster):
