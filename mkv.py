@@ -238,7 +238,11 @@ class Master:
             raise falcon.HTTPContentTooLarge(
                 title=f"more than {cap} bytes of keys (MKV_LIST_BYTES): page with &limit=N&start=NEXT")
         resp.content_type = falcon.MEDIA_JSON
-        resp.stream = mkvlib.listing.render(index, page, state, url=encoding == "url" or not page.utf8, turn=turn)
+        pieces = mkvlib.listing.render(index, page, state, url=encoding == "url" or not page.utf8, turn=turn)
+        if page.count <= mkvlib.listing.BATCH:
+            resp.data = b"".join(pieces)   # one batch: sent whole, with its Content-Length
+        else:
+            resp.stream = pieces
 
     def listing_turn(self):
         """mkvlib.listing's turn() in this process: yield to the other requests

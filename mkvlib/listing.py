@@ -1,9 +1,9 @@
 """A listing page, costing what it returns and never holding the event loop:
 where it ends is found first (SQLite counts, in steps), then its keys are
 read and rendered in batches, each a short read, each inside `turn()`: the
-master passes one that yields to the worker's other requests first and lets
-one listing step run at a time (sqlite3 calls never yield), so that however
-many listings run, a GET waits for one step, not one step of each.
+master passes one that runs one listing step at a time in the worker, once
+nothing else there is ready to run (sqlite3 calls never yield), so that
+however many listings run, a GET waits for one step at most.
 
 A page holds at most `limit` keys (mkvlib.index.LIST_MAX without one) and at most
 `max_bytes` bytes of keys, and at least one key when there is one. Its JSON

@@ -25,7 +25,7 @@ def page(index, prefix, start, limit, max_bytes):
     return ext, answer
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(keys, min_size=1, max_size=40, unique=True), st.binary(max_size=2).map(lambda b: b"/" + b),
        st.integers(1, 7), st.integers(1, 40))
 def test_pages_under_a_key_and_a_byte_cap_cover_every_key_once_in_order(tmp_path_factory, all_keys, prefix,
@@ -47,7 +47,7 @@ def test_pages_under_a_key_and_a_byte_cap_cover_every_key_once_in_order(tmp_path
     assert got == want
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.lists(keys, min_size=0, max_size=30, unique=True), st.integers(1, 40))
 def test_a_page_renders_as_one_json_dumps_of_it_would(tmp_path_factory, all_keys, limit):
     index = filled(tmp_path_factory, all_keys)
