@@ -97,6 +97,12 @@ def held(cluster):
                if conn.status == psutil.CONN_ESTABLISHED and conn.laddr.port == cluster.master.port)
 
 
+def holds_connection_from(cluster, port):
+    """Whether a worker of the master holds a connection from the local port `port`."""
+    return any(conn.raddr and conn.raddr.port == port and conn.status == psutil.CONN_ESTABLISHED
+               for pid in cluster.master.pids() for conn in psutil.Process(pid).net_connections("tcp"))
+
+
 def timed_get(url):
     started = time.monotonic()
     r = requests.get(url, timeout=TIMEOUT, allow_redirects=False)
@@ -214,11 +220,7 @@ def test_a_pipelining_client_that_never_reads_is_dropped_after_the_send_timeout(
                 time.sleep(0.01)
             except OSError:
                 break
-
-        def holds_it():
-            return any(conn.raddr and conn.raddr.port == port and conn.status == psutil.CONN_ESTABLISHED
-                       for pid in c.master.pids() for conn in psutil.Process(pid).net_connections("tcp"))
-        wait_until(lambda: not holds_it(), 15, "the master to drop the client that never reads")
+        wait_until(lambda: not holds_connection_from(c, port), 15, "the master to drop the client that never reads")
         r = requests.get(c.url("/after-the-pipeliner"), timeout=TIMEOUT, allow_redirects=False)
         assert r.status_code == 404
         log = master_log(c)
@@ -234,14 +236,32 @@ def test_a_pipelining_client_that_never_reads_is_dropped_after_the_send_timeout(
 LISTED = 1_000_000
 
 
-def index_of_a_million_keys(path):
-    """Live records of /k/0000000 ... straight into a fresh index (no files):
-    a listing has something to list."""
+def index_of(path, n, key=b"/k/%07d"):
+    """Live records of n keys straight into a fresh index (no files): a
+    listing has something to list."""
     from mkvlib.index import Index
     os.makedirs(os.path.dirname(path), exist_ok=True)
     index = Index(path)
-    index.insert_live((b"/k/%07d" % i, ["127.0.0.1:1"], None, 1) for i in range(LISTED))
+    index.insert_live((key % i, ["127.0.0.1:1"], None, 1) for i in range(n))
     index.close()
+
+
+def test_a_listing_whose_client_stops_reading_is_dropped_after_the_send_timeout(private_cluster, tmp_path):
+    # about 10 MB of answer: more than a socket's send buffer (4 MB at most here) and a 4 KB window
+    index_of(str(tmp_path / "c0" / "index.sqlite3"), 400_000, b"/unread/%08d-kkkkkkkkkk")
+    c = private_cluster(workers=1, send_timeout=2)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", c.master.port))
+    port = s.getsockname()[1]
+    try:
+        s.sendall(b"GET /unread/?list HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: not holds_connection_from(c, port), 20, "the master to drop the listing nobody reads")
+        assert "MKV_SEND_TIMEOUT" in master_log(c) and "Traceback" not in master_log(c)
+        r = requests.get(c.url("/unread/?list&limit=2"), timeout=TIMEOUT)
+        assert r.json()["keys"] == ["/unread/00000000-kkkkkkkkkk", "/unread/00000001-kkkkkkkkkk"]
+    finally:
+        reset(s)
 
 
 def workers_rss(cluster):
@@ -271,7 +291,7 @@ def loop_listing(port, stopped, pages):
 
 def test_eight_list_loopers_and_never_reading_listers_on_a_million_keys_leave_gets_puts_and_memory_alone(
         private_cluster, tmp_path):
-    index_of_a_million_keys(str(tmp_path / "c0" / "index.sqlite3"))
+    index_of(str(tmp_path / "c0" / "index.sqlite3"), LISTED)
     c = private_cluster(workers=2)
     before = workers_rss(c)
     processes = multiprocessing.get_context("fork")
