@@ -19,8 +19,10 @@ from mkvlib.settings import Settings  # noqa: E402
 from mkvlib.volumes import Volumes  # noqa: E402
 
 worker_class = "gevent"
-worker_connections = 1000
-keepalive = 30          # seconds; clients of a blob store come back
+# Per worker: the connection budget (connections.py drops the oldest idle one
+# when it is spent); each takes an open file, and the worker raises its limit.
+worker_connections = 4000
+keepalive = 30          # seconds; clients of a blob store come back; also the time a request's head may take
 graceful_timeout = 30
 # A worker that stops answering (paused, starved) is killed after `timeout`
 # seconds (a second or two more: gunicorn looks once a second): before the
@@ -82,3 +84,10 @@ def on_starting(server):
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
+
+
+def post_worker_init(worker):
+    """The connection budget, the send timeout and their one-line logs
+    (connections.py), installed in each worker whatever -k said."""
+    import connections
+    connections.install(worker)

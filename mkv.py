@@ -8,19 +8,20 @@ logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
 one status in ERROR_STATUS, rendered as a one-line reason by one serializer.
 """
 import hmac
-import json
 import logging
 import os
 import sqlite3
 import sys
 import time
-from urllib.parse import quote, unquote_plus, unquote_to_bytes
+from urllib.parse import unquote_plus, unquote_to_bytes
 
 import falcon
 
 from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists,
                            KeyMissing, KeyProtected, KeyTooLong, MkvError, SettingsError, Unauthorized,
                            Unavailable, VolumeDown, VolumeError)
+import mkvlib.index
+import mkvlib.listing
 from mkvlib.db import is_full
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
 from mkvlib.settings import SECRET_HEADER, Settings
@@ -221,23 +222,45 @@ class Master:
         limit = parse_limit(query.get("limit"))
         start = query.get("start", b"")
         state = LIVE if listing[0] == "list" else UNLINKED
-        keys, nxt = self.store.index.list(key, start, limit, state)
-        if limit is None and nxt is not None:
+        self.stream_listing(resp, key, start, limit, state, encoding)
+
+    def stream_listing(self, resp, prefix, start, limit, state, encoding):
+        """The page, found and then sent in batches that yield to the other
+        requests of this worker (mkvlib.listing); a client that stops reading
+        holds one batch, until MKV_SEND_TIMEOUT drops it. Without a limit, a
+        listing over LIST_MAX keys or MKV_LIST_BYTES bytes of keys is 413."""
+        index, turn, cap = self.store.index, self.listing_turn(), self.settings.list_bytes
+        if limit is None and mkvlib.listing.more_than(index, mkvlib.index.LIST_MAX, prefix, start, state, turn):
             raise falcon.HTTPContentTooLarge(
-                title=f"more than {LIST_MAX} keys: page with &limit=N&start=NEXT")
-        names = keys + ([nxt] if nxt is not None else [])
-        if encoding is None:
-            try:
-                names = [k.decode("utf-8") for k in names]
-            except UnicodeDecodeError:
-                encoding = "url"
-        if encoding == "url":
-            names = [quote(k, safe="/") for k in names]
-        answer = {"next": names[-1] if nxt is not None else "", "keys": names[:len(keys)]}
-        if encoding == "url":
-            answer["encoding-type"] = "url"
+                title=f"more than {mkvlib.index.LIST_MAX} keys: page with &limit=N&start=NEXT")
+        page = mkvlib.listing.extent(index, prefix, start, limit, state, cap, turn)
+        if limit is None and page.next is not None:
+            raise falcon.HTTPContentTooLarge(
+                title=f"more than {cap} bytes of keys (MKV_LIST_BYTES): page with &limit=N&start=NEXT")
         resp.content_type = falcon.MEDIA_JSON
-        resp.text = json.dumps(answer)
+        pieces = mkvlib.listing.render(index, page, state, url=encoding == "url" or not page.utf8, turn=turn)
+        if page.count <= mkvlib.listing.BATCH:
+            resp.data = b"".join(pieces)   # one batch: sent whole, with its Content-Length
+        else:
+            resp.stream = pieces
+
+    def listing_turn(self):
+        """mkvlib.listing's turn() in this process: yield to the other requests
+        first, then one listing step at a time, so that a GET waits for one
+        step however many listings run (made on first use, after the fork)."""
+        if getattr(self, "_listing_turn", None) is None:
+            import contextlib
+            import gevent   # the master runs under gevent; imported here so tests of logic need not
+            import gevent.lock
+            one_at_a_time = gevent.lock.Semaphore(1)
+
+            @contextlib.contextmanager
+            def turn():
+                with one_at_a_time:
+                    gevent.idle()   # once nothing else is ready: every request waiting on I/O goes first
+                    yield
+            self._listing_turn = turn
+        return self._listing_turn
 
     def on_put(self, req, resp, key, query):
         try:

@@ -78,11 +78,16 @@ class Settings:
     voltimeout: float = 1.0
     get_check: bool = False
     secret: str = dataclasses.field(default=None, repr=False)
+    client_connections: int = 1000        # per worker, from one client address (connections.py)
+    send_timeout: float = 30.0            # seconds a client may take to take a piece of its answer
+    list_bytes: int = 32 << 20            # key bytes one listing page may hold
 
     ENV = {"volumes": ("MKV_VOLUMES", ""), "db": ("MKV_DB", ""), "replicas": ("MKV_REPLICAS", "3"),
            "subvolumes": ("MKV_SUBVOLUMES", "10"), "protect": ("MKV_PROTECT", ""),
            "fallback": ("MKV_FALLBACK", ""), "voltimeout": ("MKV_VOLTIMEOUT", "1"),
-           "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", "")}
+           "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", ""),
+           "client_connections": ("MKV_CLIENT_CONNECTIONS", "1000"),
+           "send_timeout": ("MKV_SEND_TIMEOUT", "30"), "list_bytes": ("MKV_LIST_BYTES", str(32 << 20))}
 
     @classmethod
     def from_env(cls, env=None, **overrides):
@@ -107,7 +112,10 @@ class Settings:
         return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
                    subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
                    fallback=fallback, voltimeout=voltimeout,
-                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret)
+                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret,
+                   client_connections=_parse_int("MKV_CLIENT_CONNECTIONS", raw["client_connections"], 1, 1 << 20),
+                   send_timeout=_parse_seconds("MKV_SEND_TIMEOUT", raw["send_timeout"], 3600),
+                   list_bytes=_parse_int("MKV_LIST_BYTES", raw["list_bytes"], 1 << 10, 1 << 40))
 
     def placement(self, key: bytes) -> list:
         """The volumes (with their svXX folder) that should hold `key`, best first."""

@@ -40,6 +40,17 @@ def free_ports(n):
             s.close()
 
 
+def enough_open_files(n):
+    """This process may open n more sockets (the soft limit raised towards the hard one)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < want:
+        pytest.skip(f"ulimit -n allows fewer than {want} open files here")
+
+
 def wait_until(predicate, timeout, what, every=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

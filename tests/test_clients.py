@@ -15,7 +15,7 @@ import requests
 from mkvlib.index import Index, WRITING
 from mkvlib.placement import key2volume
 from mkvlib.volumes import CHUNK
-from conftest import TIMEOUT, wait_until
+from conftest import TIMEOUT, enough_open_files, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -202,17 +202,20 @@ def test_clients_that_leave_before_reading_their_redirect_do_not_stop_the_master
 
 # ---------------------------------------------------------------- slow clients
 
-def test_200_slowloris_connections_do_not_stop_ordinary_gets_and_puts(private_cluster):
+def test_2100_slowloris_connections_do_not_stop_ordinary_gets_and_puts(private_cluster):
+    """More than gunicorn's default 1000 per worker on 2 workers: the master
+    holds what its budget allows (the oldest go first) and serves the rest."""
+    enough_open_files(2100)
     c = private_cluster(workers=2)
     # half stall inside the request line, half inside the headers
     openings = [b"GET /slowloris-%d" % i if i % 2 else b"GET /slowloris HTTP/1.1\r\nHost: x\r\nX-Slow: "
-                for i in range(200)]
+                for i in range(2100)]
     drip = Drip(c.master.port, openings, b"abcdefghijklmnopqrstuvwxyz")
     try:
-        wait_until(lambda: accepted(c) >= 200, TIMEOUT, "the workers to accept the 200 slow connections")
+        # up to 1000 a worker from one address (MKV_CLIENT_CONNECTIONS), the oldest dropped
+        wait_until(lambda: accepted(c) >= 1500, TIMEOUT, "the workers to accept the slow connections")
         done, slowest = hold_while_serving(c, drip, 8)
-        assert drip.still_open() == 200, "the master dropped slow connections: nothing was held"
-        assert accepted(c) >= 200
+        assert accepted(c) >= 1500, "the master dropped slow connections: nothing was held"
     finally:
         drip.stop()
     print(f"{done} ordinary round trips in 8 s, slowest request {slowest:.3f} s")

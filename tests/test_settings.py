@@ -47,6 +47,9 @@ def test_keyword_overrides_win_over_the_environment():
     ({"MKV_VOLUMES": "localhost"}, "not host:port"),
     ({"MKV_VOLUMES": "a:1,a:1,b:2"}, "twice"),
     ({"MKV_DB": ""}, "MKV_DB"),
+    ({"MKV_CLIENT_CONNECTIONS": "0"}, "MKV_CLIENT_CONNECTIONS"),
+    ({"MKV_SEND_TIMEOUT": "never"}, "MKV_SEND_TIMEOUT"),
+    ({"MKV_LIST_BYTES": "100"}, "MKV_LIST_BYTES"),
 ])
 def test_bad_settings_are_refused_with_a_reason(env, says):
     with pytest.raises(SettingsError, match=says):
