@@ -77,8 +77,49 @@ def on_starting(server):
         check_named_once(settings.volumes, disk_ids(settings))   # one disk under two names
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
+    start_run_folder(settings)
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
+
+
+# -- operability (issue 16): the run folder the workers share, and the admin
+# listener (admin.py), once per master, in a thread of the arbiter. Nothing
+# here imports prometheus_client before start_run_folder has named its folder.
+
+def start_run_folder(settings):
+    """The run folder made empty (mkvlib.runfolder), the index's counts
+    installed (mkvlib.counts), the admin port bound: before any worker forks."""
+    import admin
+    from mkvlib import counts, runfolder
+    runfolder.prepare(settings.db)
+    counts.install(settings.db)
+    try:
+        admin.listen(settings)
+    except OSError as e:
+        sys.exit(f"mkv: MKV_ADMIN_PORT {settings.admin_port} on {settings.admin_bind}: {e.strerror}")
+
+
+def when_ready(server):
+    import admin
+    for listener in admin._server:
+        admin.serve_in_a_thread(listener)
+        server.log.info("mkv: admin listener on http://%s:%d/ (/metrics, /health/ready)",
+                        *listener.server_address[:2])
+
+
+def post_fork(server, worker):
+    import admin
+    admin.close_in_worker()
+
+
+def child_exit(server, worker):
+    import admin
+    admin.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    from mkvlib import runfolder
+    runfolder.remove(Settings.from_env().db)

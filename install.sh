@@ -24,6 +24,8 @@ missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v curl >/dev/null || missing+=(curl)
+# chromium: the status page's test loads the page in a real headless browser
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || { echo "install.sh: install ${missing[*]} first (nginx with the dav module)" >&2; exit 1; }
   apt_install "${missing[@]}"

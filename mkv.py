@@ -23,6 +23,7 @@ from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, Ind
                            Unavailable, VolumeDown, VolumeError)
 from mkvlib.db import is_full
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
+from mkvlib.metrics import counted
 from mkvlib.settings import SECRET_HEADER, Settings
 from mkvlib.store import Store
 from mkvlib.volumes import CHUNK
@@ -327,7 +328,7 @@ def create_app(settings: Settings, store=None) -> falcon.App:
 
 def _app_from_env():
     try:
-        return create_app(Settings.from_env())
+        return counted(create_app(Settings.from_env()))   # counted: mkvlib.metrics
     except SettingsError as e:
         # gunicorn.conf.py checks the settings before any worker starts; this is
         # for a run without it: one line, and exit 3 so gunicorn stops retrying.

@@ -36,6 +36,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import Lease, new_owner
@@ -440,4 +441,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(published.exit_status_of(main))   # the master's status page shows it

@@ -30,6 +30,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, Unavailable, VolumeError
 from mkvlib.index import LIVE, UNLINKED
 from mkvlib.lease import Lease, new_owner
@@ -560,4 +561,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(published.exit_status_of(main))   # the master's status page shows it

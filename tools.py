@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, SettingsError
 from mkvlib.index import Index
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, lock_clock
@@ -63,8 +64,11 @@ def open_index(prog, path) -> Index:
 
 
 def open_all(prog, settings, workers, unit):
-    """(index, volume client, progress display) of a tool's run."""
-    return open_index(prog, settings.db), open_volumes(settings, workers), Progress(prog, unit=unit)
+    """(index, volume client, progress display) of a tool's run; its
+    progress is shown to a master running on the same index (mkvlib.progress)."""
+    progress = Progress(prog, unit=unit)
+    published.publish(prog.removesuffix(".py"), settings.db, progress)
+    return open_index(prog, settings.db), open_volumes(settings, workers), progress
 
 
 def run(prog, job, workers, progress) -> bool:

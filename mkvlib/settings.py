@@ -78,11 +78,16 @@ class Settings:
     voltimeout: float = 1.0
     get_check: bool = False
     secret: str = dataclasses.field(default=None, repr=False)
+    admin_port: int = None        # the admin listener (admin.py): /metrics, /health/*, the status page
+    admin_bind: str = "127.0.0.1"
+    log_format: str = "text"      # or "json": one JSON object a line
 
     ENV = {"volumes": ("MKV_VOLUMES", ""), "db": ("MKV_DB", ""), "replicas": ("MKV_REPLICAS", "3"),
            "subvolumes": ("MKV_SUBVOLUMES", "10"), "protect": ("MKV_PROTECT", ""),
            "fallback": ("MKV_FALLBACK", ""), "voltimeout": ("MKV_VOLTIMEOUT", "1"),
-           "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", "")}
+           "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", ""),
+           "admin_port": ("MKV_ADMIN_PORT", ""), "admin_bind": ("MKV_ADMIN_BIND", "127.0.0.1"),
+           "log_format": ("MKV_LOG_FORMAT", "text")}
 
     @classmethod
     def from_env(cls, env=None, **overrides):
@@ -104,10 +109,15 @@ class Settings:
         fallback = raw["fallback"] or None
         if fallback:
             _parse_hostport("MKV_FALLBACK", fallback)
+        admin_port = _parse_int("MKV_ADMIN_PORT", raw["admin_port"], 1, 65535) if raw["admin_port"] else None
+        if raw["log_format"] not in ("text", "json"):
+            raise SettingsError(f"MKV_LOG_FORMAT: {raw['log_format']!r} is neither text nor json")
         return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
                    subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
                    fallback=fallback, voltimeout=voltimeout,
-                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret)
+                   get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret,
+                   admin_port=admin_port, admin_bind=raw["admin_bind"] or "127.0.0.1",
+                   log_format=raw["log_format"])
 
     def placement(self, key: bytes) -> list:
         """The volumes (with their svXX folder) that should hold `key`, best first."""
