@@ -38,9 +38,11 @@ echo "bringup.sh: volumes on :3001 :3002 :3003, data in $home/volume{1,2,3}" >&2
 
 export MKV_VOLUMES=${MKV_VOLUMES:-localhost:3001,localhost:3002,localhost:3003}
 export MKV_DB=${MKV_DB:-$home/index.sqlite3}
+export MKV_ADMIN_PORT=${MKV_ADMIN_PORT:-3100}   # status page, /metrics, /health/* (admin.py)
 .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b 127.0.0.1:3000 mkv:app &
 pids+=($!)
 echo "bringup.sh: master on :3000 (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:3000/wehave" >&2
+echo "bringup.sh: status page and /metrics on http://127.0.0.1:$MKV_ADMIN_PORT/" >&2
 wait -n "${pids[@]}"
 echo "bringup.sh: a server stopped; stopping the rest" >&2
 exit 1

@@ -267,3 +267,27 @@ def test_a_volume_told_to_bind_loopback_answers_there_only(tmp_path):
             requests.get(f"http://127.0.0.2:{v.port}/.id", timeout=10)
     finally:
         v.stop()
+
+
+def test_refused_moves_and_deletes_of_missing_files_leave_no_line_in_the_log(volume, http):
+    dest = put_file(http, volume, f"/sv05/aa/{name()}", b"first")
+    assert move(http, volume, upload(http, volume), dest).status_code == 412
+    assert http.delete(url(volume, f"/sv05/aa/{name()}")).status_code == 404
+    assert http.delete(url(volume, f"/.tmp/{name()}")).status_code == 404
+    log = volume.tail(200)
+    assert "File exists" not in log and "lstat()" not in log, log
+
+
+def test_the_volume_serves_its_disk_usage_read_only(volume, http):
+    r = http.get(url(volume, "/.disk"))
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    disk = r.json()
+    st = os.statvfs(volume.dir)
+    assert disk["total"] == st.f_blocks * st.f_frsize and 0 < disk["free"] <= disk["total"]
+    assert http.put(url(volume, "/.disk"), data=b"{}").status_code == 403
+    assert http.delete(url(volume, "/.disk")).status_code == 403
+
+
+def test_the_volume_names_its_port_and_folder_in_its_process_title(volume):
+    title = " ".join(psutil.Process(volume.proc.pid).cmdline())
+    assert f":{volume.port} {volume.dir}" in title, title
