@@ -10,6 +10,7 @@ a thread of its own, so it answers whatever the workers are doing:
                     the tools' progress, and what is read here per scrape
     /               the status page (statuspage.py)
 """
+import json
 import logging
 import os
 import socket
@@ -24,6 +25,8 @@ from mkvlib.health import PROBE_FRESH, SHARED_ENV, Table, is_up
 log = logging.getLogger("mkv")
 
 READY_WRITE_TIMEOUT = 2.0   # seconds the readiness check waits for the index's write lock
+INDEX_SPACE_MIN = 1 << 20   # bytes free on the index's disk under which it is full (a PUT
+                            # writes a few pages; a WAL with room left takes writes a while longer)
 _server = []                # the one listener of this process
 
 
@@ -46,6 +49,13 @@ class View:
 
     def index_write(self):
         """None if the index takes a write now, else why not (one line)."""
+        try:
+            st = os.statvfs(os.path.dirname(self.settings.db))
+            if st.f_bavail * st.f_frsize < INDEX_SPACE_MIN:
+                return (f"index {self.settings.db}: its disk is full "
+                        f"({st.f_bavail * st.f_frsize >> 10} KB free)")
+        except OSError:
+            pass
         try:
             db = sqlite3.connect(self.settings.db, timeout=READY_WRITE_TIMEOUT, isolation_level=None)
             try:
@@ -90,7 +100,16 @@ class View:
         return os.path.dirname(self.table.folder) if self.table.folder else None
 
     def disks(self):
-        return {}
+        """{host: {free, used, total}} of the volumes up now (each /.disk,
+        written by its launcher); a volume that does not answer at once is left out."""
+        now = time.monotonic()
+        found = {}
+        for host, row in self.volumes():
+            if self.up(row, now):
+                disk = fetch_json(host, "/.disk")
+                if isinstance(disk, dict):
+                    found[host] = disk
+        return found
 
     def file_sizes(self):
         out = {}
@@ -100,6 +119,36 @@ class View:
             except OSError:
                 out[name] = 0
         return out
+
+
+DISK_TIMEOUT = 0.5   # seconds a volume may take to send its /.disk
+
+
+def fetch_json(host, path, timeout=DISK_TIMEOUT):
+    """GET http://host/path as JSON over a plain socket (this thread is no
+    gevent's); None on any failure."""
+    name, _, port = host.rpartition(":")
+    try:
+        sock = original("socket", "socket")(socket.AF_INET6 if ":" in name.strip("[]") else socket.AF_INET,
+                                            socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((name.strip("[]"), int(port)))
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            data = b""
+            while len(data) < 65536:
+                piece = sock.recv(4096)
+                if not piece:
+                    break
+                data += piece
+        finally:
+            sock.close()
+        head, _, body = data.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
+            return None
+        return json.loads(body)
+    except (OSError, ValueError):
+        return None
 
 
 def text(start_response, status, body, ctype="text/plain; charset=utf-8"):

@@ -93,7 +93,8 @@ def start_run_folder(settings):
     """The run folder made empty (mkvlib.runfolder), the index's counts
     installed (mkvlib.counts), the admin port bound: before any worker forks."""
     import admin
-    from mkvlib import counts, runfolder
+    from mkvlib import counts, logs, runfolder
+    logs.use_format(settings.log_format)
     runfolder.prepare(settings.db)
     counts.install(settings.db)
     try:

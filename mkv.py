@@ -23,6 +23,7 @@ from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, Ind
                            Unavailable, VolumeDown, VolumeError)
 from mkvlib.db import is_full
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
+from mkvlib.logs import use_format
 from mkvlib.metrics import counted
 from mkvlib.settings import SECRET_HEADER, Settings
 from mkvlib.store import Store
@@ -328,7 +329,10 @@ def create_app(settings: Settings, store=None) -> falcon.App:
 
 def _app_from_env():
     try:
-        return counted(create_app(Settings.from_env()))   # counted: mkvlib.metrics
+        settings = Settings.from_env()
+        app = create_app(settings)
+        use_format(settings.log_format)
+        return counted(app)   # every request counted, each failure logged (mkvlib.metrics)
     except SettingsError as e:
         # gunicorn.conf.py checks the settings before any worker starts; this is
         # for a run without it: one line, and exit 3 so gunicorn stops retrying.

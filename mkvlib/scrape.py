@@ -64,6 +64,12 @@ class Collector:
             if row[PROBED] or row[MISSED]:
                 seen.add_metric([host], now - row[PROBED] if row[PROBED] else float("inf"))
         yield from (up, mismatch, seen)
+        free = G("mkv_volume_disk_free_bytes", "free bytes of the volume's disk (its /.disk)", labels=["volume"])
+        used = G("mkv_volume_disk_used_bytes", "used bytes of the volume's disk (its /.disk)", labels=["volume"])
+        for host, disk in sorted(view.disks().items()):
+            free.add_metric([host], disk.get("free", 0))
+            used.add_metric([host], disk.get("used", 0))
+        yield from (free, used)
         yield from self.index_metrics()
         yield from self.process_metrics()
         yield from tool_metrics(self.view.run_folder())
