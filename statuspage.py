@@ -80,11 +80,11 @@ def recent_failures(run_folder):
 def tool_rows(run_folder):
     rows = []
     for tool, state in sorted(progress.read(run_folder).items()):
-        running = state.get("running")
-        status = "running" if running else f"exited {state.get('exit_status', '?')}"
+        status = "running" if state.get("running") else f"exited {state.get('exit_status', '?')}"
+        total = state.get("units_total")
+        done = f'{state.get("units_done", 0)}{f" of {total}" if total else ""} {state.get("unit", "")}'
         rows.append(f'<tr data-tool="{esc(tool)}"><td>{esc(tool)}</td><td>{esc(status)}</td>'
-                    f'<td class="num">{esc(state.get("keys_done", 0))}</td>'
-                    f'<td class="num">{esc(state.get("keys_total", "?"))}</td>'
+                    f'<td class="num">{esc(done)}</td><td class="num">{esc(state.get("keys_done", 0))}</td>'
                     f'<td class="num">{size(state.get("bytes_copied", 0))}</td>'
                     f'<td class="num">{esc(state.get("failures", 0))}</td></tr>')
     return rows
@@ -117,7 +117,7 @@ Replicas {settings.replicas}, subvolumes {settings.subvolumes}.</p>
 {table(["volume", "state", "identity", "disk free", "disk used", "keys", "values"],
        volume_rows(view, disks if disks is not None else view.disks()), "no volumes")}
 <h2>Tools</h2>
-{table(["tool", "state", "keys done", "of", "copied", "failures"], tool_rows(run_folder),
+{table(["tool", "state", "done", "keys", "copied", "failures"], tool_rows(run_folder),
        "no rebuild or rebalance has run since the master started")}
 <h2>Recent failed requests</h2>
 {table(["time (UTC)", "method", "key", "status", "reason", "volume", "took"], recent_failures(run_folder),

@@ -2,8 +2,11 @@
 after known traffic, a killed volume, a tool's progress; the key space of
 the master's own port stays the users'."""
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -121,3 +124,42 @@ def test_a_killed_volume_is_down_and_not_ready_within_seconds_and_back_after_its
         c.volumes[0].start()
     wait_until(lambda: value(scrape(c), "mkv_volume_up", volume=dead) == 1, PROBE_FRESH + 3, "up 1")
     assert requests.get(c.admin + "/health/ready", timeout=10).status_code == 200
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium(tmp_path, *args):
+    """Debian's chromium, headless, with a fresh profile; its stdout."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is missing: ./install.sh installs it")
+    profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-profile-")
+    p = subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout
+
+
+def volume_states(dom):
+    """{volume: up|down} as the page shows them."""
+    return dict(re.findall(r'data-volume="([^"]+)" data-state="(up|down)"', dom))
+
+
+def test_the_status_page_shows_every_volume_and_marks_a_killed_one_down_within_seconds(admin_cluster, tmp_path):
+    c = admin_cluster
+    dom = chromium(tmp_path, "--dump-dom", c.admin + "/")
+    assert "<title>mkv status</title>" in dom
+    assert volume_states(dom) == {v: "up" for v in c.volume_names()}
+    dead = c.volume_names()[2]
+    c.volumes[2].kill()
+    try:
+        wait_until(lambda: volume_states(chromium(tmp_path, "--dump-dom", c.admin + "/")).get(dead) == "down",
+                   PROBE_FRESH + 8, "the page to show the volume down")
+        shot = tmp_path / "status-page.png"
+        chromium(tmp_path, f"--screenshot={shot}", "--window-size=1100,900", "--hide-scrollbars", c.admin + "/")
+        assert shot.stat().st_size > 1000
+    finally:
+        c.volumes[2].start()
+    wait_until(lambda: value(scrape(c), "mkv_volume_up", volume=dead) == 1, PROBE_FRESH + 3, "up again")
