@@ -10,7 +10,7 @@ import json
 import os
 import time
 
-from mkvlib import progress
+from mkvlib import counts, progress
 from mkvlib.health import REPLACED
 
 REFRESH = 2           # seconds between two loads of the page
@@ -37,12 +37,7 @@ def size(n):
 
 def volume_rows(view, disks):
     found, _, ids = view.index()
-    per_host = {}
-    for name, (n, b) in found.items():
-        if name.startswith("vol:"):
-            host = name[4:].partition("/")[0]
-            k, v = per_host.get(host, (0, 0))
-            per_host[host] = (k + n, v + b)
+    per_host = counts.per_host(found)
     now = time.monotonic()
     rows = []
     for host, row in view.volumes():
@@ -103,8 +98,8 @@ def render(view, disks=None):
     why = view.ready()
     ready = ('<p class="up" id="ready">ready</p>' if why is None
              else f'<p class="down" id="ready">not ready: {esc(why)}</p>')
-    counts, notes, _ = view.index()
-    live = counts.get("live", (0, 0))
+    found, notes, _ = view.index()
+    live = found.get("live", (0, 0))
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH}">
 <title>mkv status</title><style>{STYLE}</style></head><body>

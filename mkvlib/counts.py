@@ -71,3 +71,14 @@ def read(db):
         return {name: (n, b) for name, n, b in db.execute("SELECT name, n, bytes FROM mkv_counts")}
     except sqlite3.OperationalError:
         return {}
+
+
+def per_host(found):
+    """{host: (keys, bytes)} of read()'s rows, the subvolumes of each volume summed."""
+    out = {}
+    for name, (n, b) in found.items():
+        if name.startswith("vol:"):
+            host = name[4:].partition("/")[0]
+            k, v = out.get(host, (0, 0))
+            out[host] = (k + n, v + b)
+    return out

@@ -11,7 +11,6 @@ are still counted for the failure log, and nothing is handed on.
 
 Each failed request (a status of 400 or more but 404) is one log line:
 method, key, status, reason, volume, duration."""
-import bisect
 import collections
 import json
 import logging
@@ -19,6 +18,8 @@ import os
 import re
 import threading
 import time
+from bisect import bisect_left
+from time import perf_counter
 
 from mkvlib import health
 
@@ -30,6 +31,13 @@ BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 KIND_OF_METHOD = {"PUT": "put", "DELETE": "delete", "UNLINK": "unlink"}
 VOLUME_IN_REASON = re.compile(r"volume ([^\s:]+:\d+)")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def content_length(headers):
+    for name, value in headers:
+        if name == "Content-Length":
+            return int(value)
+    return 0
 
 
 def kind_of(environ, status):
@@ -48,21 +56,22 @@ def kind_of(environ, status):
 
 
 class Tally:
-    """One process's counts since the last hand-over."""
+    """One process's counts since the last hand-over: one row per (method,
+    kind, status), [requests, seconds, bytes in, bytes out, then a count per
+    latency bucket]: one dict lookup per request."""
 
     def __init__(self):
-        self.requests = collections.Counter()          # (method, kind, status) -> n
-        self.latency = collections.defaultdict(lambda: [0] * (len(BUCKETS) + 2))  # kind -> buckets, +Inf, sum
-        self.bytes_in = 0
-        self.bytes_out = 0
+        self.rows = {}
 
-    def add(self, method, kind, status, seconds, got, sent):
-        self.requests[method, kind, status] += 1
-        row = self.latency[kind]
-        row[bisect.bisect_left(BUCKETS, seconds)] += 1
-        row[-1] += seconds
-        self.bytes_in += got
-        self.bytes_out += sent
+    def add(self, key, seconds, got, sent):
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = [0, 0.0, 0, 0] + [0] * (len(BUCKETS) + 1)
+        row[0] += 1
+        row[1] += seconds
+        row[2] += got
+        row[3] += sent
+        row[4 + bisect_left(BUCKETS, seconds)] += 1
 
 
 class Counted:
@@ -78,7 +87,7 @@ class Counted:
     def __call__(self, environ, start_response):
         if self._flusher_pid != os.getpid():
             self._start_flusher()
-        started = time.perf_counter()
+        started = perf_counter()
         seen = []
 
         def start(status, headers, exc_info=None):
@@ -90,11 +99,11 @@ class Counted:
             body = self.app(environ, start)
         finally:
             self.in_flight -= 1
-        status = int(seen[0][:3]) if seen else 500
-        sent = next((int(v) for k, v in seen[1] if k == "Content-Length"), 0) if seen else 0
+        seconds = perf_counter() - started
+        status, sent = (int(seen[0][:3]), content_length(seen[1])) if seen else (500, 0)
         length = environ.get("CONTENT_LENGTH")
-        seconds = time.perf_counter() - started
-        self.tally.add(environ["REQUEST_METHOD"], kind_of(environ, status), status, seconds,
+        method = environ["REQUEST_METHOD"]
+        self.tally.add((method, kind_of(environ, status), status), seconds,
                        int(length) if length and length.isdigit() else 0, sent)
         if status >= 400 and status != 404:
             self.failed(environ, status, body, seconds)
@@ -159,18 +168,23 @@ class Exported:
                                      ["volume"])
 
     def add(self, tally, in_flight, volume_counts):
-        for (method, kind, status), n in tally.requests.items():
-            self.requests.labels(method, kind, str(status)).inc(n)
-        for kind, row in tally.latency.items():
+        kinds = {}
+        for (method, kind, status), row in tally.rows.items():
+            self.requests.labels(method, kind, str(status)).inc(row[0])
+            if row[2]:
+                self.bytes_in.inc(row[2])
+            if row[3]:
+                self.bytes_out.inc(row[3])
+            total = kinds.setdefault(kind, [0.0] + [0] * (len(BUCKETS) + 1))
+            total[0] += row[1]
+            for i, n in enumerate(row[4:]):
+                total[1 + i] += n
+        for kind, total in kinds.items():
             child = self.duration.labels(kind)
-            for i, n in enumerate(row[:-1]):     # prometheus_client has no bulk observe
+            for i, n in enumerate(total[1:]):     # prometheus_client has no bulk observe
                 if n:
                     child._buckets[i].inc(n)
-            child._sum.inc(row[-1])
-        if tally.bytes_in:
-            self.bytes_in.inc(tally.bytes_in)
-        if tally.bytes_out:
-            self.bytes_out.inc(tally.bytes_out)
+            child._sum.inc(total[0])
         self.in_flight.set(in_flight)
         for (host, ok), n in volume_counts.items():
             (self.volume_requests if ok else self.volume_errors).labels(host).inc(n)

@@ -6,7 +6,7 @@ processes."""
 import os
 import time
 
-from mkvlib import progress
+from mkvlib import counts, progress
 from mkvlib.health import MISSED, PROBED, REPLACED
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -86,13 +86,7 @@ class Collector:
             yield G("mkv_notes", "copies awaiting removal (pending_deletes)", value=notes)
         keys = G("mkv_volume_keys", "live keys with a copy on the volume", labels=["volume"])
         size = G("mkv_volume_value_bytes", "bytes of the live copies on the volume", labels=["volume"])
-        per_host = {}
-        for name, (n, b) in found.items():
-            if name.startswith("vol:"):
-                host = name[4:].partition("/")[0]
-                k, v = per_host.get(host, (0, 0))
-                per_host[host] = (k + n, v + b)
-        for host, (n, b) in sorted(per_host.items()):
+        for host, (n, b) in sorted(counts.per_host(found).items()):
             keys.add_metric([host], n)
             size.add_metric([host], b)
         yield keys
