@@ -4,6 +4,7 @@ the master's own port stays the users'."""
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -163,3 +164,21 @@ def test_the_status_page_shows_every_volume_and_marks_a_killed_one_down_within_s
     finally:
         c.volumes[2].start()
     wait_until(lambda: value(scrape(c), "mkv_volume_up", volume=dead) == 1, PROBE_FRESH + 3, "up again")
+
+
+def test_a_taken_admin_port_stops_the_start_with_one_line(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        env = dict(os.environ, MKV_VOLUMES=f"127.0.0.1:{free_port()}", MKV_DB=str(tmp_path / "index.sqlite3"),
+                   MKV_REPLICAS="1", MKV_ADMIN_PORT=str(taken.getsockname()[1]))
+        p = subprocess.run([sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", "1", "-b",
+                            f"127.0.0.1:{free_port()}", "mkv:app"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        taken.close()
+    assert p.returncode == 1
+    lines = [line for line in p.stderr.splitlines() if line.startswith("mkv:")]
+    assert lines == [f"mkv: MKV_ADMIN_PORT {env['MKV_ADMIN_PORT']} "
+                     f"on 127.0.0.1: Address already in use"], p.stderr
