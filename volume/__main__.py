@@ -29,7 +29,8 @@ INSTALL_HINT = "install it with: sudo apt-get install nginx-light (./bringup.sh 
 STATE = ".mkv"      # the launcher's and nginx's own files, never served
 TMP = ".tmp"        # the master's uploads before their MOVE into place
 ID = ".id"          # this disk's identity, made once: the index tells a wiped or replaced disk by it
-DISK = ".disk"      # the disk's free and used bytes (JSON), kept current by report_disk()
+DISK = "disk.json"  # in DIR/.mkv: the disk's free and used bytes, served as /.disk, kept current
+                    # by start_disk_reporter() (in .mkv: nothing new among DIR's names)
 DISK_EVERY = 2.0    # seconds between two writes of DISK
 QUIET_BELOW = {"debug", "info", "notice", "warn"}   # VOLUME_LOGLEVELs that keep nginx's WebDAV errors
 # top-level names of a volume's data: svXX subvolumes, or the flat layout's md5 hex folders
@@ -199,17 +200,17 @@ def disk_usage(root):
 
 
 def write_disk_usage(root):
-    """DIR/.disk, written aside in DIR/.mkv and renamed: never seen half-written."""
-    new = os.path.join(root, STATE, "disk.new")
+    """DIR/.mkv/disk.json, written aside and renamed: never seen half-written."""
+    new = os.path.join(root, STATE, DISK + ".new")
     with open(new, "w") as f:
         json.dump(disk_usage(root), f)
     os.chmod(new, 0o644)
-    os.replace(new, os.path.join(root, DISK))
+    os.replace(new, os.path.join(root, STATE, DISK))
 
 
 def start_disk_reporter(root, port):
     """A process apart (forked twice: nginx never sees it as its child)
-    that rewrites DIR/.disk every DISK_EVERY seconds while nginx, which this
+    that rewrites DIR/.mkv/disk.json every DISK_EVERY seconds while nginx, which this
     process becomes, runs; nginx serves it read-only at /.disk, the master's
     status page shows it. It stops with nginx (it looks for its pid)."""
     write_disk_usage(root)
