@@ -74,9 +74,11 @@ def on_starting(server):
     try:
         settings = Settings.from_env()
         Index(settings.db).close()
-        check_named_once(settings.volumes, disk_ids(settings))   # one disk under two names
+        answering = disk_ids(settings)
+        check_named_once(settings.volumes, answering)   # one disk under two names
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
+    warn_at_start(server, settings, answering)
     start_run_folder(settings)
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
@@ -101,6 +103,18 @@ def start_run_folder(settings):
         admin.listen(settings)
     except OSError as e:
         sys.exit(f"mkv: MKV_ADMIN_PORT {settings.admin_port} on {settings.admin_bind}: {e.strerror}")
+
+
+def warn_at_start(server, settings, answering):
+    """Name what is likely a mistake, without stopping the start: an MKV_*
+    variable nothing reads, a volume that does not answer now."""
+    from mkvlib.settings import unknown_names
+    for name, guess in unknown_names():
+        server.log.warning("mkv: %s is no setting of mkv, ignored%s", name, f" (did you mean {guess}?)" if guess else "")
+    for host in settings.volumes:
+        if host not in answering:
+            server.log.warning("mkv: volume %s does not answer now: reads go to the other replicas, and PUTs "
+                               "placed on it fail until it does", host)
 
 
 def when_ready(server):

@@ -9,12 +9,17 @@ from mkvlib.placement import MAX_SUBVOLUMES, key2volume
 
 SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
 SECRET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,200}")   # what a volume's nginx config can hold as it is
+HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")   # a name, an IPv4 or a [bracketed IPv6] address
+# MKV_* variables read elsewhere: bringup.sh's, the test suite's, and the run
+# folder the master's start names for its workers (mkvlib.health)
+OTHER_NAMES = {"MKV_HOME", "MKV_HEALTH_DIR", "MKV_FUZZ_EXAMPLES", "MKV_FUZZ_COUNT_FILE"}
 
 
 def _parse_hostport(name, value):
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
-        raise SettingsError(f"{name}: {value!r} is not host:port")
+    if not sep or not HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{name}: {value!r} is not host:port"
+                            + (" (separate volumes with commas)" if name == "MKV_VOLUMES" else ""))
     return value
 
 
@@ -65,6 +70,20 @@ def _parse_secret(value):
     if secret is not None and not SECRET_CHARS.fullmatch(secret):
         raise SettingsError("MKV_SECRET may hold only letters, digits, '.', '_' and '-' (1 to 200)")
     return secret
+
+
+def unknown_names(env=None):
+    """The MKV_* variables of `env` that nothing reads (a typo, say), each
+    with the setting it most looks like: [(name, guess or None)]."""
+    import difflib
+    env = os.environ if env is None else env
+    known = {name for name, _ in Settings.ENV.values()} | OTHER_NAMES
+    suffixes = sorted(name[4:] for name in known)      # compared without the MKV_ they all share
+
+    def guess(name):
+        close = difflib.get_close_matches(name[4:], suffixes, n=1)
+        return "MKV_" + close[0] if close else None
+    return [(name, guess(name)) for name in sorted(env) if name.startswith("MKV_") and name not in known]
 
 
 @dataclasses.dataclass(frozen=True)
