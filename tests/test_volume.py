@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, TIMEOUT, Http, start_volume
+from conftest import ROOT, TIMEOUT, Http, free_port, start_volume
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="what the launcher does when started as root")
 
@@ -291,3 +291,17 @@ def test_the_volume_serves_its_disk_usage_read_only(volume, http):
 def test_the_volume_names_its_port_and_folder_in_its_process_title(volume):
     title = " ".join(psutil.Process(volume.proc.pid).cmdline())
     assert f":{volume.port} {volume.dir}" in title, title
+
+
+def test_a_folder_the_workers_cannot_write_is_refused_with_one_line(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    (folder / ".tmp").mkdir()
+    os.chmod(folder, 0o500)      # readable, not writable: as a folder of mode 000 once it is listed
+    try:
+        p = subprocess.run([sys.executable, "volume", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=30, env=dict(os.environ, PORT=str(free_port())))
+    finally:
+        os.chmod(folder, 0o700)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "cannot write in" in p.stderr and str(folder) in p.stderr, p.stderr

@@ -193,6 +193,39 @@ def prepare(root, account=None):
             chown_tree(os.path.join(root, name), uid, gid)
 
 
+def check_writable(root, account=None):
+    """Refuse to serve a DIR where nginx's workers cannot write (a folder of
+    mode 000 started and answered every PUT 500): a file is made and removed
+    in DIR and in DIR/.tmp by a child process running as the workers' user."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            os.chdir(root)       # as nginx does: the workers need no access to the folders above
+            if account:
+                os.setgroups([])
+                os.setgid(account[3])
+                os.setuid(account[2])
+            for folder in (".", TMP):
+                probe = os.path.join(folder, f".mkv-write-check-{os.getpid()}")
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.unlink(probe)
+        except OSError as e:
+            where = os.path.normpath(os.path.join(root, os.path.dirname(e.filename or ".")))
+            os.write(write_end, f"{where} ({e.strerror})".encode())
+            os._exit(1)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        why = f.read().decode("utf-8", "replace")
+    os.waitpid(pid, 0)
+    if why:
+        who = f"{account[0]} (nginx's workers)" if account else "this user"
+        raise Refused(f"{who} cannot write in {why}: give the folder to that user (chown) "
+                      f"and let it write there (chmod u+rwx)")
+
+
 def disk_usage(root):
     st = os.statvfs(root)
     return {"free": st.f_bavail * st.f_frsize, "used": (st.f_blocks - st.f_bfree) * st.f_frsize,
@@ -268,6 +301,7 @@ def main(argv):
     root = os.path.abspath(argv[1])
     try:
         prepare(root, account)
+        check_writable(root, account)
     except Refused as e:
         print(f"volume: {e}", file=sys.stderr)
         return 1
