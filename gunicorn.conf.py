@@ -130,6 +130,15 @@ def post_fork(server, worker):
     admin.close_in_worker()
 
 
+def post_worker_init(worker):
+    """The worker opens its store now (mkvlib.metrics.Counted.boot): its
+    prober looks at the volumes before any request, so a master nobody has
+    asked anything yet is ready (a load balancer waits for that)."""
+    boot = getattr(worker.wsgi, "boot", None)
+    if boot is not None:
+        boot()
+
+
 def child_exit(server, worker):
     import admin
     admin.worker_exited(worker.pid)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mkv needs, only what is missing, and can be run again at any time:
 #   - nginx (Debian/Ubuntu package nginx-light: WebDAV, JSON autoindex); wrk and curl for bench.py
+#   - with --tests (test.sh): chromium too, for the status page's test
 #   - a Python virtualenv in .venv with requirements.txt
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,8 +25,9 @@ missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v curl >/dev/null || missing+=(curl)
-# chromium: the status page's test loads the page in a real headless browser
-command -v chromium >/dev/null || missing+=(chromium)
+# chromium, for the tests only (./install.sh --tests, as test.sh runs it): the
+# status page's test loads the page in a real headless browser
+if [ "${1:-}" = --tests ]; then command -v chromium >/dev/null || missing+=(chromium); fi
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || { echo "install.sh: install ${missing[*]} first (nginx with the dav module)" >&2; exit 1; }
   apt_install "${missing[@]}"

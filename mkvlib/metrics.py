@@ -77,8 +77,9 @@ class Tally:
 class Counted:
     """The WSGI app `app`, with every request counted and each failure logged."""
 
-    def __init__(self, app):
+    def __init__(self, app, boot=None):
         self.app = app
+        self.on_boot = boot
         self.tally = Tally()
         self.failures = collections.deque(maxlen=RECENT_FAILURES)
         self.in_flight = 0
@@ -108,6 +109,17 @@ class Counted:
         if status >= 400 and status != 404:
             self.failed(environ, status, body, seconds)
         return body
+
+    def boot(self):
+        """At a worker's start (gunicorn.conf.py's post_worker_init): the
+        hand-over thread, and `boot` (the master opens its store, whose
+        prober then looks at the volumes with no request needed)."""
+        self._start_flusher()
+        if self.on_boot is not None:
+            try:
+                self.on_boot()
+            except Exception:   # the index cannot be opened now, say: the first request tries again
+                log.exception("opening the store at the worker's start failed")
 
     def failed(self, environ, status, body, seconds):
         reason = b"".join(body).decode("utf-8", "replace").strip() if isinstance(body, list) else ""
@@ -190,5 +202,5 @@ class Exported:
             (self.volume_requests if ok else self.volume_errors).labels(host).inc(n)
 
 
-def counted(app):
-    return Counted(app)
+def counted(app, boot=None):
+    return Counted(app, boot)
