@@ -130,11 +130,13 @@ class Health:
 
     def heard(self, host):
         """The prober had a good answer: the volume is up for every operation.
-        True if that is news: the last look of any process had none."""
+        True if that is news: it had answered a look once, and the last look
+        of any process had no answer (not for a volume that was not up yet
+        when the master started)."""
         row = self.table.get(host)
         self.table.set(host, PROBED, time.monotonic())
         self.answered(host)
-        return row[MISSED] > row[PROBED]
+        return row[MISSED] > row[PROBED] > 0
 
     def unheard(self, host):
         """The prober had no answer; True if that is news: the last look of
