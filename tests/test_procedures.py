@@ -44,5 +44,5 @@ def test_the_online_backup_copies_every_key_while_puts_go_on(cluster, tmp_path):
     assert p.returncode == 0, p.stderr
     backup = sqlite3.connect(tmp_path / "index.sqlite3")
     assert backup.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    found = {k.decode() for (k,) in backup.execute("SELECT key FROM keys WHERE state = 'live'")}
-    assert set(keys) <= found
+    found = {bytes(k) for (k,) in backup.execute("SELECT key FROM keys WHERE state = 'live'")}
+    assert {k.encode() for k in keys} <= found
