@@ -2,6 +2,7 @@
 put back replicas that vanished. Runs while the master serves.
 
     python rebalance.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N] [--workers N]
+                        [--forget-volume H:P] [--dry-run]
 
 A record that a dead request left behind (a PUT whose worker was killed, a
 DELETE whose volume failed) is finished as a retried DELETE would: its files
@@ -49,6 +50,7 @@ GRACE = 2.0           # seconds from the index leaving a copy to the copy's dele
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
 SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
+DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
 
 
 class CopyFailed(MkvError):
@@ -249,12 +251,11 @@ class Rebalance:
 
     # -- one key, locked
 
-    def move(self, rec):
-        if rec.state not in (LIVE, UNLINKED):
-            return self.progress.count("skipped")
-        key, path = rec.key, key2path(rec.key)
-        placement = self.placement(key)
-        notes = self.index.notes(key)
+    def decide(self, rec, placement):
+        """(vouched, targets, have): the copies the record vouches for, the
+        placement volumes to copy to, and which volumes have the file (None:
+        did not answer); CopyFailed if it cannot be done."""
+        path, notes = key2path(rec.key), self.index.notes(rec.key)
         have, down = {}, []
         for v in dict.fromkeys(rec.volumes + placement):
             if volume_host(v) in self.forget:
@@ -276,11 +277,24 @@ class Rebalance:
         unreachable = [v for v in targets if have[v] is None]
         if unreachable:
             raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
+        return vouched, targets, have
+
+    def dropped(self, rec, placement, have):
+        """The recorded copies the placement no longer uses (never one of
+        its own under another name)."""
+        return [v for v in rec.volumes if v not in placement and have.get(v, True) is not False
+                and not any(self.same(v, p) for p in placement)]
+
+    def move(self, rec):
+        if rec.state not in (LIVE, UNLINKED):
+            return self.progress.count("skipped")
+        key, path = rec.key, key2path(rec.key)
+        placement = self.placement(key)
+        vouched, targets, have = self.decide(rec, placement)
         if targets:
             self.copy(rec, vouched, targets, path)
         if rec.volumes != placement or targets:
-            dropped = [v for v in rec.volumes if v not in placement and have[v] is not False
-                       and not any(self.same(v, p) for p in placement)]    # never ours under another name
+            dropped = self.dropped(rec, placement, have)
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
             due = time.time() + GRACE
@@ -403,6 +417,60 @@ class Rebalance:
                 self.index.unnote(key, volume)
 
 
+class DryRun(Rebalance):
+    """--dry-run: what a run would copy, switch and remove, one line per key
+    on stdout, changing nothing (no lock, no note, no record of a disk's
+    identity). A key a PUT or DELETE changes meanwhile may differ in the run."""
+
+    def identify(self):
+        known = self.index.volume_ids()
+        for host in self.settings.volumes:
+            try:
+                ident = self.volumes.identity(host)
+            except VolumeError:
+                continue
+            if host in known and known[host] != ident:
+                self.replaced[host] = ident
+        self.ids = {h: i for h, i in known.items() if h not in self.replaced}
+        check_named_once(self.settings.volumes, self.ids)
+
+    def run(self, workers):
+        self.progress.set_total(self.index.count())
+        if self.ids is None:
+            self.identify()
+        for key, volume, _ in self.index.all_notes():
+            if volume_host(volume) not in self.forget:
+                self.say("remove", key, f"noted copy on {volume}")
+                self.noted.add(key)
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(self.look, self.index.scan()):
+                self.progress.add(done=1)
+
+    def say(self, what, key, detail):
+        self.progress.count(f"would {what}")
+        self.progress.message(f"would {what} {tools.show(key)}: {detail}", stream=sys.stdout)
+
+    def look(self, rec):
+        self.progress.count("seen")
+        self.progress.add(keys=1)
+        if rec.state not in (LIVE, UNLINKED):
+            if not rec.locked() or tools.owner_is_dead(rec.lock_owner):
+                self.say("purge", rec.key, f"a dead {rec.state} record, its files on {','.join(rec.volumes)}")
+            return
+        placement = self.placement(rec.key)
+        try:
+            vouched, targets, have = self.decide(rec, placement)
+        except CopyFailed as e:
+            return self.fail(rec.key, str(e))
+        if targets:
+            self.say("copy", rec.key, f"from {vouched[0]} to {','.join(targets)}")
+        dropped = self.dropped(rec, placement, have) if rec.volumes != placement or targets else []
+        if dropped:
+            self.say("remove", rec.key, f"copies on {','.join(dropped)} once its record names {','.join(placement)}")
+        if not targets and not dropped:
+            self.progress.count("unchanged")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="rebalance.py",
@@ -413,6 +481,8 @@ def main(argv=None):
                "Exit status: 0 every key on its placement, 1 some key failed or stayed busy (named on stderr), "
                "2 bad settings.")
     tools.add_common_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="change nothing: print what a run would copy, remove and purge, one line each")
     parser.add_argument("--forget-volume", metavar="H:P", action="append", default=[],
                         help="a volume removed from MKV_VOLUMES that is gone for good (dead disk): "
                              "its copies count as lost and are not deleted; may be given more than once")
@@ -424,7 +494,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="keys")
-    job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume)
+    job = (DryRun if args.dry_run else Rebalance)(settings, index, volumes, progress, forget=args.forget_volume)
     try:
         job.identify()
     except SettingsError as e:
@@ -433,6 +503,9 @@ def main(argv=None):
         return 2
     if not tools.run(PROG, job, args.workers, progress):
         return 1
+    if args.dry_run:
+        print(progress.summary(DRY_SUMMARY, "copied (none: a dry run)"), flush=True)
+        return 1 if progress.counts.get("failed", 0) else 0
     print(progress.summary(SUMMARY, "copied"), flush=True)
     left = progress.counts.get("failed", 0) + progress.counts.get("busy", 0)
     if left:

@@ -227,12 +227,13 @@ class Progress:
         while not self._stop.wait(self.every):
             print(self.status(), file=self.stream, flush=True)
 
-    def message(self, text):
-        """A line of its own, that does not break the bar."""
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+    def message(self, text, stream=None):
+        """A line of its own (on `stream`, default the display's), that does not break the bar."""
+        with self._lock:    # lines from several threads stay whole
+            if self._bar is not None:
+                self._bar.write(text, file=stream or self.stream)
+            else:
+                print(text, file=stream or self.stream, flush=True)
 
     def close(self):
         self._stop.set()

@@ -23,7 +23,7 @@ from mkvlib.settings import Settings
 from mkvlib.volumes import Volumes
 import rebuild
 import tools
-from conftest import ROOT, wait_until
+from conftest import ROOT, Http, wait_until
 
 TOOL_TIMEOUT = 120
 
@@ -636,3 +636,23 @@ def test_summary_is_one_line_of_counts():
     progress.add(nbytes=1_200_000_000)
     line = progress.summary(["seen", "moved", "failed"], "copied")
     assert line.startswith("rebalance: 312 keys seen, 120 moved, 0 failed, 1.2 GB copied in ")
+
+
+def test_rebalance_dry_run_names_what_it_would_copy_and_remove_and_changes_nothing(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1)
+    http = Http()
+    keys = [f"/dry{i}" for i in range(30)]
+    for k in keys:
+        assert http.put(c.url(k), data=b"v").status_code == 201
+    before = {k: http.get(c.url(k)).headers["Key-Volumes"] for k in keys}
+    files = sorted(os.path.join(d, f) for v in c.volume_dirs for d, _, fs in os.walk(v) for f in fs)
+    env = dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(), MKV_REPLICAS="3",
+               MKV_SUBVOLUMES="1")
+    p = subprocess.run([sys.executable, "rebalance.py", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    copies = [line for line in p.stdout.splitlines() if line.startswith("would copy ")]
+    assert sorted(line.split()[2].rstrip(":") for line in copies) == sorted(keys)   # a third copy each
+    assert "30 keys seen, 30 would copy, 0 would remove" in p.stdout.splitlines()[-1]
+    assert {k: http.get(c.url(k)).headers["Key-Volumes"] for k in keys} == before
+    assert sorted(os.path.join(d, f) for v in c.volume_dirs for d, _, fs in os.walk(v) for f in fs) == files
