@@ -57,6 +57,28 @@ class CopyFailed(MkvError):
     pass
 
 
+def sweep(volumes, hosts, progress):
+    """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
+    between their upload and its MOVE. A MOVE still queued somewhere can
+    then never land."""
+    for host in hosts:
+        try:
+            entries = volumes.listdir(host, TMP_DIR)
+        except VolumeError as e:
+            progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
+            continue
+        for e in entries:
+            try:
+                age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
+            except (TypeError, ValueError):
+                continue
+            if e.get("type") == "file" and age > SWEEP_AGE:
+                try:
+                    volumes.delete(host, TMP_DIR + e["name"])
+                except VolumeError:
+                    pass   # the next run sweeps it
+
+
 class Rebalance:
     def __init__(self, settings, index, volumes, progress, forget=()):
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
@@ -68,6 +90,7 @@ class Rebalance:
         self.noted = set()              # keys with notes when the run began
         self.replaced = {}              # host -> identity of a disk the index does not know yet
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
+        self.unreachable_removed = {}   # host no longer in MKV_VOLUMES that did not answer -> keys left there
 
     def placement(self, key):
         return self.settings.placement(key)
@@ -86,7 +109,7 @@ class Rebalance:
         self.progress.set_total(self.index.count())
         if self.ids is None:
             self.identify()
-        self.sweep()
+        sweep(self.volumes, self.settings.volumes, self.progress)
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
                 self.index.unnote(key, volume)    # nothing left to delete there
@@ -141,27 +164,6 @@ class Rebalance:
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
         return a == b or disk_of(a, self.ids) == disk_of(b, self.ids)
-
-    def sweep(self):
-        """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
-        between their upload and its MOVE. A MOVE still queued somewhere can
-        then never land."""
-        for host in self.settings.volumes:
-            try:
-                entries = self.volumes.listdir(host, TMP_DIR)
-            except VolumeError as e:
-                self.progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
-                continue
-            for e in entries:
-                try:
-                    age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
-                except (TypeError, ValueError):
-                    continue
-                if e.get("type") == "file" and age > SWEEP_AGE:
-                    try:
-                        self.volumes.delete(host, TMP_DIR + e["name"])
-                    except VolumeError:
-                        pass   # the next run sweeps it
 
     def first_look(self, rec):
         self.progress.count("seen")
@@ -402,6 +404,12 @@ class Rebalance:
                 self.index.release(key, self.owner)
             return True
         except (MkvError, sqlite3.Error) as e:
+            host = volume_host(volume)
+            if host not in self.settings.volumes and self.volumes.health.down(host):
+                # a removed volume that is down: one line for all its keys at the end (main)
+                self.progress.count("failed")
+                self.unreachable_removed[host] = self.unreachable_removed.get(host, 0) + 1
+                return True
             self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
             return True
 
@@ -508,7 +516,11 @@ def main(argv=None):
         return 1 if progress.counts.get("failed", 0) else 0
     print(progress.summary(SUMMARY, "copied"), flush=True)
     left = progress.counts.get("failed", 0) + progress.counts.get("busy", 0)
-    if left:
+    for host, n in job.unreachable_removed.items():
+        print(f"{PROG}: {host} is no longer in MKV_VOLUMES and does not answer: {n} key(s) keep a copy "
+              f"there, noted. Start it and run rebalance.py again; or, if it is gone for good: "
+              f"rebalance.py --forget-volume {host}", file=sys.stderr)
+    if left > sum(job.unreachable_removed.values()):
         print(f"{PROG}: {left} key(s) not done (named above); run rebalance.py again", file=sys.stderr)
     return 1 if left else 0
 

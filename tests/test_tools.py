@@ -408,6 +408,12 @@ def test_rebalance_forgets_a_removed_volume_that_is_gone_for_good(private_cluste
     c.restart_master(volumes=alive, replicas=2, subvolumes=1)
     p = run_tool("rebalance.py", alive, c.db(), replicas=2, subvolumes=1)
     assert p.returncode == 1 and dead in p.stdout + p.stderr    # it cannot empty the dead volume
+    # one line names the way out, not one line per key and "run again"
+    assert [line for line in p.stderr.splitlines() if line.startswith("rebalance:") and dead in line] == [
+        f"rebalance: {dead} is no longer in MKV_VOLUMES and does not answer: "
+        f"{summary(p.stdout, 'rebalance')['failed']} key(s) keep a copy there, noted. Start it and run "
+        f"rebalance.py again; or, if it is gone for good: rebalance.py --forget-volume {dead}"], p.stderr
+    assert "run rebalance.py again" not in p.stderr.replace("and run rebalance.py again", "")
     p = run_tool("rebalance.py", alive, c.db(), "--forget-volume", dead, replicas=2, subvolumes=1)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_converged(c, data, alive, replicas=2, subvolumes=1)
