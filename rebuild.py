@@ -482,13 +482,16 @@ class Rebuild:
     # -- --check
 
     def check_key(self, key, found):
+        """A key of the listing: looked at again if anything seemed wrong;
+        'unchanged' if nothing is (so the summary adds up to what was seen)."""
         rec = self.index.get(key)
-        if classify(key, rec, found, self.settings) or self.md5:
-            self.confirm(key, found)
+        if (classify(key, rec, found, self.settings) or self.md5) and self.confirm(key, found):
+            return
+        self.progress.count("unchanged")
 
     def confirm(self, key, listed=None):
         """Something looked wrong in a listing: look again now (the master may
-        have written or deleted the key since), and report what remains."""
+        have written or deleted the key since), and report what remains (returned)."""
         listed = listed or {}
         rec = self.index.get(key)
         placement = self.settings.placement(key)
@@ -511,6 +514,7 @@ class Rebuild:
                     problems.append(("wrong-md5", f"{v} (md5 {got[0]}, recorded {rec.md5})"))
         for kind, detail in problems:
             self.report(kind, key, detail)
+        return problems
 
     def report(self, kind, key, detail):
         with self._report_lock:

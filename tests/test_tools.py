@@ -348,6 +348,8 @@ def test_check_of_a_sound_cluster_finds_nothing_and_exits_0(private_cluster):
     p = run_tool("rebuild.py", c.volume_names(), c.db(), "--check", replicas=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "rebuild --check: 0 missing, 0 under-replicated, 0 misplaced, 0 orphan, 0 wrong-size, 0 wrong-md5" in p.stdout
+    counts = summary(p.stdout, "rebuild")
+    assert counts["seen"] == 20 and counts["unchanged"] == 20, p.stdout     # the summary adds up
 
 
 def test_check_of_an_index_that_does_not_exist_is_a_settings_error(tmp_path):
