@@ -8,18 +8,10 @@ import os
 import threading
 import time
 
-from mkvlib.runfolder import run_folder
+from mkvlib.runfolder import alive, run_folder
 
 PUBLISH_EVERY = 0.5      # seconds between two writes of a running tool's counts
 _publishers = []         # this process's
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Publisher:

@@ -1,5 +1,6 @@
 """One view of volume health: every worker of a master, every operation."""
 import http.client
+import os
 
 import psutil
 
@@ -60,3 +61,14 @@ def test_after_a_volume_returns_a_put_in_another_worker_than_the_good_delete_is_
     assert request(one, "DELETE", "/old")[0] == 204
     status, body = request(other, "PUT", "/after", b"v")          # no sleep between
     assert status == 201, body
+
+
+def test_a_start_removes_the_run_folder_of_a_master_that_died_and_keeps_a_live_ones(tmp_path):
+    from mkvlib import runfolder
+    base = tmp_path / "shm"
+    dead, live = base / "mkv-dead", base / "mkv-live"
+    for folder, pid in ((dead, 2 ** 22 + 1), (live, os.getpid())):   # above pid_max: never a process
+        folder.mkdir(parents=True)
+        (folder / "pid").write_text(str(pid))
+    runfolder.remove_dead(str(base))
+    assert not dead.exists() and live.exists()
