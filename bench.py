@@ -16,6 +16,8 @@ Workloads (--only takes these names):
   missing    GET of a missing key (404), same; limit: the same bare nginx
              (the master's answers are counted by status: only 302s, or 404s,
              count in its rate, and a note gives the number of any others)
+  scrape     GET of an existing key while /metrics is scraped every second; limit:
+             the same GETs of the same master, not scraped (goal: at most 5% off)
   thrash     write/read/delete of 1 KB values, 16 at once (thrasher.py); limit:
              thrasher.py --direct, the same work straight to the volumes
   bigput     one 256 MB PUT, 3 replicas, and the master worker's peak RSS growth;
@@ -63,12 +65,13 @@ from benchkit.common import MB, REPLICAS, SUBVOLUMES  # noqa: E402
 from benchkit.gets import Get, Missing  # noqa: E402
 from benchkit.mkvdata import every, fill, index_size  # noqa: E402
 from benchkit.repair import Rebalance, Rebuild  # noqa: E402
+from benchkit.scrape import Scrape  # noqa: E402
 from benchkit.report import machine_line, print_table  # noqa: E402
 from benchkit.servers import STUB_VOLUME, Bench, start_stub  # noqa: E402,F401  (tests/test_bench.py)
 from benchkit.s3 import S3Get, S3Put, S3Small  # noqa: E402
 from benchkit.writes import BigPut, Thrash  # noqa: E402
 
-WORKLOADS = [Get, Missing, Thrash, BigPut, Rebuild, Rebalance, Index, List, S3Get, S3Put, S3Small]
+WORKLOADS = [Get, Missing, Scrape, Thrash, BigPut, Rebuild, Rebalance, Index, List, S3Get, S3Put, S3Small]
 
 
 def fill_main(argv):

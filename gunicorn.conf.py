@@ -70,15 +70,29 @@ def disk_ids(settings):
     return {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)}
 
 
+def serves_the_gateway(server):
+    """True for `gunicorn s3:app`: it reads this file too, but the run folder
+    (emptied at a start, removed at exit) and the admin listener belong to the
+    master (mkv:app) that shares its index."""
+    return (getattr(server.app, "app_uri", None) or "").partition(":")[0] == "s3"
+
+
 def on_starting(server):
     """Check the settings and create the index once, before any worker forks:
     bad settings stop the start with one line and exit status 1."""
     try:
         settings = Settings.from_env()
         Index(settings.db).close()
-        check_named_once(settings.volumes, disk_ids(settings))   # one disk under two names
+        answering = disk_ids(settings)
+        check_named_once(settings.volumes, answering)   # one disk under two names
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
+    warn_at_start(server, settings, answering)
+    if serves_the_gateway(server):
+        from mkvlib import logs
+        logs.use_format(settings.log_format)   # the master's run folder and listener are not the gateway's
+    else:
+        start_run_folder(settings)
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
@@ -86,8 +100,68 @@ def on_starting(server):
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
 
 
+# -- operability (issue 16): the run folder the workers share, and the admin
+# listener (admin.py), once per master, in a thread of the arbiter. Nothing
+# here imports prometheus_client before start_run_folder has named its folder.
+
+def start_run_folder(settings):
+    """The run folder made empty (mkvlib.runfolder), the index's counts
+    installed (mkvlib.counts), the admin port bound: before any worker forks."""
+    import admin
+    from mkvlib import counts, logs, runfolder
+    logs.use_format(settings.log_format)
+    runfolder.prepare(settings.db)
+    counts.install(settings.db)
+    try:
+        admin.listen(settings)
+    except OSError as e:
+        sys.exit(f"mkv: MKV_ADMIN_PORT {settings.admin_port} on {settings.admin_bind}: {e.strerror}")
+
+
+def warn_at_start(server, settings, answering):
+    """Name what is likely a mistake, without stopping the start: an MKV_*
+    variable nothing reads, a volume that does not answer now."""
+    from mkvlib.settings import unknown_names
+    for name, guess in unknown_names():
+        server.log.warning("mkv: %s is no setting of mkv, ignored%s", name, f" (did you mean {guess}?)" if guess else "")
+    for host in settings.volumes:
+        if host not in answering:
+            server.log.warning("mkv: volume %s does not answer now: reads go to the other replicas, and PUTs "
+                               "placed on it fail until it does", host)
+
+
+def when_ready(server):
+    import admin
+    for listener in admin._server:
+        admin.serve_in_a_thread(listener)
+        server.log.info("mkv: admin listener on http://%s:%d/ (/metrics, /health/ready)",
+                        *listener.server_address[:2])
+
+
+def post_fork(server, worker):
+    import admin
+    admin.close_in_worker()
+
+
 def post_worker_init(worker):
     """The connection budget, the send timeout and their one-line logs
-    (connections.py), installed in each worker whatever -k said."""
+    (connections.py), installed in each worker whatever -k said. Then the
+    worker opens its store (mkvlib.metrics.Counted.boot): its prober looks
+    at the volumes before any request, so a master nobody has asked
+    anything yet is ready (a load balancer waits for that)."""
     import connections
     connections.install(worker)
+    boot = getattr(worker.wsgi, "boot", None)
+    if boot is not None:
+        boot()
+
+
+def child_exit(server, worker):
+    import admin
+    admin.worker_exited(worker.pid)
+
+
+def on_exit(server):
+    if not serves_the_gateway(server):
+        from mkvlib import runfolder
+        runfolder.remove(Settings.from_env().db)

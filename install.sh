@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what mkv needs, only what is missing, and can be run again at any time:
 #   - nginx (Debian/Ubuntu package nginx-light: WebDAV, JSON autoindex); wrk and curl for bench.py
+#   - with --tests (test.sh): chromium, rclone and s3cmd too, which tests run
 #   - a Python virtualenv in .venv with requirements.txt
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,14 +20,19 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
 
-# nginx-light: the volume server; wrk and curl: bench.py and its test;
-# rclone and s3cmd: S3 clients the gateway's tests run
+# nginx-light: the volume server; wrk and curl: bench.py and its test
 missing=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v curl >/dev/null || missing+=(curl)
-command -v rclone >/dev/null || missing+=(rclone)
-command -v s3cmd >/dev/null || missing+=(s3cmd)
+# for the tests only (./install.sh --tests, as test.sh runs it): the status
+# page's test loads the page in a real headless chromium; the S3 gateway's
+# tests run rclone and s3cmd against it
+if [ "${1:-}" = --tests ]; then
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v rclone >/dev/null || missing+=(rclone)
+  command -v s3cmd >/dev/null || missing+=(s3cmd)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null || { echo "install.sh: install ${missing[*]} first (nginx with the dav module)" >&2; exit 1; }
   apt_install "${missing[@]}"

@@ -24,6 +24,8 @@ import mkvlib.index
 import mkvlib.listing
 from mkvlib.db import is_full
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
+from mkvlib.logs import use_format
+from mkvlib.metrics import counted
 from mkvlib.settings import SECRET_HEADER, Settings
 from mkvlib.store import Store
 from mkvlib.volumes import CHUNK
@@ -330,7 +332,7 @@ def handle_unexpected(req, resp, exc, params):
     raise falcon.HTTPInternalServerError(title=f"internal error ({type(exc).__name__}); see the master's log")
 
 
-def create_app(settings: Settings, store=None) -> falcon.App:
+def create_app(settings: Settings, store=None, master=None) -> falcon.App:
     """The master's WSGI app. `store`: the Store to use (or any object with
     its methods, for in-process tests of the HTTP contract); by default each
     process opens its own on first use."""
@@ -340,7 +342,7 @@ def create_app(settings: Settings, store=None) -> falcon.App:
                             datefmt="%Y-%m-%d %H:%M:%S %z")
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
-    app.add_sink(Master(settings, store), prefix="/")
+    app.add_sink(master or Master(settings, store), prefix="/")
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(sqlite3.Error, handle_index_error)
@@ -350,7 +352,13 @@ def create_app(settings: Settings, store=None) -> falcon.App:
 
 def _app_from_env():
     try:
-        return create_app(Settings.from_env())
+        settings = Settings.from_env()
+        master = Master(settings)
+        app = create_app(settings, master=master)
+        use_format(settings.log_format)
+        # every request counted, each failure logged (mkvlib.metrics); at the
+        # worker's boot its store opens, so its prober looks before any request
+        return counted(app, boot=lambda: master.store)
     except SettingsError as e:
         # gunicorn.conf.py checks the settings before any worker starts; this is
         # for a run without it: one line, and exit 3 so gunicorn stops retrying.

@@ -2,6 +2,7 @@
 put back replicas that vanished. Runs while the master serves.
 
     python rebalance.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N] [--workers N]
+                        [--forget-volume H:P] [--dry-run]
 
 A record that a dead request left behind (a PUT whose worker was killed, a
 DELETE whose volume failed) is finished as a retried DELETE would: its files
@@ -37,6 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib import multipart
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import LOCK_LEASE, Lease, new_owner
@@ -49,10 +51,33 @@ GRACE = 2.0           # seconds from the index leaving a copy to the copy's dele
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
 SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
+DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
 
 
 class CopyFailed(MkvError):
     pass
+
+
+def sweep(volumes, hosts, progress):
+    """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
+    between their upload and its MOVE. A MOVE still queued somewhere can
+    then never land."""
+    for host in hosts:
+        try:
+            entries = volumes.listdir(host, TMP_DIR)
+        except VolumeError as e:
+            progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
+            continue
+        for e in entries:
+            try:
+                age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
+            except (TypeError, ValueError):
+                continue
+            if e.get("type") == "file" and age > SWEEP_AGE:
+                try:
+                    volumes.delete(host, TMP_DIR + e["name"])
+                except VolumeError:
+                    pass   # the next run sweeps it
 
 
 class Rebalance:
@@ -67,6 +92,7 @@ class Rebalance:
         self.replaced = {}              # host -> identity of a disk the index does not know yet
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
         self.upload_age = upload_age    # seconds: S3 multipart uploads untouched longer are removed
+        self.unreachable_removed = {}   # host no longer in MKV_VOLUMES that did not answer -> keys left there
 
     def placement(self, key):
         return self.settings.placement(key)
@@ -85,7 +111,7 @@ class Rebalance:
         self.progress.set_total(self.index.count())
         if self.ids is None:
             self.identify()
-        self.sweep()
+        sweep(self.volumes, self.settings.volumes, self.progress)
         self.expire_uploads()
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
@@ -141,27 +167,6 @@ class Rebalance:
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
         return a == b or disk_of(a, self.ids) == disk_of(b, self.ids)
-
-    def sweep(self):
-        """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
-        between their upload and its MOVE. A MOVE still queued somewhere can
-        then never land."""
-        for host in self.settings.volumes:
-            try:
-                entries = self.volumes.listdir(host, TMP_DIR)
-            except VolumeError as e:
-                self.progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
-                continue
-            for e in entries:
-                try:
-                    age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
-                except (TypeError, ValueError):
-                    continue
-                if e.get("type") == "file" and age > SWEEP_AGE:
-                    try:
-                        self.volumes.delete(host, TMP_DIR + e["name"])
-                    except VolumeError:
-                        pass   # the next run sweeps it
 
     def first_look(self, rec):
         self.progress.count("seen")
@@ -266,12 +271,11 @@ class Rebalance:
 
     # -- one key, locked
 
-    def move(self, rec):
-        if rec.state not in (LIVE, UNLINKED):
-            return self.progress.count("skipped")
-        key, path = rec.key, key2path(rec.key)
-        placement = self.placement(key)
-        notes = self.index.notes(key)
+    def decide(self, rec, placement):
+        """(vouched, targets, have): the copies the record vouches for, the
+        placement volumes to copy to, and which volumes have the file (None:
+        did not answer); CopyFailed if it cannot be done."""
+        path, notes = key2path(rec.key), self.index.notes(rec.key)
         have, down = {}, []
         for v in dict.fromkeys(rec.volumes + placement):
             if volume_host(v) in self.forget:
@@ -293,11 +297,24 @@ class Rebalance:
         unreachable = [v for v in targets if have[v] is None]
         if unreachable:
             raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
+        return vouched, targets, have
+
+    def dropped(self, rec, placement, have):
+        """The recorded copies the placement no longer uses (never one of
+        its own under another name)."""
+        return [v for v in rec.volumes if v not in placement and have.get(v, True) is not False
+                and not any(self.same(v, p) for p in placement)]
+
+    def move(self, rec):
+        if rec.state not in (LIVE, UNLINKED):
+            return self.progress.count("skipped")
+        key, path = rec.key, key2path(rec.key)
+        placement = self.placement(key)
+        vouched, targets, have = self.decide(rec, placement)
         if targets:
             self.copy(rec, vouched, targets, path)
         if rec.volumes != placement or targets:
-            dropped = [v for v in rec.volumes if v not in placement and have[v] is not False
-                       and not any(self.same(v, p) for p in placement)]    # never ours under another name
+            dropped = self.dropped(rec, placement, have)
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
             due = time.time() + GRACE
@@ -412,6 +429,12 @@ class Rebalance:
                 self.index.release(key, self.owner)
             return True
         except (MkvError, sqlite3.Error) as e:
+            host = volume_host(volume)
+            if host not in self.settings.volumes and self.volumes.health.down(host):
+                # a removed volume that is down: one line for all its keys at the end (main)
+                self.progress.count("failed")
+                self.unreachable_removed[host] = self.unreachable_removed.get(host, 0) + 1
+                return True
             self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
             return True
 
@@ -427,6 +450,60 @@ class Rebalance:
                 self.index.unnote(key, volume)
 
 
+class DryRun(Rebalance):
+    """--dry-run: what a run would copy, switch and remove, one line per key
+    on stdout, changing nothing (no lock, no note, no record of a disk's
+    identity). A key a PUT or DELETE changes meanwhile may differ in the run."""
+
+    def identify(self):
+        known = self.index.volume_ids()
+        for host in self.settings.volumes:
+            try:
+                ident = self.volumes.identity(host)
+            except VolumeError:
+                continue
+            if host in known and known[host] != ident:
+                self.replaced[host] = ident
+        self.ids = {h: i for h, i in known.items() if h not in self.replaced}
+        check_named_once(self.settings.volumes, self.ids)
+
+    def run(self, workers):
+        self.progress.set_total(self.index.count())
+        if self.ids is None:
+            self.identify()
+        for key, volume, _ in self.index.all_notes():
+            if volume_host(volume) not in self.forget:
+                self.say("remove", key, f"noted copy on {volume}")
+                self.noted.add(key)
+        with ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(self.look, self.index.scan()):
+                self.progress.add(done=1)
+
+    def say(self, what, key, detail):
+        self.progress.count(f"would {what}")
+        self.progress.message(f"would {what} {tools.show(key)}: {detail}", stream=sys.stdout)
+
+    def look(self, rec):
+        self.progress.count("seen")
+        self.progress.add(keys=1)
+        if rec.state not in (LIVE, UNLINKED):
+            if not rec.locked() or tools.owner_is_dead(rec.lock_owner):
+                self.say("purge", rec.key, f"a dead {rec.state} record, its files on {','.join(rec.volumes)}")
+            return
+        placement = self.placement(rec.key)
+        try:
+            vouched, targets, have = self.decide(rec, placement)
+        except CopyFailed as e:
+            return self.fail(rec.key, str(e))
+        if targets:
+            self.say("copy", rec.key, f"from {vouched[0]} to {','.join(targets)}")
+        dropped = self.dropped(rec, placement, have) if rec.volumes != placement or targets else []
+        if dropped:
+            self.say("remove", rec.key, f"copies on {','.join(dropped)} once its record names {','.join(placement)}")
+        if not targets and not dropped:
+            self.progress.count("unchanged")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="rebalance.py",
@@ -437,6 +514,8 @@ def main(argv=None):
                "Exit status: 0 every key on its placement, 1 some key failed or stayed busy (named on stderr), "
                "2 bad settings.")
     tools.add_common_args(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="change nothing: print what a run would copy, remove and purge, one line each")
     parser.add_argument("--forget-volume", metavar="H:P", action="append", default=[],
                         help="a volume removed from MKV_VOLUMES that is gone for good (dead disk): "
                              "its copies count as lost and are not deleted; may be given more than once")
@@ -451,7 +530,8 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     index, volumes, progress = tools.open_all(PROG, settings, args.workers, unit="keys")
-    job = Rebalance(settings, index, volumes, progress, forget=args.forget_volume, upload_age=args.s3_upload_age)
+    job = (DryRun if args.dry_run else Rebalance)(settings, index, volumes, progress, forget=args.forget_volume,
+                                                   upload_age=args.s3_upload_age)
     try:
         job.identify()
     except SettingsError as e:
@@ -460,12 +540,19 @@ def main(argv=None):
         return 2
     if not tools.run(PROG, job, args.workers, progress):
         return 1
+    if args.dry_run:
+        print(progress.summary(DRY_SUMMARY, "copied (none: a dry run)"), flush=True)
+        return 1 if progress.counts.get("failed", 0) else 0
     print(progress.summary(SUMMARY, "copied"), flush=True)
     left = progress.counts.get("failed", 0) + progress.counts.get("busy", 0)
-    if left:
+    for host, n in job.unreachable_removed.items():
+        print(f"{PROG}: {host} is no longer in MKV_VOLUMES and does not answer: {n} key(s) keep a copy "
+              f"there, noted. Start it and run rebalance.py again; or, if it is gone for good: "
+              f"rebalance.py --forget-volume {host}", file=sys.stderr)
+    if left > sum(job.unreachable_removed.values()):
         print(f"{PROG}: {left} key(s) not done (named above); run rebalance.py again", file=sys.stderr)
     return 1 if left else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(published.exit_status_of(main))   # the master's status page shows it

@@ -30,6 +30,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, Unavailable, VolumeError
 from mkvlib.index import LIVE, UNLINKED
 from mkvlib.lease import Lease, new_owner
@@ -481,13 +482,16 @@ class Rebuild:
     # -- --check
 
     def check_key(self, key, found):
+        """A key of the listing: looked at again if anything seemed wrong;
+        'unchanged' if nothing is (so the summary adds up to what was seen)."""
         rec = self.index.get(key)
-        if classify(key, rec, found, self.settings) or self.md5:
-            self.confirm(key, found)
+        if (classify(key, rec, found, self.settings) or self.md5) and self.confirm(key, found):
+            return
+        self.progress.count("unchanged")
 
     def confirm(self, key, listed=None):
         """Something looked wrong in a listing: look again now (the master may
-        have written or deleted the key since), and report what remains."""
+        have written or deleted the key since), and report what remains (returned)."""
         listed = listed or {}
         rec = self.index.get(key)
         placement = self.settings.placement(key)
@@ -510,6 +514,7 @@ class Rebuild:
                     problems.append(("wrong-md5", f"{v} (md5 {got[0]}, recorded {rec.md5})"))
         for kind, detail in problems:
             self.report(kind, key, detail)
+        return problems
 
     def report(self, kind, key, detail):
         with self._report_lock:
@@ -560,4 +565,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(published.exit_status_of(main))   # the master's status page shows it

@@ -3,5 +3,5 @@
 # a real gunicorn master). Extra arguments go to pytest: ./test.sh -k put -x
 set -euo pipefail
 cd "$(dirname "$0")"
-./install.sh
+./install.sh --tests
 exec .venv/bin/python -m pytest "$@"

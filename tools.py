@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, SettingsError
 from mkvlib.index import Index
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, lock_clock
@@ -63,8 +64,11 @@ def open_index(prog, path) -> Index:
 
 
 def open_all(prog, settings, workers, unit):
-    """(index, volume client, progress display) of a tool's run."""
-    return open_index(prog, settings.db), open_volumes(settings, workers), Progress(prog, unit=unit)
+    """(index, volume client, progress display) of a tool's run; its
+    progress is shown to a master running on the same index (mkvlib.progress)."""
+    progress = Progress(prog, unit=unit)
+    published.publish(prog.removesuffix(".py"), settings.db, progress)
+    return open_index(prog, settings.db), open_volumes(settings, workers), progress
 
 
 def run(prog, job, workers, progress) -> bool:
@@ -223,12 +227,13 @@ class Progress:
         while not self._stop.wait(self.every):
             print(self.status(), file=self.stream, flush=True)
 
-    def message(self, text):
-        """A line of its own, that does not break the bar."""
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
+    def message(self, text, stream=None):
+        """A line of its own (on `stream`, default the display's), that does not break the bar."""
+        with self._lock:    # lines from several threads stay whole
+            if self._bar is not None:
+                self._bar.write(text, file=stream or self.stream)
+            else:
+                print(text, file=stream or self.stream, flush=True)
 
     def close(self):
         self._stop.set()

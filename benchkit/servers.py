@@ -74,9 +74,13 @@ class Bench:
         if self._cluster is None:
             folder = os.path.join(self.tmp, "cluster")
             os.makedirs(folder)
-            self._cluster = self.c.Cluster(folder, n_volumes=3, workers=WORKERS, replicas=REPLICAS)
+            self._cluster = self.c.Cluster(folder, n_volumes=3, workers=WORKERS, replicas=REPLICAS,
+                                           admin_port=self.c.free_port())   # the scrape workload's
             say(f"cluster: master :{self._cluster.master.port}, volumes {','.join(self._cluster.volume_names())}")
         return self._cluster
+
+    def admin_url(self):
+        return f"http://127.0.0.1:{self.cluster().settings['admin_port']}"
 
     def limit302(self):
         if self._limit302 is None:

@@ -22,7 +22,6 @@ class Prober:
         self.health = volumes.health
         self.health.watched.extend(h for h in hosts if h not in self.health.watched)
         self.health.look = self.look
-        self._seen = set()       # hosts that answered once
         self._thread = None
 
     def start(self):
@@ -56,15 +55,11 @@ class Prober:
                 self.index.record_volume_id(host, ident)
                 known[host] = self.index.volume_ids().get(host, ident)
             if known[host] != ident:
-                if host not in health.replaced:
+                if health.set_replaced(host, True):
                     log.warning("volume %s is not the disk the index knows (identity %r, recorded %r): "
                                 "no reads go to it until rebalance.py has filled it", host, ident, known[host])
-                health.replaced.add(host)
                 continue
-            if host in health.replaced:
+            if health.set_replaced(host, False):
                 log.warning("volume %s is the disk the index knows again", host)
-                health.replaced.discard(host)
-                health.heard(host)
-            elif not health.heard(host) and host in self._seen:
+            if health.heard(host):
                 log.warning("volume %s answers the prober again", host)
-            self._seen.add(host)

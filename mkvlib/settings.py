@@ -9,12 +9,18 @@ from mkvlib.placement import MAX_SUBVOLUMES, key2volume
 
 SECRET_HEADER = "Mkv-Secret"                         # carries MKV_SECRET, to the master and to the volumes
 SECRET_CHARS = re.compile(r"[A-Za-z0-9._-]{1,200}")   # what a volume's nginx config can hold as it is
+HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")   # a name, an IPv4 or a [bracketed IPv6] address
+# MKV_* variables read elsewhere: bringup.sh's, the test suite's, and the run
+# folder the master's start names for its workers (mkvlib.health)
+OTHER_NAMES = {"MKV_HOME", "MKV_HEALTH_DIR", "MKV_FUZZ_EXAMPLES", "MKV_FUZZ_COUNT_FILE",
+               "MKV_S3_KEYS", "MKV_S3_REGION", "MKV_S3_DOMAIN"}   # the last three: S3Settings
 
 
 def _parse_hostport(name, value):
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in value:
-        raise SettingsError(f"{name}: {value!r} is not host:port")
+    if not sep or not HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise SettingsError(f"{name}: {value!r} is not host:port"
+                            + (" (separate volumes with commas)" if name == "MKV_VOLUMES" else ""))
     return value
 
 
@@ -67,6 +73,20 @@ def _parse_secret(value):
     return secret
 
 
+def unknown_names(env=None):
+    """The MKV_* variables of `env` that nothing reads (a typo, say), each
+    with the setting it most looks like: [(name, guess or None)]."""
+    import difflib
+    env = os.environ if env is None else env
+    known = {name for name, _ in Settings.ENV.values()} | OTHER_NAMES
+    suffixes = sorted(name[4:] for name in known)      # compared without the MKV_ they all share
+
+    def guess(name):
+        close = difflib.get_close_matches(name[4:], suffixes, n=1)
+        return "MKV_" + close[0] if close else None
+    return [(name, guess(name)) for name in sorted(env) if name.startswith("MKV_") and name not in known]
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     volumes: tuple
@@ -81,13 +101,18 @@ class Settings:
     client_connections: int = 1000        # per worker, from one client address (connections.py)
     send_timeout: float = 30.0            # seconds a client may take to take a piece of its answer
     list_bytes: int = 32 << 20            # key bytes one listing page may hold
+    admin_port: int = None        # the admin listener (admin.py): /metrics, /health/*, the status page
+    admin_bind: str = "127.0.0.1"
+    log_format: str = "text"      # or "json": one JSON object a line
 
     ENV = {"volumes": ("MKV_VOLUMES", ""), "db": ("MKV_DB", ""), "replicas": ("MKV_REPLICAS", "3"),
            "subvolumes": ("MKV_SUBVOLUMES", "10"), "protect": ("MKV_PROTECT", ""),
            "fallback": ("MKV_FALLBACK", ""), "voltimeout": ("MKV_VOLTIMEOUT", "1"),
            "get_check": ("MKV_GET_CHECK", ""), "secret": ("MKV_SECRET", ""),
            "client_connections": ("MKV_CLIENT_CONNECTIONS", "1000"),
-           "send_timeout": ("MKV_SEND_TIMEOUT", "30"), "list_bytes": ("MKV_LIST_BYTES", str(32 << 20))}
+           "send_timeout": ("MKV_SEND_TIMEOUT", "30"), "list_bytes": ("MKV_LIST_BYTES", str(32 << 20)),
+           "admin_port": ("MKV_ADMIN_PORT", ""), "admin_bind": ("MKV_ADMIN_BIND", "127.0.0.1"),
+           "log_format": ("MKV_LOG_FORMAT", "text")}
 
     @classmethod
     def from_env(cls, env=None, **overrides):
@@ -109,13 +134,18 @@ class Settings:
         fallback = raw["fallback"] or None
         if fallback:
             _parse_hostport("MKV_FALLBACK", fallback)
+        admin_port = _parse_int("MKV_ADMIN_PORT", raw["admin_port"], 1, 65535) if raw["admin_port"] else None
+        if raw["log_format"] not in ("text", "json"):
+            raise SettingsError(f"MKV_LOG_FORMAT: {raw['log_format']!r} is neither text nor json")
         return cls(volumes=volumes, db=os.path.abspath(str(raw["db"])), replicas=replicas,
                    subvolumes=subvolumes, protect=_parse_bool("MKV_PROTECT", raw["protect"]),
                    fallback=fallback, voltimeout=voltimeout,
                    get_check=_parse_bool("MKV_GET_CHECK", raw["get_check"]), secret=secret,
                    client_connections=_parse_int("MKV_CLIENT_CONNECTIONS", raw["client_connections"], 1, 1 << 20),
                    send_timeout=_parse_seconds("MKV_SEND_TIMEOUT", raw["send_timeout"], 3600),
-                   list_bytes=_parse_int("MKV_LIST_BYTES", raw["list_bytes"], 1 << 10, 1 << 40))
+                   list_bytes=_parse_int("MKV_LIST_BYTES", raw["list_bytes"], 1 << 10, 1 << 40),
+                   admin_port=admin_port, admin_bind=raw["admin_bind"] or "127.0.0.1",
+                   log_format=raw["log_format"])
 
     def placement(self, key: bytes) -> list:
         """The volumes (with their svXX folder) that should hold `key`, best first."""

@@ -130,3 +130,24 @@ def test_subvolumes_1_uses_the_flat_layout(private_cluster):
     Http().put(c.url("/hello"), data=b"v")
     path = key2path(b"/hello")    # no svXX folder between the volume and the path
     assert open(c.volume_dirs[0] + path, "rb").read() == b"v"
+
+
+@pytest.mark.parametrize("volumes", ["a:1;b:2;c:3", "a:1 b:2", "a:1/x", "a b:1"])
+def test_volumes_separated_by_anything_but_commas_are_refused(volumes):
+    with pytest.raises(SettingsError, match="separate volumes with commas"):
+        settings(MKV_VOLUMES=volumes, MKV_REPLICAS="1")
+
+
+def test_an_unknown_mkv_variable_is_named_with_the_setting_it_looks_like():
+    from mkvlib.settings import unknown_names
+    assert unknown_names({"MKV_REPLCIAS": "2", "MKV_DB": "x", "MKV_HOME": "/tmp/mkv", "MKV_ZZZ": "1"}) == [
+        ("MKV_REPLCIAS", "MKV_REPLICAS"), ("MKV_ZZZ", None)]
+
+
+def test_master_names_a_mistyped_setting_and_a_volume_that_does_not_answer_and_starts(private_cluster):
+    c = private_cluster(n_volumes=2, replicas=1, subvolumes=1, replcias="2")
+    silent = f"127.0.0.1:{free_port()}"
+    c.restart_master(volumes=c.volume_names() + [silent], replicas=1, subvolumes=1, replcias="2")
+    log = c.master.tail(100)
+    assert "mkv: MKV_REPLCIAS is no setting of mkv, ignored (did you mean MKV_REPLICAS?)" in log
+    assert f"mkv: volume {silent} does not answer now" in log

@@ -23,7 +23,7 @@ from mkvlib.settings import Settings
 from mkvlib.volumes import Volumes
 import rebuild
 import tools
-from conftest import ROOT, wait_until
+from conftest import ROOT, Http, wait_until
 
 TOOL_TIMEOUT = 120
 
@@ -348,6 +348,8 @@ def test_check_of_a_sound_cluster_finds_nothing_and_exits_0(private_cluster):
     p = run_tool("rebuild.py", c.volume_names(), c.db(), "--check", replicas=2)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "rebuild --check: 0 missing, 0 under-replicated, 0 misplaced, 0 orphan, 0 wrong-size, 0 wrong-md5" in p.stdout
+    counts = summary(p.stdout, "rebuild")
+    assert counts["seen"] == 20 and counts["unchanged"] == 20, p.stdout     # the summary adds up
 
 
 def test_check_of_an_index_that_does_not_exist_is_a_settings_error(tmp_path):
@@ -408,6 +410,12 @@ def test_rebalance_forgets_a_removed_volume_that_is_gone_for_good(private_cluste
     c.restart_master(volumes=alive, replicas=2, subvolumes=1)
     p = run_tool("rebalance.py", alive, c.db(), replicas=2, subvolumes=1)
     assert p.returncode == 1 and dead in p.stdout + p.stderr    # it cannot empty the dead volume
+    # one line names the way out, not one line per key and "run again"
+    assert [line for line in p.stderr.splitlines() if line.startswith("rebalance:") and dead in line] == [
+        f"rebalance: {dead} is no longer in MKV_VOLUMES and does not answer: "
+        f"{summary(p.stdout, 'rebalance')['failed']} key(s) keep a copy there, noted. Start it and run "
+        f"rebalance.py again; or, if it is gone for good: rebalance.py --forget-volume {dead}"], p.stderr
+    assert "run rebalance.py again" not in p.stderr.replace("and run rebalance.py again", "")
     p = run_tool("rebalance.py", alive, c.db(), "--forget-volume", dead, replicas=2, subvolumes=1)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_converged(c, data, alive, replicas=2, subvolumes=1)
@@ -636,3 +644,23 @@ def test_summary_is_one_line_of_counts():
     progress.add(nbytes=1_200_000_000)
     line = progress.summary(["seen", "moved", "failed"], "copied")
     assert line.startswith("rebalance: 312 keys seen, 120 moved, 0 failed, 1.2 GB copied in ")
+
+
+def test_rebalance_dry_run_names_what_it_would_copy_and_remove_and_changes_nothing(private_cluster):
+    c = private_cluster(n_volumes=3, replicas=2, subvolumes=1)
+    http = Http()
+    keys = [f"/dry{i}" for i in range(30)]
+    for k in keys:
+        assert http.put(c.url(k), data=b"v").status_code == 201
+    before = {k: http.get(c.url(k)).headers["Key-Volumes"] for k in keys}
+    files = sorted(os.path.join(d, f) for v in c.volume_dirs for d, _, fs in os.walk(v) for f in fs)
+    env = dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(), MKV_REPLICAS="3",
+               MKV_SUBVOLUMES="1")
+    p = subprocess.run([sys.executable, "rebalance.py", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    copies = [line for line in p.stdout.splitlines() if line.startswith("would copy ")]
+    assert sorted(line.split()[2].rstrip(":") for line in copies) == sorted(keys)   # a third copy each
+    assert "30 keys seen, 30 would copy, 0 would remove" in p.stdout.splitlines()[-1]
+    assert {k: http.get(c.url(k)).headers["Key-Volumes"] for k in keys} == before
+    assert sorted(os.path.join(d, f) for v in c.volume_dirs for d, _, fs in os.walk(v) for f in fs) == files

@@ -11,7 +11,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT, TIMEOUT, Http, start_volume
+from conftest import ROOT, TIMEOUT, Http, free_port, start_volume
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="what the launcher does when started as root")
 
@@ -267,3 +267,41 @@ def test_a_volume_told_to_bind_loopback_answers_there_only(tmp_path):
             requests.get(f"http://127.0.0.2:{v.port}/.id", timeout=10)
     finally:
         v.stop()
+
+
+def test_refused_moves_and_deletes_of_missing_files_leave_no_line_in_the_log(volume, http):
+    dest = put_file(http, volume, f"/sv05/aa/{name()}", b"first")
+    assert move(http, volume, upload(http, volume), dest).status_code == 412
+    assert http.delete(url(volume, f"/sv05/aa/{name()}")).status_code == 404
+    assert http.delete(url(volume, f"/.tmp/{name()}")).status_code == 404
+    log = volume.tail(200)
+    assert "File exists" not in log and "lstat()" not in log, log
+
+
+def test_the_volume_serves_its_disk_usage_read_only(volume, http):
+    r = http.get(url(volume, "/.disk"))
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
+    disk = r.json()
+    st = os.statvfs(volume.dir)
+    assert disk["total"] == st.f_blocks * st.f_frsize and 0 < disk["free"] <= disk["total"]
+    assert http.put(url(volume, "/.disk"), data=b"{}").status_code == 403
+    assert http.delete(url(volume, "/.disk")).status_code == 403
+
+
+def test_the_volume_names_its_port_and_folder_in_its_process_title(volume):
+    title = " ".join(psutil.Process(volume.proc.pid).cmdline())
+    assert f":{volume.port} {volume.dir}" in title, title
+
+
+def test_a_folder_the_workers_cannot_write_is_refused_with_one_line(tmp_path):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    (folder / ".tmp").mkdir()
+    os.chmod(folder, 0o500)      # readable, not writable: as a folder of mode 000 once it is listed
+    try:
+        p = subprocess.run([sys.executable, "volume", str(folder)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=30, env=dict(os.environ, PORT=str(free_port())))
+    finally:
+        os.chmod(folder, 0o700)
+    assert p.returncode == 1
+    assert p.stderr.count("\n") == 1 and "cannot write in" in p.stderr and str(folder) in p.stderr, p.stderr

@@ -12,6 +12,7 @@ Started as root, nginx's workers run as VOLUME_USER (default nobody), never as
 root; see prepare() for what the launcher changes in DIR for them.
 """
 import grp
+import json
 import os
 import pwd
 import re
@@ -19,6 +20,7 @@ import shutil
 import stat
 import string
 import sys
+import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +29,10 @@ INSTALL_HINT = "install it with: sudo apt-get install nginx-light (./bringup.sh 
 STATE = ".mkv"      # the launcher's and nginx's own files, never served
 TMP = ".tmp"        # the master's uploads before their MOVE into place
 ID = ".id"          # this disk's identity, made once: the index tells a wiped or replaced disk by it
+DISK = "disk.json"  # in DIR/.mkv: the disk's free and used bytes, served as /.disk, kept current
+                    # by start_disk_reporter() (in .mkv: nothing new among DIR's names)
+DISK_EVERY = 2.0    # seconds between two writes of DISK
+QUIET_BELOW = {"debug", "info", "notice", "warn"}   # VOLUME_LOGLEVELs that keep nginx's WebDAV errors
 # top-level names of a volume's data: svXX subvolumes, or the flat layout's md5 hex folders
 DATA_NAME = re.compile(r"sv[0-9A-F]{2}|[0-9a-f]{2}")
 USAGE = """\
@@ -82,6 +88,7 @@ def render_config(port, user=None, access_log=None, loglevel="error", secret=Non
         loglevel=loglevel,
         secret_rule=secret_rule(secret) if secret else "",
         secret_default=1 if secret else 0,
+        dav_loglevel=loglevel if loglevel in QUIET_BELOW else "crit",
     )
     assert "${" not in text, "a placeholder of nginx.conf was not filled in"
     return text
@@ -186,6 +193,88 @@ def prepare(root, account=None):
             chown_tree(os.path.join(root, name), uid, gid)
 
 
+def check_writable(root, account=None):
+    """Refuse to serve a DIR where nginx's workers cannot write (a folder of
+    mode 000 started and answered every PUT 500): a file is made and removed
+    in DIR and in DIR/.tmp by a child process running as the workers' user."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        try:
+            os.chdir(root)       # as nginx does: the workers need no access to the folders above
+            if account:
+                os.setgroups([])
+                os.setgid(account[3])
+                os.setuid(account[2])
+            for folder in (".", TMP):
+                probe = os.path.join(folder, f".mkv-write-check-{os.getpid()}")
+                os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                os.unlink(probe)
+        except OSError as e:
+            where = os.path.normpath(os.path.join(root, os.path.dirname(e.filename or ".")))
+            os.write(write_end, f"{where} ({e.strerror})".encode())
+            os._exit(1)
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        why = f.read().decode("utf-8", "replace")
+    os.waitpid(pid, 0)
+    if why:
+        who = f"{account[0]} (nginx's workers)" if account else "this user"
+        raise Refused(f"{who} cannot write in {why}: give the folder to that user (chown) "
+                      f"and let it write there (chmod u+rwx)")
+
+
+def disk_usage(root):
+    st = os.statvfs(root)
+    return {"free": st.f_bavail * st.f_frsize, "used": (st.f_blocks - st.f_bfree) * st.f_frsize,
+            "total": st.f_blocks * st.f_frsize}
+
+
+def write_disk_usage(root):
+    """DIR/.mkv/disk.json, written aside and renamed: never seen half-written."""
+    new = os.path.join(root, STATE, DISK + ".new")
+    with open(new, "w") as f:
+        json.dump(disk_usage(root), f)
+    os.chmod(new, 0o644)
+    os.replace(new, os.path.join(root, STATE, DISK))
+
+
+def start_disk_reporter(root, port):
+    """A process apart (forked twice: nginx never sees it as its child)
+    that rewrites DIR/.mkv/disk.json every DISK_EVERY seconds while nginx, which this
+    process becomes, runs; nginx serves it read-only at /.disk, the master's
+    status page shows it. It stops with nginx (it looks for its pid)."""
+    write_disk_usage(root)
+    nginx_pid = os.getpid()
+    if os.fork():
+        os.wait()
+        return
+    if os.fork():
+        os._exit(0)
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(f"mkv-disk:{port}"[:15])
+        os.chdir("/")          # holds no mount busy
+        while running(nginx_pid):
+            time.sleep(DISK_EVERY)
+            try:
+                write_disk_usage(root)
+            except OSError:
+                pass          # the disk full or gone: the next round tries again
+    finally:
+        os._exit(0)
+
+
+def running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] in ("-h", "--help"):
         print(USAGE, file=sys.stderr)
@@ -212,6 +301,7 @@ def main(argv):
     root = os.path.abspath(argv[1])
     try:
         prepare(root, account)
+        check_writable(root, account)
     except Refused as e:
         print(f"volume: {e}", file=sys.stderr)
         return 1
@@ -239,7 +329,10 @@ def main(argv):
     # nginx runs in DIR with prefix "./": every path of its config is relative
     # to DIR. -e stderr: errors before the config is read go to stderr, not /var/log.
     os.chdir(root)
-    os.execv(nginx, [nginx, "-e", "stderr", "-p", "./", "-c", f"{STATE}/nginx.conf"])
+    start_disk_reporter(root, port)
+    # argv[0] names the volume: nginx's master shows it in its title
+    # ("nginx: master process mkv volume :3001 /srv/volume1 -e stderr ...")
+    os.execv(nginx, [f"mkv volume :{port} {root}", "-e", "stderr", "-p", "./", "-c", f"{STATE}/nginx.conf"])
 
 
 if __name__ == "__main__":

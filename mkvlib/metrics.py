@@ -1,0 +1,206 @@
+"""The master's requests, counted in one place: a WSGI wrapper around the app
+(counted()), and the names every dashboard relies on.
+
+Per request it only adds to this process's plain counters (a Counter and a
+few ints: about a microsecond); a thread of each worker (a greenlet under
+gevent) hands them to prometheus_client every FLUSH_EVERY seconds, whose
+multiprocess files in the master's run folder (mkvlib.runfolder) the admin
+listener reads at each scrape. A scrape is at most FLUSH_EVERY behind.
+Without a run folder (a master started without gunicorn.conf.py) requests
+are still counted for the failure log, and nothing is handed on.
+
+Each failed request (a status of 400 or more but 404) is one log line:
+method, key, status, reason, volume, duration."""
+import collections
+import json
+import logging
+import os
+import re
+import threading
+import time
+from bisect import bisect_left
+from time import perf_counter
+
+from mkvlib import health
+
+log = logging.getLogger("mkv")
+
+FLUSH_EVERY = 1.0        # seconds between two hand-overs to prometheus_client
+RECENT_FAILURES = 50     # failed requests each worker keeps for the status page
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+KIND_OF_METHOD = {"PUT": "put", "DELETE": "delete", "UNLINK": "unlink"}
+VOLUME_IN_REASON = re.compile(r"volume ([^\s:]+:\d+)")
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def content_length(headers):
+    for name, value in headers:
+        if name == "Content-Length":
+            return int(value)
+    return 0
+
+
+def kind_of(environ, status):
+    """What a request was: redirect, 404, list, put, delete, unlink, other;
+    an app in front (s3.py) may name its own in environ['mkv.kind']."""
+    kind = environ.get("mkv.kind")
+    if kind:
+        return kind
+    method = environ["REQUEST_METHOD"]
+    if method in ("GET", "HEAD"):
+        query = environ.get("QUERY_STRING", "")
+        if query and ("list" in query or "unlinked" in query):
+            return "list"
+        return "404" if status == 404 else "redirect"
+    return KIND_OF_METHOD.get(method, "other")
+
+
+class Tally:
+    """One process's counts since the last hand-over: one row per (method,
+    kind, status), [requests, seconds, bytes in, bytes out, then a count per
+    latency bucket]: one dict lookup per request."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def add(self, key, seconds, got, sent):
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = [0, 0.0, 0, 0] + [0] * (len(BUCKETS) + 1)
+        row[0] += 1
+        row[1] += seconds
+        row[2] += got
+        row[3] += sent
+        row[4 + bisect_left(BUCKETS, seconds)] += 1
+
+
+class Counted:
+    """The WSGI app `app`, with every request counted and each failure logged."""
+
+    def __init__(self, app, boot=None):
+        self.app = app
+        self.on_boot = boot
+        self.tally = Tally()
+        self.failures = collections.deque(maxlen=RECENT_FAILURES)
+        self.in_flight = 0
+        self._flusher_pid = None
+
+    def __call__(self, environ, start_response):
+        if self._flusher_pid != os.getpid():
+            self._start_flusher()
+        started = perf_counter()
+        seen = []
+
+        def start(status, headers, exc_info=None):
+            seen.append(status)
+            seen.append(headers)
+            return start_response(status, headers, exc_info)
+        self.in_flight += 1
+        try:
+            body = self.app(environ, start)
+        finally:
+            self.in_flight -= 1
+        seconds = perf_counter() - started
+        status, sent = (int(seen[0][:3]), content_length(seen[1])) if seen else (500, 0)
+        length = environ.get("CONTENT_LENGTH")
+        method = environ["REQUEST_METHOD"]
+        self.tally.add((method, kind_of(environ, status), status), seconds,
+                       int(length) if length and length.isdigit() else 0, sent)
+        if status >= 400 and status != 404:
+            self.failed(environ, status, body, seconds)
+        return body
+
+    def boot(self):
+        """At a worker's start (gunicorn.conf.py's post_worker_init): the
+        hand-over thread, and `boot` (the master opens its store, whose
+        prober then looks at the volumes with no request needed)."""
+        self._start_flusher()
+        if self.on_boot is not None:
+            try:
+                self.on_boot()
+            except Exception:   # the index cannot be opened now, say: the first request tries again
+                log.exception("opening the store at the worker's start failed")
+
+    def failed(self, environ, status, body, seconds):
+        reason = b"".join(body).decode("utf-8", "replace").strip() if isinstance(body, list) else ""
+        found = VOLUME_IN_REASON.search(reason)
+        entry = {"time": time.time(), "method": environ["REQUEST_METHOD"],
+                 "key": environ.get("PATH_INFO", "")[:300], "status": status, "reason": reason[:300],
+                 "volume": found.group(1) if found else "", "duration_ms": round(seconds * 1000, 1)}
+        self.failures.append(entry)
+        log.log(logging.WARNING if status >= 500 else logging.INFO,
+                "request failed: %s %s %d %s (volume %s, %.1f ms)", entry["method"], entry["key"], status,
+                entry["reason"] or "-", entry["volume"] or "-", entry["duration_ms"], extra={"fields": entry})
+
+    def _start_flusher(self):
+        self._flusher_pid = os.getpid()
+        folder = os.environ.get(METRICS_ENV)
+        if folder and os.path.isdir(folder):
+            threading.Thread(target=self._flush_forever, args=(Exported(), folder), daemon=True,
+                             name="metrics").start()
+
+    def _flush_forever(self, exported, folder):
+        failures_file = os.path.join(os.path.dirname(folder), f"failures-{os.getpid()}.json")
+        shown = None
+        while True:
+            time.sleep(FLUSH_EVERY)
+            try:
+                tally, self.tally = self.tally, Tally()     # no yield between: nothing lost
+                exported.add(tally, self.in_flight, health.take_counts())
+                if self.failures and self.failures[-1] is not shown:
+                    shown = self.failures[-1]
+                    write_atomically(failures_file, json.dumps(list(self.failures)))
+            except Exception:
+                log.exception("handing the counts to prometheus_client failed")
+
+
+def write_atomically(path, text):
+    with open(path + ".new", "w") as f:
+        f.write(text)
+    os.replace(path + ".new", path)
+
+
+class Exported:
+    """The prometheus_client metrics a worker hands its counts to (imported
+    here, after the master's start set PROMETHEUS_MULTIPROC_DIR)."""
+
+    def __init__(self):
+        from prometheus_client import Counter, Gauge, Histogram
+        self.requests = Counter("mkv_requests", "requests answered, by method, kind and status",
+                                ["method", "kind", "status"])
+        self.duration = Histogram("mkv_request_duration_seconds", "time to answer a request, by kind",
+                                  ["kind"], buckets=BUCKETS)
+        self.bytes_in = Counter("mkv_bytes_received", "request body bytes received (Content-Length)")
+        self.bytes_out = Counter("mkv_bytes_sent", "response body bytes sent (Content-Length)")
+        self.in_flight = Gauge("mkv_requests_in_flight", "requests being answered now",
+                               multiprocess_mode="livesum")
+        self.volume_requests = Counter("mkv_volume_requests", "requests to a volume that it answered "
+                                       "(the prober's included), as the master saw them", ["volume"])
+        self.volume_errors = Counter("mkv_volume_errors", "requests to a volume that failed (no answer)",
+                                     ["volume"])
+
+    def add(self, tally, in_flight, volume_counts):
+        kinds = {}
+        for (method, kind, status), row in tally.rows.items():
+            self.requests.labels(method, kind, str(status)).inc(row[0])
+            if row[2]:
+                self.bytes_in.inc(row[2])
+            if row[3]:
+                self.bytes_out.inc(row[3])
+            total = kinds.setdefault(kind, [0.0] + [0] * (len(BUCKETS) + 1))
+            total[0] += row[1]
+            for i, n in enumerate(row[4:]):
+                total[1 + i] += n
+        for kind, total in kinds.items():
+            child = self.duration.labels(kind)
+            for i, n in enumerate(total[1:]):     # prometheus_client has no bulk observe
+                if n:
+                    child._buckets[i].inc(n)
+            child._sum.inc(total[0])
+        self.in_flight.set(in_flight)
+        for (host, ok), n in volume_counts.items():
+            (self.volume_requests if ok else self.volume_errors).labels(host).inc(n)
+
+
+def counted(app, boot=None):
+    return Counted(app, boot)
