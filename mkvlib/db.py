@@ -48,7 +48,21 @@ class Database:
 
     def _open(self, setup=True):
         """A connection in WAL mode, with the schema set up (unless not
-        `setup`: then it never waits for another process)."""
+        `setup`: then it never waits for another process). Two processes
+        that switch a new file to WAL at once can deadlock in SQLite, which
+        then answers one of them 'database is locked' at once, without its
+        busy handler (the master and the S3 gateway started together did):
+        the open is tried again until busy_timeout."""
+        deadline = time.monotonic() + (self.busy_timeout if setup else 0)
+        while True:
+            try:
+                return self._try_open(setup)
+            except SettingsError as e:
+                if not (is_busy(e.__context__) and time.monotonic() < deadline):
+                    raise
+            time.sleep(0.05)
+
+    def _try_open(self, setup):
         path = self.path
         folder = os.path.dirname(os.path.abspath(path))
         db = None
