@@ -16,8 +16,9 @@ per-key lock as the master's PUT and DELETE:
      adopted: a stray, stale or late copy of an older value looks the same;
   3. in one transaction, point the index at the placement only and note the
      copies it no longer uses (the index's pending_deletes table);
-  4. a few seconds later (a redirect given out just before the switch may
-     still be on its way to its client), remove those copies and their notes.
+  4. GRACE (half a second) later (a redirect given out just before the switch
+     may still be on its way to its client), remove those copies and their
+     notes, a key's copies at once, several keys at a time.
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment
@@ -38,13 +39,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
-from mkvlib.lease import Lease, new_owner
+from mkvlib.lease import FENCE_FRESH, Lease, lock_clock, new_owner
 from mkvlib.placement import TMP_DIR, check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
 
 PROG = "rebalance"
-GRACE = 2.0           # seconds from the index leaving a copy to the copy's delete
+# seconds from the index leaving a copy to the copy's delete: for a redirect
+# handed out just before the switch, which its client follows at once (a
+# round trip on a LAN); it was 2 s, most of a small run's time (the last
+# switch's grace cannot overlap any work)
+GRACE = 0.5
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
 SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
@@ -89,9 +94,8 @@ class Rebalance:
                 self.index.unnote(key, volume)    # nothing left to delete there
             else:
                 self.noted.add(key)
-                self.deletes.put((since + GRACE, key, volume))
-        deleter = threading.Thread(target=self.delete_loop, name="deleter", daemon=True)
-        deleter.start()
+                self.deletes.put((since + GRACE, key, (volume,)))
+        deleters = [Deleter(self) for _ in range(max(1, workers // 2))]
         slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
 
         def task(rec):
@@ -108,8 +112,7 @@ class Rebalance:
             rec = self.index.get(key)
             if rec is not None:
                 self.lock_and_move(rec, final=True)
-        self.deletes.put(None)
-        deleter.join()
+        self.finish_deletes(deleters)
         if self.replaced and not (self.progress.counts.get("failed") or self.progress.counts.get("busy")):
             for host, ident in self.replaced.items():   # every copy it should hold is on it now
                 self.index.record_volume_id(host, ident, replace=True)
@@ -178,12 +181,11 @@ class Rebalance:
 
     def all_there(self, key, volumes):
         path = key2path(key)
-        try:
-            return all(self.volumes.has(v, path) for v in volumes)
-        except VolumeError:
-            return False    # the locked path looks again and says what is wrong
+        # an error is no: the locked path looks again and says what is wrong
+        return all(found is True for found in self.volumes.has_many([(v, path) for v in volumes]))
 
     def lock_and_move(self, rec, final=False):
+        since = lock_clock()     # the lease runs from before the lock was taken, never after
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
         except KeyBusy as e:
@@ -193,8 +195,8 @@ class Rebalance:
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
         try:
-            with Lease(self.index, rec.key, self.owner):
-                self.move(rec)
+            with Lease(self.index, rec.key, self.owner, since=since) as lease:
+                self.move(rec, lease)
         except (MkvError, sqlite3.Error) as e:
             if final:
                 self.fail(rec.key, str(e))
@@ -209,6 +211,7 @@ class Rebalance:
         Neither is visible; both may have left files on the record's volumes.
         Remove those (and a dead write's uploads), then the record, as a
         retried DELETE would."""
+        since = lock_clock()
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
         except KeyBusy:
@@ -218,10 +221,10 @@ class Rebalance:
         try:
             if rec.state not in (WRITING, DELETING):
                 return self.progress.count("skipped")
-            with Lease(self.index, rec.key, self.owner):
+            with Lease(self.index, rec.key, self.owner, since=since) as lease:
                 notes = self.index.notes(rec.key)
                 copies = {v: notes.get(v) for v in rec.volumes}
-                failed = self.volumes.delete_copies(copies, key2path(rec.key), fence=self.fence(rec.key))
+                failed = self.volumes.delete_copies(copies, key2path(rec.key), fence=self.fence(rec.key, lease))
                 if failed:
                     return self.fail(rec.key, "could not remove the files of a dead write or delete on "
                                      + ",".join(v for v in copies if v in failed))
@@ -233,13 +236,21 @@ class Rebalance:
         finally:
             self.index.release(rec.key, self.owner)   # a no-op once the record is gone
 
-    def fence(self, key):
+    def fence(self, key, lease=None):
         """A fence for requests that change `key`'s paths: the lock must
         still be this run's, renewed a whole lease ahead (the run may have
-        been paused for longer than a lease since it last looked)."""
+        been paused for longer than a lease since it last looked). As the
+        master's (Store.fence): a `lease` taken or renewed under FENCE_FRESH
+        seconds ago needs no renewal; without one (undoing a failed copy)
+        the lock is always renewed."""
         def check():
+            if lease is not None and not lease.lost and lock_clock() - lease.renewed < FENCE_FRESH:
+                return
+            started = lock_clock()
             if not self.index.renew(key, self.owner):
                 raise KeyBusy("lost the lock on the key (paused longer than a lease?)")
+            if lease is not None:
+                lease.renewed = started
         return check
 
     def later(self, key):
@@ -248,22 +259,15 @@ class Rebalance:
 
     # -- one key, locked
 
-    def move(self, rec):
+    def move(self, rec, lease):
         if rec.state not in (LIVE, UNLINKED):
             return self.progress.count("skipped")
         key, path = rec.key, key2path(rec.key)
         placement = self.placement(key)
         notes = self.index.notes(key)
-        have, down = {}, []
-        for v in dict.fromkeys(rec.volumes + placement):
-            if volume_host(v) in self.forget:
-                have[v] = False
-                continue
-            try:
-                have[v] = self.volumes.has(v, path)
-            except VolumeError as e:
-                have[v] = None
-                down.append(str(e))
+        # the recorded copies are looked at; a placement volume the record does not
+        # name gets a copy whatever sits there (never adopted), so it is not asked
+        have, down = self.look(rec.volumes, path)
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
                    and volume_host(v) not in self.replaced]
@@ -272,26 +276,40 @@ class Rebalance:
             raise CopyFailed(f"lost: no readable copy ({why})")
         # a placement volume that is a vouched copy under another name has it
         targets = [v for v in placement if not any(self.same(v, u) for u in vouched)]
-        unreachable = [v for v in targets if have[v] is None]
+        unreachable = [v for v in targets
+                       if have.get(v) is None and (v in have or self.volumes.health.down(volume_host(v)))]
         if unreachable:
-            raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
+            raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down or ["down"]))
         if targets:
-            self.copy(rec, vouched, targets, path)
+            self.copy(rec, vouched, targets, path, lease)
         if rec.volumes != placement or targets:
             dropped = [v for v in rec.volumes if v not in placement and have[v] is not False
                        and not any(self.same(v, p) for p in placement)]    # never ours under another name
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
-            due = time.time() + GRACE
-            for v in dropped:
-                self.deletes.put((due, key, v))
+            if dropped:
+                self.deletes.put((time.time() + GRACE, key, tuple(dropped)))
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
 
-    def copy(self, rec, sources, targets, path):
+    def look(self, volumes, path):
+        """({volume: True if it has the file, False if not, None if it did not
+        answer}, [reasons of those that did not]) of `volumes`, asked at once."""
+        asked = [v for v in dict.fromkeys(volumes) if volume_host(v) not in self.forget]
+        have = {v: False for v in volumes}
+        down = []
+        for v, found in zip(asked, self.volumes.has_many([(v, path) for v in asked])):
+            if isinstance(found, VolumeError):
+                have[v] = None
+                down.append(str(found))
+            else:
+                have[v] = found
+        return have, down
+
+    def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to
         every target: noted first, uploaded, checked against the record, and
         only then MOVEd over whatever sat at the targets' paths. Each source
@@ -303,7 +321,7 @@ class Rebalance:
                 raise CopyFailed(f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}")
             if rec.size is not None and size != rec.size:
                 raise CopyFailed(f"{src} holds {size} bytes, not the recorded {rec.size}")
-            self.fence(rec.key)()
+            self.fence(rec.key, lease)()
 
         last = None
         for src in sources:
@@ -339,31 +357,44 @@ class Rebalance:
     # -- the copies no record vouches for
 
     def delete_loop(self):
+        """Take (due, key, volumes) off the queue, in due order, until None:
+        remove those copies once due. Returns the (key, volumes) that were busy."""
         retry = []
         while True:
             item = self.deletes.get()
             if item is None:
-                break
-            due, key, volume = item
+                return retry
+            due, key, volumes = item
             time.sleep(max(0.0, due - time.time()))
-            if not self.delete_copy(key, volume):
-                retry.append((key, volume))
+            if not self.delete_copy(key, volumes):
+                retry.append((key, volumes))
+
+    def finish_deletes(self, deleters):
+        """End the deleter threads, then try the busy keys' deletes again for
+        BUSY_WAIT seconds; what stays busy is named."""
+        for _ in deleters:
+            self.deletes.put(None)
+        retry = []
+        for d in deleters:
+            d.join()
+            retry += d.retry
         deadline = time.monotonic() + BUSY_WAIT
         while retry and time.monotonic() < deadline:
             time.sleep(0.2)
             retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
-        for key, volume in retry:
+        for key, volumes in retry:
             rec = self.index.get(key)
             if rec is not None and rec.state == WRITING and rec.locked():
                 self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
             else:
-                self.busy(key, f"its copy on {volume} stays noted for the next run")
+                self.busy(key, f"its copies on {','.join(volumes)} stay noted for the next run")
 
-    def delete_copy(self, key, volume):
-        """Remove a noted copy under the key's lock, unless the note is gone
-        by now or the record names that volume (then move() rewrites the copy
-        there). False if the key is busy."""
+    def delete_copy(self, key, volumes):
+        """Remove the noted copies of a key on `volumes` under the key's lock,
+        unless the note is gone by now or the record names that volume (then
+        move() rewrites the copy there). False if the key is busy."""
         path = key2path(key)
+        since = lock_clock()
         try:
             try:
                 rec = tools.lock_key(self.index, key, self.owner)
@@ -371,35 +402,52 @@ class Rebalance:
                 return False
             if rec is None:
                 # no record: claim the key as a PUT would, so none writes it meanwhile
-                if not self.index.claim(key, [volume], self.owner):
+                if not self.index.claim(key, list(volumes), self.owner):
                     return False
                 try:
-                    self.delete_noted(key, volume, path)
+                    self.delete_noted(key, volumes, path, since)
                 finally:
                     self.index.abandon_put(key, self.owner)
                 return True
             try:
-                if rec.state in (WRITING, DELETING) or not any(self.same(volume, v) for v in rec.volumes):
-                    self.delete_noted(key, volume, path)
-                elif volume not in rec.volumes:
-                    self.index.unnote(key, volume)   # the record's own copy, under another name of its disk
+                gone = [v for v in volumes if rec.state in (WRITING, DELETING)
+                        or not any(self.same(v, r) for r in rec.volumes)]
+                # the record's own copy, under another name of its disk
+                ours = [v for v in volumes if v not in gone and v not in rec.volumes]
+                if ours:
+                    self.index.unnote(key, *ours)
+                if gone:
+                    self.delete_noted(key, gone, path, since)
             finally:
                 self.index.release(key, self.owner)
             return True
         except (MkvError, sqlite3.Error) as e:
-            self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
+            self.fail(key, f"could not remove the copy on {','.join(volumes)} (noted for the next run): {e}")
             return True
 
-    def delete_noted(self, key, volume, path):
-        """Delete the noted copy of a key locked by this run (with the upload
-        whose MOVE may still land it), then its note."""
-        with Lease(self.index, key, self.owner):
+    def delete_noted(self, key, volumes, path, since):
+        """Delete the noted copies of a key locked by this run (each with the
+        upload whose MOVE may still land it), at once, then their notes."""
+        with Lease(self.index, key, self.owner, since=since) as lease:
             notes = self.index.notes(key)
-            if volume in notes:
-                failed = self.volumes.delete_copies({volume: notes[volume]}, path, fence=self.fence(key))
-                if failed:
-                    raise VolumeError(failed[volume])
-                self.index.unnote(key, volume)
+            noted = {v: notes[v] for v in volumes if v in notes}
+            failed = self.volumes.delete_copies(noted, path, fence=self.fence(key, lease)) if noted else {}
+            if len(failed) < len(noted):
+                self.index.unnote(key, *[v for v in noted if v not in failed])
+            if failed:
+                raise VolumeError("; ".join(failed.values()))
+
+
+class Deleter(threading.Thread):
+    """One of the threads that remove the copies a run left (Rebalance.delete_loop)."""
+
+    def __init__(self, job):
+        super().__init__(name="deleter", daemon=True)
+        self.job, self.retry = job, []
+        self.start()
+
+    def run(self):
+        self.retry = self.job.delete_loop()
 
 
 def main(argv=None):

@@ -167,12 +167,21 @@ class Volumes:
 
     def has(self, volume, path):
         """True if the volume has the file, False if not; VolumeDown if it does not answer."""
-        status, _ = self._call("HEAD", volume, path)
-        if status == 200:
-            return True
-        if status == 404:
-            return False
-        raise VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
+        found = self.has_many([(volume, path)])[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def has_many(self, calls):
+        """has() of each (volume, path), asked at once: True, False or the VolumeError."""
+        out = []
+        for (volume, _), result in zip(calls, self._fan("HEAD", [(v, p, b"") for v, p in calls])):
+            if not isinstance(result, Exception):
+                status = result[0]
+                result = True if status == 200 else False if status == 404 else \
+                    VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
+            out.append(result)
+        return out
 
     def identity(self, volume, mark=True):
         """The identity of the disk behind a volume (its /.id); '' for a volume
