@@ -3,6 +3,7 @@ the fenced put (upload every replica, then MOVE each onto its path). Calls
 go over mkvlib.http; every failure feeds mkvlib.health, and is raised as a
 VolumeError with a one-line reason."""
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ LATE_MAX = WRITE_TIMEOUT_MAX + 2 + CLOCK_SKEW   # seconds after its send a MOVE 
 LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
 
 
+@functools.lru_cache(maxsize=64)
 def deadline_headers(deadline):
     """The header lines that make a volume refuse a MOVE or DELETE (410)
     once the unix second `deadline` has passed (secure_link in
