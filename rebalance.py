@@ -8,7 +8,7 @@ DELETE whose volume failed) is finished as a retried DELETE would: its files
 are removed, then the record. For each live or unlinked key, under the same
 per-key lock as the master's PUT and DELETE:
 
-  1. look (HEAD) at which recorded and placement volumes have its file;
+  1. look (HEAD, at once) at which recorded volumes have its file;
   2. stream it from a recorded copy to each placement volume that the record
      does not vouch for (chunk by chunk, never the whole value in memory):
      into an upload, checked against the record's md5 and size, then MOVEd
@@ -64,7 +64,7 @@ class Rebalance:
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
         self.forget = set(forget)       # hosts gone for good: their copies count as lost
         self.owner = new_owner("rebalance-")
-        self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
+        self.deletes = None             # Deleters, during run()
         self.again = []                 # keys busy or failed on the first try: one more at the end
         self._again_lock = threading.Lock()
         self.noted = set()              # keys with notes when the run began
@@ -89,13 +89,13 @@ class Rebalance:
         if self.ids is None:
             self.identify()
         self.sweep()
+        self.deletes = Deleters(self, max(1, workers // 2))
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
                 self.index.unnote(key, volume)    # nothing left to delete there
             else:
                 self.noted.add(key)
-                self.deletes.put((since + GRACE, key, (volume,)))
-        deleters = [Deleter(self) for _ in range(max(1, workers // 2))]
+                self.deletes.put(since + GRACE, key, [volume])
         slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
 
         def task(rec):
@@ -112,7 +112,12 @@ class Rebalance:
             rec = self.index.get(key)
             if rec is not None:
                 self.lock_and_move(rec, final=True)
-        self.finish_deletes(deleters)
+        for key, volumes in self.deletes.finish():
+            rec = self.index.get(key)
+            if rec is not None and rec.state == WRITING and rec.locked():
+                self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
+            else:
+                self.busy(key, f"its copies on {','.join(volumes)} stay noted for the next run")
         if self.replaced and not (self.progress.counts.get("failed") or self.progress.counts.get("busy")):
             for host, ident in self.replaced.items():   # every copy it should hold is on it now
                 self.index.record_volume_id(host, ident, replace=True)
@@ -267,7 +272,7 @@ class Rebalance:
         notes = self.index.notes(key)
         # the recorded copies are looked at; a placement volume the record does not
         # name gets a copy whatever sits there (never adopted), so it is not asked
-        have, down = self.look(rec.volumes, path)
+        have, down = look(self.volumes, self.forget, rec.volumes, path)
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
                    and volume_host(v) not in self.replaced]
@@ -288,26 +293,12 @@ class Rebalance:
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
             if dropped:
-                self.deletes.put((time.time() + GRACE, key, tuple(dropped)))
+                self.deletes.put(time.time() + GRACE, key, dropped)
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
-
-    def look(self, volumes, path):
-        """({volume: True if it has the file, False if not, None if it did not
-        answer}, [reasons of those that did not]) of `volumes`, asked at once."""
-        asked = [v for v in dict.fromkeys(volumes) if volume_host(v) not in self.forget]
-        have = {v: False for v in volumes}
-        down = []
-        for v, found in zip(asked, self.volumes.has_many([(v, path) for v in asked])):
-            if isinstance(found, VolumeError):
-                have[v] = None
-                down.append(str(found))
-            else:
-                have[v] = found
-        return have, down
 
     def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to
@@ -355,39 +346,6 @@ class Rebalance:
         raise CopyFailed(f"could not copy to {','.join(targets)}: {last}")
 
     # -- the copies no record vouches for
-
-    def delete_loop(self):
-        """Take (due, key, volumes) off the queue, in due order, until None:
-        remove those copies once due. Returns the (key, volumes) that were busy."""
-        retry = []
-        while True:
-            item = self.deletes.get()
-            if item is None:
-                return retry
-            due, key, volumes = item
-            time.sleep(max(0.0, due - time.time()))
-            if not self.delete_copy(key, volumes):
-                retry.append((key, volumes))
-
-    def finish_deletes(self, deleters):
-        """End the deleter threads, then try the busy keys' deletes again for
-        BUSY_WAIT seconds; what stays busy is named."""
-        for _ in deleters:
-            self.deletes.put(None)
-        retry = []
-        for d in deleters:
-            d.join()
-            retry += d.retry
-        deadline = time.monotonic() + BUSY_WAIT
-        while retry and time.monotonic() < deadline:
-            time.sleep(0.2)
-            retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
-        for key, volumes in retry:
-            rec = self.index.get(key)
-            if rec is not None and rec.state == WRITING and rec.locked():
-                self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
-            else:
-                self.busy(key, f"its copies on {','.join(volumes)} stay noted for the next run")
 
     def delete_copy(self, key, volumes):
         """Remove the noted copies of a key on `volumes` under the key's lock,
@@ -438,16 +396,58 @@ class Rebalance:
                 raise VolumeError("; ".join(failed.values()))
 
 
-class Deleter(threading.Thread):
-    """One of the threads that remove the copies a run left (Rebalance.delete_loop)."""
+class Deleters:
+    """The threads that remove the copies a run no longer uses: put()
+    (due, key, volumes) in due order, and each key's copies go together
+    once due (job.delete_copy); finish() ends them."""
 
-    def __init__(self, job):
-        super().__init__(name="deleter", daemon=True)
-        self.job, self.retry = job, []
-        self.start()
+    def __init__(self, job, n):
+        self.job, self.queue, self.retry = job, queue.Queue(), []
+        self._retry_lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, name="deleter", daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
 
-    def run(self):
-        self.retry = self.job.delete_loop()
+    def put(self, due, key, volumes):
+        self.queue.put((due, key, tuple(volumes)))
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            due, key, volumes = item
+            time.sleep(max(0.0, due - time.time()))
+            if not self.job.delete_copy(key, volumes):
+                with self._retry_lock:
+                    self.retry.append((key, volumes))
+
+    def finish(self):
+        """End the threads, then try the busy keys' deletes again for
+        BUSY_WAIT seconds. Returns the (key, volumes) still busy."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+        retry, deadline = self.retry, time.monotonic() + BUSY_WAIT
+        while retry and time.monotonic() < deadline:
+            time.sleep(0.2)
+            retry = [(k, v) for k, v in retry if not self.job.delete_copy(k, v)]
+        return retry
+
+
+def look(volumes, forget, names, path):
+    """({name: True if it has the file, False if not, None if it did not
+    answer}, [reasons of those that did not]) of the volumes `names`, asked
+    at once by the client `volumes`; a host in `forget` has nothing."""
+    asked = [v for v in dict.fromkeys(names) if volume_host(v) not in forget]
+    have = {v: False for v in names}
+    down = []
+    for v, found in zip(asked, volumes.has_many([(v, path) for v in asked])):
+        have[v] = None if isinstance(found, VolumeError) else found
+        if isinstance(found, VolumeError):
+            down.append(str(found))
+    return have, down
 
 
 def main(argv=None):

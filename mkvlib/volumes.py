@@ -67,6 +67,13 @@ def refused(volume, method, status, body):
     return VolumeError(f"volume {host} answered {method} with {status}: {nginx_reason(body)}")
 
 
+def found(volume, status):
+    """What a volume's answer to a HEAD says of the file: True, False, or a VolumeError."""
+    if status in (200, 404):
+        return status == 200
+    return VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
+
+
 def _on_host(volume, path):
     """(host, path on that server) of `path` in `volume` (its svXX folder first)."""
     host = volume_host(volume)
@@ -176,14 +183,8 @@ class Volumes:
 
     def has_many(self, calls):
         """has() of each (volume, path), asked at once: True, False or the VolumeError."""
-        out = []
-        for (volume, _), result in zip(calls, self._fan("HEAD", [(v, p, b"") for v, p in calls])):
-            if not isinstance(result, Exception):
-                status = result[0]
-                result = True if status == 200 else False if status == 404 else \
-                    VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
-            out.append(result)
-        return out
+        return [result if isinstance(result, Exception) else found(volume, result[0])
+                for (volume, _), result in zip(calls, self._fan("HEAD", [(v, p, b"") for v, p in calls]))]
 
     def identity(self, volume, mark=True):
         """The identity of the disk behind a volume (its /.id); '' for a volume
