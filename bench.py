@@ -1,14 +1,17 @@
 """Benchmarks of mkv against their limits, on a throwaway cluster on loopback.
 
-    python bench.py [--quick] [--rounds N] [--only NAME,...] [--duration S] [--keep]
+    python bench.py [--quick] [--rounds N] [--only NAME,...] [--duration S] [--keep] [--peer DIR]
     python bench.py fill --db FILE --keys N [--volumes H:P,...] [--replicas N] [--subvolumes N]
 
 Starts 3 nginx volumes (`python volume DIR`), a master (`gunicorn -k gevent -w 2
 mkv:app`, MKV_REPLICAS=3) and whatever limit servers a workload needs, all on
 free loopback ports in a temporary folder; runs each workload against the
 master and against its limit, alternating, best of --rounds; prints a markdown
-table (workload, mkv, limit, ratio, goal, met, notes) and a line naming the
-machine. Ratios are mkv / limit, so higher is better everywhere; a benchmark,
+table (workload, mkv, limit, ratio, goal, met, Go, mkv/Go, notes) and a
+line naming the machine. With --peer DIR (the Go original and its thrasher,
+built by ../shared/peer/build.sh DIR) the original's master runs every
+workload it can on the same volumes in the same rounds, alternating: the Go
+column, and mkv/Go (higher is better for mkv). Ratios are mkv / limit, so higher is better everywhere; a benchmark,
 never a test: nothing here fails on a number.
 
 Workloads (--only takes these names):
@@ -18,8 +21,13 @@ Workloads (--only takes these names):
              count in its rate, and a note gives the number of any others)
   scrape     GET of an existing key while /metrics is scraped every second; limit:
              the same GETs of the same master, not scraped (goal: at most 5% off)
+  bare       GET of an existing key, against a bare WSGI function (benchkit/bare.py:
+             one SQLite lookup, a 302) under the same gunicorn -k gevent -w 2
+  bare-missing  the same for a missing key (404)
   thrash     write/read/delete of 1 KB values, 16 at once (thrasher.py); limit:
              thrasher.py --direct, the same work straight to the volumes
+  gothrash   the original's tools/thrasher.go against each master (--peer only;
+             goal mkv/Go >= 0.6); limit: thrasher.py --direct, 25 B values
   bigput     one 256 MB PUT, 3 replicas, and the master worker's peak RSS growth;
              limit: the three copies PUT straight to the three volumes at once
   rebuild    rebuild.py of 20,000 tiny keys on 3 volumes into a fresh index; limit:
@@ -62,16 +70,17 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))      # conftest: the servers of 
 from benchkit import runner  # noqa: E402
 from benchkit.bigindex import Index, List  # noqa: E402
 from benchkit.common import MB, REPLICAS, SUBVOLUMES  # noqa: E402
-from benchkit.gets import Get, Missing  # noqa: E402
+from benchkit.gets import Bare, BareMissing, Get, Missing  # noqa: E402
 from benchkit.mkvdata import every, fill, index_size  # noqa: E402
 from benchkit.repair import Rebalance, Rebuild  # noqa: E402
 from benchkit.scrape import Scrape  # noqa: E402
 from benchkit.report import machine_line, print_table  # noqa: E402
 from benchkit.servers import STUB_VOLUME, Bench, start_stub  # noqa: E402,F401  (tests/test_bench.py)
 from benchkit.s3 import S3Get, S3Put, S3Small  # noqa: E402
-from benchkit.writes import BigPut, Thrash  # noqa: E402
+from benchkit.writes import BigPut, GoThrash, Thrash  # noqa: E402
 
-WORKLOADS = [Get, Missing, Scrape, Thrash, BigPut, Rebuild, Rebalance, Index, List, S3Get, S3Put, S3Small]
+WORKLOADS = [Get, Missing, Bare, BareMissing, Scrape, Thrash, GoThrash, BigPut, Rebuild, Rebalance, Index, List,
+             S3Get, S3Put, S3Small]
 
 
 def fill_main(argv):
@@ -108,9 +117,12 @@ def parse_args(argv):
     p.add_argument("--duration", type=int, help="seconds of each wrk run (default 5, 2 with --quick)")
     p.add_argument("--tmp", help="folder for the temporary cluster (default: the system's)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    p.add_argument("--peer", metavar="DIR", help="the Go original built by ../shared/peer/build.sh DIR: "
+                   "a Go column beside mkv's, and the gothrash workload")
     args = p.parse_args(argv)
     names = [w.name for w in WORKLOADS]
-    chosen = [n for n in (args.only or ",".join(names)).split(",") if n]
+    default = [w.name for w in WORKLOADS if args.peer or not w.needs_peer]
+    chosen = [n for n in (args.only or ",".join(default)).split(",") if n]
     unknown = [n for n in chosen if n not in names]
     if unknown or args.rounds < 1:
         p.error(f"unknown workload {','.join(unknown)} (known: {','.join(names)})" if unknown

@@ -70,11 +70,12 @@ def disk_ids(settings):
     return {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)}
 
 
-def serves_the_gateway(server):
-    """True for `gunicorn s3:app`: it reads this file too, but the run folder
-    (emptied at a start, removed at exit) and the admin listener belong to the
-    master (mkv:app) that shares its index."""
-    return (getattr(server.app, "app_uri", None) or "").partition(":")[0] == "s3"
+def serves_the_master(server):
+    """True for `gunicorn mkv:app`. The S3 gateway (s3:app) and bench.py's
+    bare app read this file too, but the run folder (emptied at a start,
+    removed at exit) and the admin listener belong to the master that
+    shares their index."""
+    return (getattr(server.app, "app_uri", None) or "").partition(":")[0] == "mkv"
 
 
 def on_starting(server):
@@ -88,11 +89,11 @@ def on_starting(server):
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
     warn_at_start(server, settings, answering)
-    if serves_the_gateway(server):
-        from mkvlib import logs
-        logs.use_format(settings.log_format)   # the master's run folder and listener are not the gateway's
-    else:
+    if serves_the_master(server):
         start_run_folder(settings)
+    else:
+        from mkvlib import logs
+        logs.use_format(settings.log_format)   # the run folder and the listener are the master's
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
@@ -162,6 +163,6 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if not serves_the_gateway(server):
+    if serves_the_master(server):
         from mkvlib import runfolder
         runfolder.remove(Settings.from_env().db)

@@ -161,6 +161,12 @@ def read_body(stream, length, idle_timeout=CLIENT_IDLE_TIMEOUT):
         yield bytes(chunk)
 
 
+# this process's id, kept up to date by a fork hook: os.getpid() is a system
+# call, and Master.store looks at it on every request
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
+
 class Master:
     """The HTTP face of the store. One instance per process; the Store (SQLite
     connection, HTTP pools) is opened on first use, i.e. after gunicorn forks."""
@@ -172,8 +178,8 @@ class Master:
 
     @property
     def store(self) -> Store:
-        if self._pid not in (os.getpid(), "given"):
-            self._store, self._pid = Store(self.settings, offload=in_a_thread), os.getpid()
+        if self._pid is not _PROCESS[0] and self._pid != "given":
+            self._store, self._pid = Store(self.settings, offload=in_a_thread), _PROCESS[0]
         return self._store
 
     HANDLERS = {"GET": "on_get", "HEAD": "on_get", "PUT": "on_put", "DELETE": "on_delete",
@@ -181,6 +187,9 @@ class Master:
 
     def __call__(self, req, resp, **kwargs):
         """Sink for every path and method: the whole key space."""
+        deferred = req.env.pop(DEFERRED_ERROR, None)
+        if deferred is not None:
+            raise deferred    # the fast read's error, rendered as every other one
         handler = self.HANDLERS.get(req.method)
         if handler is None:
             raise falcon.HTTPMethodNotAllowed(list(self.HANDLERS), title=f"method {req.method} not allowed")
@@ -199,16 +208,25 @@ class Master:
             return self.on_list(req, resp, key, query, listing)
         if query:
             raise falcon.HTTPBadRequest(title="start, limit and encoding-type go with ?list or ?unlinked")
+        for name, value in self.found_headers(key):
+            resp.set_header(name, value)
+        resp.status = falcon.HTTP_302
+        resp.content_length = 0
+
+    def found_headers(self, key):
+        """The headers of the 302 to a GET or HEAD of `key` (Content-Length
+        aside): Content-Md5, Key-Volumes, Key-Balance of a live key, and
+        Location. Raises what Store.locate raises (KeyMissing: 404)."""
         url, rec = self.store.locate(key)
+        headers = []
         if rec is not None and rec.state == LIVE:
             if rec.md5:
-                resp.set_header("Content-Md5", rec.md5)
-            resp.set_header("Key-Volumes", ",".join(rec.volumes))
+                headers.append(("content-md5", rec.md5))
+            headers.append(("key-volumes", ",".join(rec.volumes)))
             balanced = rec.volumes == self.store.placement(key)
-            resp.set_header("Key-Balance", "balanced" if balanced else "unbalanced")
-        resp.status = falcon.HTTP_302
-        resp.set_header("Location", url)   # made of the volume's name and base64: nothing to encode
-        resp.content_length = 0
+            headers.append(("key-balance", "balanced" if balanced else "unbalanced"))
+        headers.append(("location", url))   # made of the volume's name and base64: nothing to encode
+        return headers
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
@@ -290,6 +308,49 @@ class Master:
         resp.status = falcon.HTTP_204
 
 
+# -- the fast read: a plain GET or HEAD of a key without Falcon
+
+DEFERRED_ERROR = "mkv.read_error"    # environ key: the error of a fast read, for Falcon to render
+TEXT = ("content-type", "text/plain; charset=utf-8")
+FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302
+MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
+
+
+def plain_read(environ):
+    """The key of a GET or HEAD with no query (what most requests are), or
+    None: the request goes through Falcon."""
+    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+    if (method == "GET" or method == "HEAD") and not environ.get("QUERY_STRING") and path[:1] == "/":
+        return path.encode("latin-1")
+    return None
+
+
+def fast_read(master, app):
+    """The WSGI app: a plain GET or HEAD is answered here with the very
+    headers Falcon gives it (its 302, or the 404 with an empty body), at
+    about half the cost per request; any other request, and a read that
+    failed otherwise (its error kept in the environ), go to Falcon's `app`."""
+    def serve(environ, start_response):
+        key = plain_read(environ)
+        if key is not None:
+            try:
+                headers = master.found_headers(key)
+            except MkvError as e:
+                if status_of(e) != falcon.HTTP_404:
+                    environ[DEFERRED_ERROR] = e
+                    return app(environ, start_response)
+                start_response("404 Not Found", list(MISSING_HEADERS))
+                return []
+            except Exception as e:
+                environ[DEFERRED_ERROR] = e
+                return app(environ, start_response)
+            start_response("302 Found", headers + FOUND_TAIL)
+            return []
+        return app(environ, start_response)
+    serve.falcon_app = app
+    return serve
+
+
 def serialize_error(req, resp, exc):
     """Every error is its status and one line of reason; a 404 has an empty
     body (Content-Length: 0), as the original's clients expect."""
@@ -332,22 +393,25 @@ def handle_unexpected(req, resp, exc, params):
     raise falcon.HTTPInternalServerError(title=f"internal error ({type(exc).__name__}); see the master's log")
 
 
-def create_app(settings: Settings, store=None, master=None) -> falcon.App:
-    """The master's WSGI app. `store`: the Store to use (or any object with
-    its methods, for in-process tests of the HTTP contract); by default each
-    process opens its own on first use."""
+def create_app(settings: Settings, store=None, master=None):
+    """The master's WSGI app: Falcon's, behind fast_read. `store`: the Store
+    to use (or any object with its methods, for in-process tests of the HTTP
+    contract); by default each process opens its own on first use. `master`:
+    the Master to serve (the metrics wrapper keeps it, to open its store at
+    a worker's boot)."""
     if not logging.getLogger().handlers:   # gunicorn configures only its own loggers
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
                             datefmt="%Y-%m-%d %H:%M:%S %z")
     app = falcon.App(media_type=falcon.MEDIA_TEXT)
     app.req_options.strip_url_path_trailing_slash = False
-    app.add_sink(master or Master(settings, store), prefix="/")
+    master = master or Master(settings, store)
+    app.add_sink(master, prefix="/")
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(sqlite3.Error, handle_index_error)
     app.add_error_handler(MkvError, handle_storage_error)
-    return app
+    return fast_read(master, app)
 
 
 def _app_from_env():

@@ -2,14 +2,14 @@
 put back replicas that vanished. Runs while the master serves.
 
     python rebalance.py [--volumes H:P,...] [--db FILE] [--replicas N] [--subvolumes N] [--workers N]
-                        [--forget-volume H:P] [--dry-run]
+                        [--forget-volume H:P] [--dry-run] [--s3-upload-age S]
 
 A record that a dead request left behind (a PUT whose worker was killed, a
 DELETE whose volume failed) is finished as a retried DELETE would: its files
 are removed, then the record. For each live or unlinked key, under the same
 per-key lock as the master's PUT and DELETE:
 
-  1. look (HEAD) at which recorded and placement volumes have its file;
+  1. look (HEAD, at once) at which recorded volumes have its file;
   2. stream it from a recorded copy to each placement volume that the record
      does not vouch for (chunk by chunk, never the whole value in memory):
      into an upload, checked against the record's md5 and size, then MOVEd
@@ -17,8 +17,9 @@ per-key lock as the master's PUT and DELETE:
      adopted: a stray, stale or late copy of an older value looks the same;
   3. in one transaction, point the index at the placement only and note the
      copies it no longer uses (the index's pending_deletes table);
-  4. a few seconds later (a redirect given out just before the switch may
-     still be on its way to its client), remove those copies and their notes.
+  4. GRACE (half a second) later (a redirect given out just before the switch
+     may still be on its way to its client), remove those copies and their
+     notes, a key's copies at once, several keys at a time.
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment
@@ -41,13 +42,17 @@ from mkvlib import multipart
 from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
-from mkvlib.lease import LOCK_LEASE, Lease, new_owner
+from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import TMP_DIR, check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
 import tools
 
 PROG = "rebalance"
-GRACE = 2.0           # seconds from the index leaving a copy to the copy's delete
+# seconds from the index leaving a copy to the copy's delete: for a redirect
+# handed out just before the switch, which its client follows at once (a
+# round trip on a LAN); it was 2 s, most of a small run's time (the last
+# switch's grace cannot overlap any work)
+GRACE = 0.5
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
 SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
@@ -85,7 +90,7 @@ class Rebalance:
         self.settings, self.index, self.volumes, self.progress = settings, index, volumes, progress
         self.forget = set(forget)       # hosts gone for good: their copies count as lost
         self.owner = new_owner("rebalance-")
-        self.deletes = queue.Queue()    # (due, key, volume), due in time order; None ends it
+        self.deletes = None             # Deleters, during run()
         self.again = []                 # keys busy or failed on the first try: one more at the end
         self._again_lock = threading.Lock()
         self.noted = set()              # keys with notes when the run began
@@ -113,14 +118,13 @@ class Rebalance:
             self.identify()
         sweep(self.volumes, self.settings.volumes, self.progress)
         self.expire_uploads()
+        self.deletes = Deleters(self, max(1, workers // 2))
         for key, volume, since in self.index.all_notes():   # a killed run's, failed writes'
             if volume_host(volume) in self.forget:
                 self.index.unnote(key, volume)    # nothing left to delete there
             else:
                 self.noted.add(key)
-                self.deletes.put((since + GRACE, key, volume))
-        deleter = threading.Thread(target=self.delete_loop, name="deleter", daemon=True)
-        deleter.start()
+                self.deletes.put(since + GRACE, key, [volume])
         slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
 
         def task(rec):
@@ -137,8 +141,12 @@ class Rebalance:
             rec = self.index.get(key)
             if rec is not None:
                 self.lock_and_move(rec, final=True)
-        self.deletes.put(None)
-        deleter.join()
+        for key, volumes in self.deletes.finish():
+            rec = self.index.get(key)
+            if rec is not None and rec.state == WRITING and rec.locked():
+                self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
+            else:
+                self.busy(key, f"its copies on {','.join(volumes)} stay noted for the next run")
         if self.replaced and not (self.progress.counts.get("failed") or self.progress.counts.get("busy")):
             for host, ident in self.replaced.items():   # every copy it should hold is on it now
                 self.index.record_volume_id(host, ident, replace=True)
@@ -186,15 +194,13 @@ class Rebalance:
 
     def all_there(self, key, volumes):
         path = key2path(key)
-        try:
-            return all(self.volumes.has(v, path) for v in volumes)
-        except VolumeError:
-            return False    # the locked path looks again and says what is wrong
+        # an error is no: the locked path looks again and says what is wrong
+        return all(found is True for found in self.volumes.has_many([(v, path) for v in volumes]))
 
     def lock(self, key, final=False):
         """tools.lock_key; on the final try it waits while the holder is this
-        run itself (its deleter, removing a noted copy of the same key: a
-        fenced delete, done within LOCK_LEASE) instead of calling the key busy."""
+        run itself (a deleter, removing noted copies of the same key: fenced
+        deletes, done within LOCK_LEASE) instead of calling the key busy."""
         deadline = time.monotonic() + LOCK_LEASE
         while True:
             try:
@@ -207,6 +213,7 @@ class Rebalance:
                 time.sleep(0.05)
 
     def lock_and_move(self, rec, final=False):
+        since = lock_clock()     # the lease runs from before the lock was taken, never after
         try:
             rec = self.lock(rec.key, final)
         except KeyBusy as e:
@@ -216,8 +223,8 @@ class Rebalance:
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
         try:
-            with Lease(self.index, rec.key, self.owner):
-                self.move(rec)
+            with Lease(self.index, rec.key, self.owner, since=since) as lease:
+                self.move(rec, lease)
         except (MkvError, sqlite3.Error) as e:
             if final:
                 self.fail(rec.key, str(e))
@@ -232,6 +239,7 @@ class Rebalance:
         Neither is visible; both may have left files on the record's volumes.
         Remove those (and a dead write's uploads), then the record, as a
         retried DELETE would."""
+        since = lock_clock()
         try:
             rec = tools.lock_key(self.index, rec.key, self.owner)
         except KeyBusy:
@@ -241,10 +249,10 @@ class Rebalance:
         try:
             if rec.state not in (WRITING, DELETING):
                 return self.progress.count("skipped")
-            with Lease(self.index, rec.key, self.owner):
+            with Lease(self.index, rec.key, self.owner, since=since) as lease:
                 notes = self.index.notes(rec.key)
                 copies = {v: notes.get(v) for v in rec.volumes}
-                failed = self.volumes.delete_copies(copies, key2path(rec.key), fence=self.fence(rec.key))
+                failed = self.volumes.delete_copies(copies, key2path(rec.key), fence=self.fence(rec.key, lease))
                 if failed:
                     return self.fail(rec.key, "could not remove the files of a dead write or delete on "
                                      + ",".join(v for v in copies if v in failed))
@@ -256,13 +264,21 @@ class Rebalance:
         finally:
             self.index.release(rec.key, self.owner)   # a no-op once the record is gone
 
-    def fence(self, key):
+    def fence(self, key, lease=None):
         """A fence for requests that change `key`'s paths: the lock must
         still be this run's, renewed a whole lease ahead (the run may have
-        been paused for longer than a lease since it last looked)."""
+        been paused for longer than a lease since it last looked). As the
+        master's (Store.fence): a `lease` taken or renewed under FENCE_FRESH
+        seconds ago needs no renewal; without one (undoing a failed copy)
+        the lock is always renewed."""
         def check():
+            if lease is not None and not lease.lost and lock_clock() - lease.renewed < FENCE_FRESH:
+                return
+            started = lock_clock()
             if not self.index.renew(key, self.owner):
                 raise KeyBusy("lost the lock on the key (paused longer than a lease?)")
+            if lease is not None:
+                lease.renewed = started
         return check
 
     def later(self, key):
@@ -273,19 +289,12 @@ class Rebalance:
 
     def decide(self, rec, placement):
         """(vouched, targets, have): the copies the record vouches for, the
-        placement volumes to copy to, and which volumes have the file (None:
-        did not answer); CopyFailed if it cannot be done."""
+        placement volumes to copy to, and which recorded volumes have the
+        file (None: did not answer); CopyFailed if it cannot be done. A
+        placement volume the record does not name gets a copy whatever sits
+        there (never adopted), so it is not asked."""
         path, notes = key2path(rec.key), self.index.notes(rec.key)
-        have, down = {}, []
-        for v in dict.fromkeys(rec.volumes + placement):
-            if volume_host(v) in self.forget:
-                have[v] = False
-                continue
-            try:
-                have[v] = self.volumes.has(v, path)
-            except VolumeError as e:
-                have[v] = None
-                down.append(str(e))
+        have, down = holders(self.volumes, self.forget, rec.volumes, path)
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
                    and volume_host(v) not in self.replaced]
@@ -294,9 +303,10 @@ class Rebalance:
             raise CopyFailed(f"lost: no readable copy ({why})")
         # a placement volume that is a vouched copy under another name has it
         targets = [v for v in placement if not any(self.same(v, u) for u in vouched)]
-        unreachable = [v for v in targets if have[v] is None]
+        unreachable = [v for v in targets
+                       if have.get(v) is None and (v in have or self.volumes.health.down(volume_host(v)))]
         if unreachable:
-            raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down))
+            raise CopyFailed(f"cannot copy to {','.join(unreachable)}: " + "; ".join(down or ["down"]))
         return vouched, targets, have
 
     def dropped(self, rec, placement, have):
@@ -305,28 +315,27 @@ class Rebalance:
         return [v for v in rec.volumes if v not in placement and have.get(v, True) is not False
                 and not any(self.same(v, p) for p in placement)]
 
-    def move(self, rec):
+    def move(self, rec, lease):
         if rec.state not in (LIVE, UNLINKED):
             return self.progress.count("skipped")
         key, path = rec.key, key2path(rec.key)
         placement = self.placement(key)
         vouched, targets, have = self.decide(rec, placement)
         if targets:
-            self.copy(rec, vouched, targets, path)
+            self.copy(rec, vouched, targets, path, lease)
         if rec.volumes != placement or targets:
             dropped = self.dropped(rec, placement, have)
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
-            due = time.time() + GRACE
-            for v in dropped:
-                self.deletes.put((due, key, v))
+            if dropped:
+                self.deletes.put(time.time() + GRACE, key, dropped)
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
 
-    def copy(self, rec, sources, targets, path):
+    def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to
         every target: noted first, uploaded, checked against the record, and
         only then MOVEd over whatever sat at the targets' paths. Each source
@@ -338,7 +347,7 @@ class Rebalance:
                 raise CopyFailed(f"{src} holds a copy whose md5 {md5} is not the recorded {rec.md5}")
             if rec.size is not None and size != rec.size:
                 raise CopyFailed(f"{src} holds {size} bytes, not the recorded {rec.size}")
-            self.fence(rec.key)()
+            self.fence(rec.key, lease)()
 
         last = None
         for src in sources:
@@ -380,32 +389,12 @@ class Rebalance:
         if marked:
             self.progress.message(f"{PROG}: {marked} part(s) of abandoned S3 multipart uploads to remove")
 
-    def delete_loop(self):
-        retry = []
-        while True:
-            item = self.deletes.get()
-            if item is None:
-                break
-            due, key, volume = item
-            time.sleep(max(0.0, due - time.time()))
-            if not self.delete_copy(key, volume):
-                retry.append((key, volume))
-        deadline = time.monotonic() + BUSY_WAIT
-        while retry and time.monotonic() < deadline:
-            time.sleep(0.2)
-            retry = [(k, v) for k, v in retry if not self.delete_copy(k, v)]
-        for key, volume in retry:
-            rec = self.index.get(key)
-            if rec is not None and rec.state == WRITING and rec.locked():
-                self.progress.count("skipped")   # a PUT in flight: its own notes, the master's to settle
-            else:
-                self.busy(key, f"its copy on {volume} stays noted for the next run")
-
-    def delete_copy(self, key, volume):
-        """Remove a noted copy under the key's lock, unless the note is gone
-        by now or the record names that volume (then move() rewrites the copy
-        there). False if the key is busy."""
+    def delete_copy(self, key, volumes):
+        """Remove the noted copies of a key on `volumes` under the key's lock,
+        unless the note is gone by now or the record names that volume (then
+        move() rewrites the copy there). False if the key is busy."""
         path = key2path(key)
+        since = lock_clock()
         try:
             try:
                 rec = tools.lock_key(self.index, key, self.owner)
@@ -413,41 +402,101 @@ class Rebalance:
                 return False
             if rec is None:
                 # no record: claim the key as a PUT would, so none writes it meanwhile
-                if not self.index.claim(key, [volume], self.owner):
+                if not self.index.claim(key, list(volumes), self.owner):
                     return False
                 try:
-                    self.delete_noted(key, volume, path)
+                    self.delete_noted(key, volumes, path, since)
                 finally:
                     self.index.abandon_put(key, self.owner)
                 return True
             try:
-                if rec.state in (WRITING, DELETING) or not any(self.same(volume, v) for v in rec.volumes):
-                    self.delete_noted(key, volume, path)
-                elif volume not in rec.volumes:
-                    self.index.unnote(key, volume)   # the record's own copy, under another name of its disk
+                gone = [v for v in volumes if rec.state in (WRITING, DELETING)
+                        or not any(self.same(v, r) for r in rec.volumes)]
+                # the record's own copy, under another name of its disk
+                ours = [v for v in volumes if v not in gone and v not in rec.volumes]
+                if ours:
+                    self.index.unnote(key, *ours)
+                if gone:
+                    self.delete_noted(key, gone, path, since)
             finally:
                 self.index.release(key, self.owner)
             return True
         except (MkvError, sqlite3.Error) as e:
-            host = volume_host(volume)
-            if host not in self.settings.volumes and self.volumes.health.down(host):
-                # a removed volume that is down: one line for all its keys at the end (main)
-                self.progress.count("failed")
-                self.unreachable_removed[host] = self.unreachable_removed.get(host, 0) + 1
+            hosts = {volume_host(v) for v in volumes}
+            if all(h not in self.settings.volumes and self.volumes.health.down(h) for h in hosts):
+                # removed volumes that are down: one line for all their keys at the end (main)
+                for host in hosts:
+                    self.progress.count("failed")
+                    self.unreachable_removed[host] = self.unreachable_removed.get(host, 0) + 1
                 return True
-            self.fail(key, f"could not remove the copy on {volume} (noted for the next run): {e}")
+            self.fail(key, f"could not remove the copy on {','.join(volumes)} (noted for the next run): {e}")
             return True
 
-    def delete_noted(self, key, volume, path):
-        """Delete the noted copy of a key locked by this run (with the upload
-        whose MOVE may still land it), then its note."""
-        with Lease(self.index, key, self.owner):
+    def delete_noted(self, key, volumes, path, since):
+        """Delete the noted copies of a key locked by this run (each with the
+        upload whose MOVE may still land it), at once, then their notes."""
+        with Lease(self.index, key, self.owner, since=since) as lease:
             notes = self.index.notes(key)
-            if volume in notes:
-                failed = self.volumes.delete_copies({volume: notes[volume]}, path, fence=self.fence(key))
-                if failed:
-                    raise VolumeError(failed[volume])
-                self.index.unnote(key, volume)
+            noted = {v: notes[v] for v in volumes if v in notes}
+            failed = self.volumes.delete_copies(noted, path, fence=self.fence(key, lease)) if noted else {}
+            if len(failed) < len(noted):
+                self.index.unnote(key, *[v for v in noted if v not in failed])
+            if failed:
+                raise VolumeError("; ".join(failed.values()))
+
+
+class Deleters:
+    """The threads that remove the copies a run no longer uses: put()
+    (due, key, volumes) in due order, and each key's copies go together
+    once due (job.delete_copy); finish() ends them."""
+
+    def __init__(self, job, n):
+        self.job, self.queue, self.retry = job, queue.Queue(), []
+        self._retry_lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._loop, name="deleter", daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def put(self, due, key, volumes):
+        self.queue.put((due, key, tuple(volumes)))
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            due, key, volumes = item
+            time.sleep(max(0.0, due - time.time()))
+            if not self.job.delete_copy(key, volumes):
+                with self._retry_lock:
+                    self.retry.append((key, volumes))
+
+    def finish(self):
+        """End the threads, then try the busy keys' deletes again for
+        BUSY_WAIT seconds. Returns the (key, volumes) still busy."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+        retry, deadline = self.retry, time.monotonic() + BUSY_WAIT
+        while retry and time.monotonic() < deadline:
+            time.sleep(0.2)
+            retry = [(k, v) for k, v in retry if not self.job.delete_copy(k, v)]
+        return retry
+
+
+def holders(volumes, forget, names, path):
+    """({name: True if it has the file, False if not, None if it did not
+    answer}, [reasons of those that did not]) of the volumes `names`, asked
+    at once by the client `volumes`; a host in `forget` has nothing."""
+    asked = [v for v in dict.fromkeys(names) if volume_host(v) not in forget]
+    have = {v: False for v in names}
+    down = []
+    for v, found in zip(asked, volumes.has_many([(v, path) for v in asked])):
+        have[v] = None if isinstance(found, VolumeError) else found
+        if isinstance(found, VolumeError):
+            down.append(str(found))
+    return have, down
 
 
 class DryRun(Rebalance):

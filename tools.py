@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, SettingsError
@@ -52,7 +53,17 @@ def open_volumes(settings, workers) -> Volumes:
     must answer a GET quickly; a tool would rather wait than fail a key, so
     it waits at least VOLUME_TIMEOUT seconds for a volume to answer."""
     return Volumes(timeout=max(settings.voltimeout, VOLUME_TIMEOUT), maxsize=max(64, workers * 4),
-                          secret=settings.secret)
+                   secret=settings.secret, offload=hash_aside)
+
+
+_HASHERS = ThreadPoolExecutor(2, thread_name_prefix="md5")
+
+
+def hash_aside(fn, arg):
+    """Volumes' offload for the tools: fn(arg) (an md5 update of a large
+    chunk, which lets go of the GIL) in another thread while the chunk is
+    sent; returns the function that waits for it (as the master's PUT does)."""
+    return _HASHERS.submit(fn, arg).result
 
 
 def open_index(prog, path) -> Index:

@@ -69,5 +69,5 @@ class List(Index):
     def goal_text(self):
         return f"p99 <= {self.goal:.0f} ms"
 
-    def met(self, mkv, limit, ratio):
+    def met(self, mkv, limit, ratio, go=None):
         return mkv["value"] <= self.goal

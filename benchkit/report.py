@@ -8,8 +8,8 @@ from benchkit.servers import nginx_binary
 
 
 def print_table(rows):
-    print("| workload | mkv | limit | ratio | goal | met | notes |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| workload | mkv | limit | ratio | goal | met | Go | mkv/Go | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         print("| " + " | ".join(str(x).replace("|", "\\|") for x in row) + " |")
 

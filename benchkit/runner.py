@@ -1,5 +1,7 @@
-"""Running one workload: set up, rounds of limit and mkv alternating, the best
-of each side, teardown; its row of the table, or a row saying it failed."""
+"""Running one workload: set up, rounds of its sides alternating (the limit,
+mkv, and the Go original when bench.py has --peer and the workload can run
+it), the best of each side, teardown; its row of the table, or a row saying
+it failed."""
 import time
 
 from benchkit.common import say
@@ -16,7 +18,7 @@ def run(bench, cls, rounds):
     except Exception as e:
         say(f"{w.name} failed: {type(e).__name__}: {e}")
         bench.show_logs()
-        return (w.title, "failed", "", "", w.goal_text(), "",
+        return (w.title, "failed", "", "", w.goal_text(), "", "", "",
                 f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"), False
     finally:
         try:
@@ -26,19 +28,38 @@ def run(bench, cls, rounds):
         say(f"{w.name}: {time.monotonic() - started:.0f} s")
 
 
+def sides(w):
+    """[(side, function)]: the limit and mkv, and Go when it runs here."""
+    out = [("limit", w.limit), ("mkv", w.mkv)]
+    if w.b.peer is not None and w.runs_go():
+        out.append(("go", w.go))
+    return out
+
+
 def measure(w, rounds):
     """Best of `rounds` of the set-up workload `w` on each side: its row
-    (workload, mkv, limit, ratio, goal, met, notes)."""
-    mkvs, limits = [], []
+    (workload, mkv, limit, ratio, goal, met, Go, mkv/Go, notes)."""
+    results = {}
     for r in range(rounds):
-        order = [("limit", w.limit, limits), ("mkv", w.mkv, mkvs)]
-        if not w.limit_first(r):
-            order.reverse()
-        for side, fn, out in order:
+        fns = dict(sides(w))
+        for side in w.order(list(fns), r):
+            fn = fns[side]
             w.side = side
-            out.append(fn())
-            say(f"{w.name} round {r + 1}: {side} {out[-1]['text']}")
-    mkv, limit = w.best(mkvs), w.best(limits)
+            results.setdefault(side, []).append(fn())
+            w.load.append(_load())
+            say(f"{w.name} round {r + 1}: {side} {results[side][-1]['text']} (load {w.load[-1]:.2f})")
+    mkv, limit = w.best(results["mkv"]), w.best(results["limit"])
     ratio = w.ratio(mkv, limit)
+    go = None
+    go_text = go_ratio = ""
+    if "go" in results:
+        go = w.best(results["go"])
+        go_text, go_ratio = go["text"], f"{w.ratio(mkv, go):.2f}"
+    w.notes.append(f"load {min(w.load):.1f} to {max(w.load):.1f}")
     return (w.title, mkv["text"], limit["text"], f"{ratio:.3f}", w.goal_text(),
-            "yes" if w.met(mkv, limit, ratio) else "no", "; ".join(dict.fromkeys(w.notes)))
+            "yes" if w.met(mkv, limit, ratio, go) else "no", go_text, go_ratio, "; ".join(dict.fromkeys(w.notes)))
+
+
+def _load():
+    import os
+    return os.getloadavg()[0]

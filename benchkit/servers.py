@@ -3,6 +3,8 @@ Bench, which owns the temporary folder and the servers workloads share (the
 cluster, nginx `return 302`, the masters of a big and a small filled index)."""
 import os
 import shutil
+import signal
+import sys
 import tempfile
 
 from benchkit.common import MB, REPLICAS, WORKERS, conftest, http, remove_tree, say
@@ -65,7 +67,11 @@ class Bench:
         self.index_keys = 200_000 if args.quick else 10_000_000    # the big index's
         self.tmp = tempfile.mkdtemp(prefix="mkv-bench-", dir=args.tmp)
         self.c = conftest()
-        self._cluster = self._limit302 = self._index = None
+        self._cluster = self._limit302 = self._index = self._go = self._bare = None
+        self.peer = None
+        if getattr(args, "peer", None):
+            from benchkit.peer import Peer
+            self.peer = Peer(args.peer)
         self.load = os.getloadavg()[0]
 
     # -- shared servers, started on first use
@@ -81,6 +87,28 @@ class Bench:
 
     def admin_url(self):
         return f"http://127.0.0.1:{self.cluster().settings['admin_port']}"
+
+    def go_master(self):
+        """The Go original's master over the cluster's volumes (--peer), its index its own."""
+        if self._go is None:
+            self._go = self.peer.start_master(self.cluster().workdir, self.cluster().volume_names())
+            say(f"go master :{self._go.port}")
+        return self._go
+
+    def bare(self):
+        """A bare WSGI function (benchkit/bare.py: one SQLite lookup in the
+        cluster's index, then a 302 or a 404) under the master's own gunicorn
+        command and gunicorn.conf.py: what the server gives an app that does
+        nothing more."""
+        if self._bare is None:
+            c, cluster = self.c, self.cluster()
+            port = c.free_port()
+            env = dict(os.environ, MKV_VOLUMES=",".join(cluster.volume_names()), MKV_DB=cluster.db())
+            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(WORKERS),
+                    "-b", f"127.0.0.1:{port}", "benchkit.bare:app"]
+            self._bare = c.Server(f"bare :{port}", argv, env, os.path.join(self.tmp, f"bare-{port}.log"), port,
+                                  stop_signal=signal.SIGINT, children=WORKERS).start()
+        return self._bare
 
     def limit302(self):
         if self._limit302 is None:

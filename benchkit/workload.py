@@ -1,11 +1,13 @@
 """Workload: what the runner asks of every workload.
 
 The runner makes one per run (cls(bench)), calls setup(), then for each round
-limit() and mkv() (limit first in even rounds, unless limit_first says
-otherwise; `side` names the one running), each returning a result dict with
-at least 'text'; then best() of each side, ratio(mkv, limit) (higher is better
-for mkv), goal_text() and met() for the table; teardown() always. Notes added
-to `notes` go to the row's notes column, once each."""
+limit(), mkv() and, with bench.py --peer and runs_go(), go() (the Go
+original's master or tool on the same volumes), in the order order() gives
+(each first in turn; `side` names the one running), each returning a result
+dict with at least 'text'; then best() of each side, ratio(mkv, limit)
+(higher is better for mkv) and ratio(mkv, go), goal_text() and met() for the
+table; teardown() always. Notes added to `notes` go to the row's notes
+column, once each."""
 from benchkit.wrk import good_rate, unexpected
 
 
@@ -13,11 +15,13 @@ class Workload:
     name = title = goal = ""
     sizes = None      # (keys with --quick, keys without) of a workload over a number of keys
     note = ""         # a first note, if any
+    needs_peer = False   # runs only with bench.py --peer (left out of the default run without it)
 
     def __init__(self, bench):
         self.b = bench
         self.notes = [self.note] if self.note else []
-        self.side = "mkv"      # which side the runner measures now: "mkv" or "limit"
+        self.side = "mkv"      # which side the runner measures now: "mkv", "limit" or "go"
+        self.load = []         # the load average after each measurement
         if self.sizes:
             self.keys = self.sizes[0] if bench.quick else self.sizes[1]
             self.title = self.title.format(keys=self.keys)
@@ -28,8 +32,17 @@ class Workload:
     def teardown(self):
         pass
 
-    def limit_first(self, round_no):
-        return round_no % 2 == 0
+    def order(self, sides, round_no):
+        """The sides in the order of round `round_no`: each goes first in turn."""
+        shift = round_no % len(sides)
+        return sides[shift:] + sides[:shift]
+
+    def runs_go(self):
+        """True if go() can run this workload against the Go original."""
+        return type(self).go is not Workload.go
+
+    def go(self):
+        raise NotImplementedError
 
     lower_is_better = False     # True for a latency: the best round is the lowest
 
@@ -44,7 +57,7 @@ class Workload:
     def goal_text(self):
         return f">= {self.goal}"
 
-    def met(self, mkv, limit, ratio):
+    def met(self, mkv, limit, ratio, go=None):
         return ratio >= self.goal
 
     def served(self, w, expect):

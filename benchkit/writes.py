@@ -9,6 +9,7 @@ import time
 
 from benchkit.common import MB, ensure_curl, failure, http, peak_rss, timed
 from benchkit.mkvdata import direct_urls
+from benchkit.peer import thrasher_rate
 from benchkit.workload import Workload
 
 
@@ -18,8 +19,9 @@ class Thrash(Workload):
     note = "thrasher.py; limit: --direct, per key 3 PUTs, 1 GET, 3 DELETEs to nginx"
 
     def run(self, where):
-        took, p = timed([sys.executable, "thrasher.py", *where, "--keys", str(self.keys),
-                         "--size", "1K", "--concurrency", "16"])
+        size = [] if "--size" in where else ["--size", "1K"]
+        took, p = timed([sys.executable, "thrasher.py", *where, "--keys", str(self.keys), *size,
+                         "--concurrency", "16"])
         m = re.search(r"^thats ([\d.]+)/sec$", p.stdout, re.M)
         if p.returncode != 0 or not m or " 0 failed" not in p.stdout:
             raise failure(f"thrasher.py {' '.join(where)}", p)
@@ -31,6 +33,46 @@ class Thrash(Workload):
 
     def limit(self):
         return self.run(["--direct", ",".join(self.b.cluster().volume_names())])
+
+    def go(self):
+        return self.run(["--master", f"127.0.0.1:{self.b.go_master().port}"])
+
+
+class GoThrash(Thrash):
+    """The original's own tools/thrasher.go (10,000 keys of about 25 bytes,
+    PUT, GET through the redirect, DELETE, 16 at once) against each master."""
+    name, goal, sizes, needs_peer = "gothrash", 0.6, None, True
+    title = "the original's tools/thrasher.go (10,000 keys, 16 at once)"
+    note = "goal: mkv/Go; limit: thrasher.py --direct --size 25 (its values' size), 10,000 keys"
+
+    def setup(self):
+        if self.b.peer is None:
+            raise RuntimeError("needs the Go original: bench.py --peer DIR")
+        self.keys = 10000
+
+    def go_thrasher(self, port):
+        took, p = timed([self.b.peer.thrasher(port)], timeout=900)
+        rate = thrasher_rate(p.stdout)
+        errors = [line for line in p.stdout.splitlines() if "FAILED" in line or "ERROR" in line]
+        if p.returncode != 0 or rate is None or errors:
+            raise RuntimeError(f"thrasher.go on :{port}: exit {p.returncode}, {len(errors)} errors: "
+                               f"{(errors or [p.stdout[-300:]])[0]}")
+        return {"value": rate, "text": f"{rate:,.0f} keys/s"}
+
+    def mkv(self):
+        return self.go_thrasher(self.b.cluster().master.port)
+
+    def go(self):
+        return self.go_thrasher(self.b.go_master().port)
+
+    def limit(self):
+        return self.run(["--direct", ",".join(self.b.cluster().volume_names()), "--size", "25"])
+
+    def goal_text(self):
+        return f"mkv/Go >= {self.goal}"
+
+    def met(self, mkv, limit, ratio, go=None):
+        return go is not None and mkv["value"] / go["value"] >= self.goal
 
 
 class BigPut(Workload):
@@ -78,6 +120,18 @@ class BigPut(Workload):
         rate = self.size / MB / took
         return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
 
+    def go(self):
+        self.count += 1
+        url = f"http://127.0.0.1:{self.b.go_master().port}/bench/go-big-{self.count}"
+        start = time.monotonic()
+        out, err = self.curl_put(url).communicate(timeout=600)
+        took = time.monotonic() - start
+        if "status 201" not in out:
+            raise RuntimeError(f"PUT {url} of 256 MB (Go): {out}{err}")
+        http("DELETE", url)
+        rate = self.size / MB / took
+        return {"value": rate, "text": f"{rate:,.0f} MB/s"}
+
     def limit(self):
         self.count += 1
         urls = direct_urls(f"/bench/big-{self.count}".encode(), self.b.cluster().volume_names())
@@ -102,5 +156,5 @@ class BigPut(Workload):
     def goal_text(self):
         return f">= {self.goal}, memory <= +64 MB"
 
-    def met(self, mkv, limit, ratio):
+    def met(self, mkv, limit, ratio, go=None):
         return ratio >= self.goal and mkv["rss"] <= 64 * MB

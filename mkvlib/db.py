@@ -199,13 +199,23 @@ class Database:
         threads, a read in the middle of another thread's transaction would
         see its uncommitted rows. A read that finds SQLite busy (another
         process recovering the WAL after a crash, say) is tried again."""
-        for _ in self._patience():
-            with self._mutex:
-                try:
-                    return self.connection.execute(sql, params).fetchall()
-                except sqlite3.OperationalError as e:
-                    if not is_busy(e):
-                        raise
+        rows = self._read_once(sql, params)    # the common case: no clock, no generator
+        if rows is None:
+            for _ in self._patience():
+                rows = self._read_once(sql, params)
+                if rows is not None:
+                    break
+        return rows
+
+    def _read_once(self, sql, params):
+        """The rows of one try of a query, or None if SQLite was busy."""
+        with self._mutex:
+            try:
+                return self.connection.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as e:
+                if not is_busy(e):
+                    raise
+        return None
 
     # -- the WAL
 

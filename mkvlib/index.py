@@ -272,10 +272,10 @@ class Index:
         rows = self.db.read("SELECT key, volume, since FROM pending_deletes ORDER BY since")
         return [(bytes(k), v, s) for k, v, s in rows]
 
-    def unnote(self, key, volume):
-        """The copy of `key` on `volume` is gone (or vouched for): drop its note."""
+    def unnote(self, key, *volumes):
+        """The copies of `key` on `volumes` are gone (or vouched for): drop their notes."""
         with self.db.write() as db:
-            self._unnote(db, key, [volume])
+            self._unnote(db, key, list(volumes))
 
     # -- locks
 

@@ -4,7 +4,7 @@ import dataclasses
 import random
 import sqlite3
 
-from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyExists, KeyMissing,
+from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyMissing,
                            Unavailable, VolumeDown, VolumeError)
 from mkvlib.index import LIVE, UNLINKED, Index
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
@@ -75,10 +75,7 @@ class Store:
         lands: it may refuse the value by raising (the S3 gateway checks
         digests and records the object's metadata there)."""
         check_storable(key)
-        rec = self.index.get(key)
-        if rec is not None and rec.state == LIVE:
-            raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
-        volumes = self.placement(key)
+        volumes = self.placement(key)   # a live key is KeyExists in start_put's transaction
         path = key2path(key)
         owner, tmp = new_owner("put-"), new_tmp()
         since = lock_clock()

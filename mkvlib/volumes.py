@@ -3,6 +3,7 @@ the fenced put (upload every replica, then MOVE each onto its path). Calls
 go over mkvlib.http; every failure feeds mkvlib.health, and is raised as a
 VolumeError with a one-line reason."""
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ LATE_MAX = WRITE_TIMEOUT_MAX + 2 + CLOCK_SKEW   # seconds after its send a MOVE 
 LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
 
 
+@functools.lru_cache(maxsize=64)
 def deadline_headers(deadline):
     """The header lines that make a volume refuse a MOVE or DELETE (410)
     once the unix second `deadline` has passed (secure_link in
@@ -63,6 +65,13 @@ def refused(volume, method, status, body):
         return VolumeError(f"volume {host} refused {method} as past its deadline: it reached the volume "
                            "late, or the volume's clock runs ahead of this machine's (they must agree: NTP)")
     return VolumeError(f"volume {host} answered {method} with {status}: {nginx_reason(body)}")
+
+
+def found(volume, status):
+    """What a volume's answer to a HEAD says of the file: True, False, or a VolumeError."""
+    if status in (200, 404):
+        return status == 200
+    return VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
 
 
 def _on_host(volume, path):
@@ -167,12 +176,15 @@ class Volumes:
 
     def has(self, volume, path):
         """True if the volume has the file, False if not; VolumeDown if it does not answer."""
-        status, _ = self._call("HEAD", volume, path)
-        if status == 200:
-            return True
-        if status == 404:
-            return False
-        raise VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
+        found = self.has_many([(volume, path)])[0]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    def has_many(self, calls):
+        """has() of each (volume, path), asked at once: True, False or the VolumeError."""
+        return [result if isinstance(result, Exception) else found(volume, result[0])
+                for (volume, _), result in zip(calls, self._fan("HEAD", [(v, p, b"") for v, p in calls]))]
 
     def identity(self, volume, mark=True):
         """The identity of the disk behind a volume (its /.id); '' for a volume
