@@ -30,8 +30,6 @@ reads to it. The exit status is 0 only when every key sits on its placement
 and every noted copy is gone.
 """
 import argparse
-import email.utils
-import queue
 import sqlite3
 import sys
 import threading
@@ -43,8 +41,9 @@ from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
-from mkvlib.placement import TMP_DIR, check_named_once, disk_of, key2path, new_tmp, volume_host
+from mkvlib.placement import check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.volumes import CHUNK
+from cleanup import Deleters, sweep
 import tools
 
 PROG = "rebalance"
@@ -53,36 +52,12 @@ PROG = "rebalance"
 # round trip on a LAN); it was 2 s, most of a small run's time (the last
 # switch's grace cannot overlap any work)
 GRACE = 0.5
-BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
-SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
 
 
 class CopyFailed(MkvError):
     pass
-
-
-def sweep(volumes, hosts, progress):
-    """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
-    between their upload and its MOVE. A MOVE still queued somewhere can
-    then never land."""
-    for host in hosts:
-        try:
-            entries = volumes.listdir(host, TMP_DIR)
-        except VolumeError as e:
-            progress.message(f"{PROG}: cannot list {host}{TMP_DIR}: {e}")
-            continue
-        for e in entries:
-            try:
-                age = time.time() - email.utils.parsedate_to_datetime(e.get("mtime", "")).timestamp()
-            except (TypeError, ValueError):
-                continue
-            if e.get("type") == "file" and age > SWEEP_AGE:
-                try:
-                    volumes.delete(host, TMP_DIR + e["name"])
-                except VolumeError:
-                    pass   # the next run sweeps it
 
 
 class Rebalance:
@@ -388,102 +363,6 @@ class Rebalance:
         marked = multipart.expire(self.index.db, self.upload_age)
         if marked:
             self.progress.message(f"{PROG}: {marked} part(s) of abandoned S3 multipart uploads to remove")
-
-    def delete_copy(self, key, volumes):
-        """Remove the noted copies of a key on `volumes` under the key's lock,
-        unless the note is gone by now or the record names that volume (then
-        move() rewrites the copy there). False if the key is busy."""
-        path = key2path(key)
-        since = lock_clock()
-        try:
-            try:
-                rec = tools.lock_key(self.index, key, self.owner)
-            except KeyBusy:
-                return False
-            if rec is None:
-                # no record: claim the key as a PUT would, so none writes it meanwhile
-                if not self.index.claim(key, list(volumes), self.owner):
-                    return False
-                try:
-                    self.delete_noted(key, volumes, path, since)
-                finally:
-                    self.index.abandon_put(key, self.owner)
-                return True
-            try:
-                gone = [v for v in volumes if rec.state in (WRITING, DELETING)
-                        or not any(self.same(v, r) for r in rec.volumes)]
-                # the record's own copy, under another name of its disk
-                ours = [v for v in volumes if v not in gone and v not in rec.volumes]
-                if ours:
-                    self.index.unnote(key, *ours)
-                if gone:
-                    self.delete_noted(key, gone, path, since)
-            finally:
-                self.index.release(key, self.owner)
-            return True
-        except (MkvError, sqlite3.Error) as e:
-            hosts = {volume_host(v) for v in volumes}
-            if all(h not in self.settings.volumes and self.volumes.health.down(h) for h in hosts):
-                # removed volumes that are down: one line for all their keys at the end (main)
-                for host in hosts:
-                    self.progress.count("failed")
-                    self.unreachable_removed[host] = self.unreachable_removed.get(host, 0) + 1
-                return True
-            self.fail(key, f"could not remove the copy on {','.join(volumes)} (noted for the next run): {e}")
-            return True
-
-    def delete_noted(self, key, volumes, path, since):
-        """Delete the noted copies of a key locked by this run (each with the
-        upload whose MOVE may still land it), at once, then their notes."""
-        with Lease(self.index, key, self.owner, since=since) as lease:
-            notes = self.index.notes(key)
-            noted = {v: notes[v] for v in volumes if v in notes}
-            failed = self.volumes.delete_copies(noted, path, fence=self.fence(key, lease)) if noted else {}
-            if len(failed) < len(noted):
-                self.index.unnote(key, *[v for v in noted if v not in failed])
-            if failed:
-                raise VolumeError("; ".join(failed.values()))
-
-
-class Deleters:
-    """The threads that remove the copies a run no longer uses: put()
-    (due, key, volumes) in due order, and each key's copies go together
-    once due (job.delete_copy); finish() ends them."""
-
-    def __init__(self, job, n):
-        self.job, self.queue, self.retry = job, queue.Queue(), []
-        self._retry_lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._loop, name="deleter", daemon=True) for _ in range(n)]
-        for t in self.threads:
-            t.start()
-
-    def put(self, due, key, volumes):
-        self.queue.put((due, key, tuple(volumes)))
-
-    def _loop(self):
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            due, key, volumes = item
-            time.sleep(max(0.0, due - time.time()))
-            if not self.job.delete_copy(key, volumes):
-                with self._retry_lock:
-                    self.retry.append((key, volumes))
-
-    def finish(self):
-        """End the threads, then try the busy keys' deletes again for
-        BUSY_WAIT seconds. Returns the (key, volumes) still busy."""
-        for _ in self.threads:
-            self.queue.put(None)
-        for t in self.threads:
-            t.join()
-        retry, deadline = self.retry, time.monotonic() + BUSY_WAIT
-        while retry and time.monotonic() < deadline:
-            time.sleep(0.2)
-            retry = [(k, v) for k, v in retry if not self.job.delete_copy(k, v)]
-        return retry
-
 
 def holders(volumes, forget, names, path):
     """({name: True if it has the file, False if not, None if it did not
