@@ -7,6 +7,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 import gunicorn.util  # noqa: E402
@@ -92,8 +93,10 @@ def on_starting(server):
     if serves_the_master(server):
         start_run_folder(settings)
     else:
-        from mkvlib import logs
-        logs.use_format(settings.log_format)   # the run folder and the listener are the master's
+        from mkvlib import logs, runfolder
+        logs.use_format(settings.log_format)   # the run folder and the listener are the master's:
+        runfolder.join_master(settings.db)     # the gateway counts into its metrics, if it runs,
+        runfolder.join_health(settings.db)     # and shares its view of the volumes' health
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
@@ -159,7 +162,8 @@ def post_worker_init(worker):
 
 def child_exit(server, worker):
     import admin
-    admin.worker_exited(worker.pid)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):   # the master's, or the one the gateway joined
+        admin.worker_exited(worker.pid)
 
 
 def on_exit(server):

@@ -20,6 +20,7 @@ import falcon
 from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import MkvError, SettingsError
+from mkvlib.metrics import counted
 from mkvlib.multipart import Multipart
 from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
 from mkvlib.payload import Payload
@@ -361,6 +362,9 @@ class Gateway(Listings, ObjectRequests, Uploads):
         r = None
         try:
             r = Request(req, rid, self.s3.domain)
+            # the metrics' kind (mkvlib.metrics): which S3 operation this is
+            req.env["mkv.kind"] = "s3:" + operation(r.method, r.bucket, r.key, r.params,
+                                                    bool(r.header("x-amz-copy-source")))
             self.dispatch(r, resp)
         except Exception as e:   # every failure is S3's XML, never a traceback
             self.answer_error(req, resp, e, r, rid)
@@ -470,6 +474,31 @@ class Gateway(Listings, ObjectRequests, Uploads):
         resp.data = body
 
 
+def operation(method, bucket, key, params, copied=False):
+    """The name of the S3 operation a request is (as dispatch routes it;
+    'Other' for what it refuses), for the metrics."""
+    if not bucket:
+        return "ListBuckets" if method == "GET" else "Other"
+    if key is None:
+        if method == "GET":
+            for param, name in (("location", "GetBucketLocation"), ("uploads", "ListMultipartUploads"),
+                                ("versions", "ListObjectVersions")):
+                if param in params:
+                    return name
+            return "ListObjectsV2" if params.get("list-type") == "2" else "ListObjects"
+        if method == "POST":
+            return "DeleteObjects" if "delete" in params else "Other"
+        return {"PUT": "CreateBucket", "HEAD": "HeadBucket", "DELETE": "DeleteBucket"}.get(method, "Other")
+    if "uploadId" in params:
+        return {"PUT": "UploadPartCopy" if copied else "UploadPart", "POST": "CompleteMultipartUpload",
+                "DELETE": "AbortMultipartUpload", "GET": "ListParts"}.get(method, "Other")
+    if "uploads" in params:
+        return "CreateMultipartUpload" if method == "POST" else "Other"
+    if method == "PUT":
+        return "CopyObject" if copied else "PutObject"
+    return {"GET": "GetObject", "HEAD": "HeadObject", "DELETE": "DeleteObject"}.get(method, "Other")
+
+
 def virtual_bucket(host, domain):
     """The bucket of a virtual-host style request ('bucket.DOMAIN[:port]'), None if not one."""
     name = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else ""
@@ -529,7 +558,9 @@ def create_app(settings: Settings, s3: S3Settings) -> falcon.App:
 
 def _app_from_env():
     try:
-        return create_app(Settings.from_env(), S3Settings.from_env())
+        # every request counted into the master's metrics (its run folder, when
+        # one runs on this index: gunicorn.conf.py), each failure logged
+        return counted(create_app(Settings.from_env(), S3Settings.from_env()))
     except SettingsError as e:
         print(f"mkv s3: {e}", file=sys.stderr)
         sys.exit(3)

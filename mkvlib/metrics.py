@@ -30,6 +30,7 @@ RECENT_FAILURES = 50     # failed requests each worker keeps for the status page
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 KIND_OF_METHOD = {"PUT": "put", "DELETE": "delete", "UNLINK": "unlink"}
 VOLUME_IN_REASON = re.compile(r"volume ([^\s:]+:\d+)")
+S3_ERROR = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -123,6 +124,9 @@ class Counted:
 
     def failed(self, environ, status, body, seconds):
         reason = b"".join(body).decode("utf-8", "replace").strip() if isinstance(body, list) else ""
+        found = S3_ERROR.search(reason)   # the S3 gateway's XML: its code and message, one line
+        if found:
+            reason = f"{found.group(1)}: {found.group(2)}"
         found = VOLUME_IN_REASON.search(reason)
         entry = {"time": time.time(), "method": environ["REQUEST_METHOD"],
                  "key": environ.get("PATH_INFO", "")[:300], "status": status, "reason": reason[:300],

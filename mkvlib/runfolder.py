@@ -77,3 +77,14 @@ def join_master(db, env=os.environ):
         return False
     env[METRICS_ENV] = metrics
     return True
+
+
+def join_health(db, env=os.environ):
+    """For the S3 gateway: one view of volume health with the running
+    master (a volume one of them heard from is up for both). False if no
+    master runs on `db`."""
+    folder = os.path.join(run_folder(db), "health")
+    if not os.path.isdir(folder):
+        return False
+    env[SHARED_ENV] = folder
+    return True

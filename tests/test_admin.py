@@ -90,6 +90,35 @@ def test_a_scrape_after_known_traffic_shows_exactly_that_traffic(admin_cluster):
     assert all(value(after, "mkv_volume_up", volume=v) == 1 for v in c.volume_names())
 
 
+def test_the_s3_gateway_counts_its_operations_into_the_masters_metrics(admin_cluster):
+    """gunicorn s3:app on the master's index joins its run folder: each S3
+    operation is a kind of its own (s3:NAME), and a failure is one log line
+    with S3's code and message, not its XML."""
+    from s3util import gateway_server
+    c, http = admin_cluster, Http()
+    gateway = gateway_server(c).start()
+    try:
+        url = f"http://127.0.0.1:{gateway.port}"
+        assert http.put(url + "/counted").status_code == 200
+        for i in range(2):
+            assert http.put(f"{url}/counted/o{i}", data=b"x").status_code == 200
+        assert http.get(url + "/counted/missing").status_code == 404
+        assert http.get(url + "/nosuchbucket/o").status_code == 404
+        assert http.put(url + "/Not_A_Bucket").status_code == 400
+        wanted = {("PUT", "s3:CreateBucket", "200"): 1, ("PUT", "s3:PutObject", "200"): 2,
+                  ("GET", "s3:GetObject", "404"): 2, ("PUT", "s3:CreateBucket", "400"): 1}
+
+        def counted():
+            after = scrape(c)
+            return {k: value(after, "mkv_requests_total", method=k[0], kind=k[1], status=k[2]) for k in wanted}
+        wait_until(lambda: counted() == wanted, 10, f"the gateway's requests in a scrape ({counted()})")
+        assert "InvalidBucketName: The specified bucket is not valid." in gateway.tail()
+        assert "<Error>" not in gateway.tail()
+    finally:
+        gateway.stop()
+    assert Http().get(c.url("/counted/o0")).status_code == 302    # one store: the native API reads it
+
+
 def test_a_rebalance_shows_its_progress_in_a_scrape_while_it_runs(admin_cluster):
     c, http = admin_cluster, Http()
     for i in range(300):

@@ -522,3 +522,21 @@ def test_managed_copy_of_a_large_object_uses_upload_part_copy(s3):
     s3.copy({"Bucket": BUCKET, "Key": "cp/large"}, BUCKET, "cp/large-copy", Config=config)
     got = s3.get_object(Bucket=BUCKET, Key="cp/large-copy")
     assert got["ETag"].endswith('-3"') and got["Body"].read() == value
+
+
+@pytest.mark.parametrize("method,bucket,key,params,copied,name", [
+    ("GET", "", None, {}, False, "ListBuckets"),
+    ("PUT", "b", None, {}, False, "CreateBucket"),
+    ("GET", "b", None, {"list-type": "2"}, False, "ListObjectsV2"),
+    ("GET", "b", None, {"versions": ""}, False, "ListObjectVersions"),
+    ("POST", "b", None, {"delete": ""}, False, "DeleteObjects"),
+    ("PUT", "b", "k", {}, True, "CopyObject"),
+    ("HEAD", "b", "k", {}, False, "HeadObject"),
+    ("POST", "b", "k", {"uploads": ""}, False, "CreateMultipartUpload"),
+    ("PUT", "b", "k", {"uploadId": "u", "partNumber": "1"}, False, "UploadPart"),
+    ("POST", "b", "k", {"uploadId": "u"}, False, "CompleteMultipartUpload"),
+    ("PATCH", "b", "k", {}, False, "Other"),
+])
+def test_each_request_is_named_by_its_s3_operation_for_the_metrics(method, bucket, key, params, copied, name):
+    from s3 import operation
+    assert operation(method, bucket, key, params, copied) == name
