@@ -8,6 +8,7 @@ from botocore.exceptions import ClientError
 
 from mkvlib.objects import object_key
 from mkvlib.settings import Settings
+from conftest import wait_until
 from s3util import boto3_client, cluster_with_gateway
 
 BUCKET = "fail"
@@ -27,6 +28,14 @@ def key_on(gw, volume_index):
         if any(v.startswith(host) for v in settings.placement(object_key(BUCKET, f"k{i}"))):
             return f"k{i}"
     raise AssertionError("no key placed there")
+
+
+def put_ok(s3, name):
+    try:
+        s3.put_object(Bucket=BUCKET, Key=name, Body=b"x")
+        return True
+    except ClientError:
+        return False
 
 
 def test_concurrent_overwrites_all_succeed_and_one_value_stays(gw):
@@ -67,6 +76,8 @@ def test_overwrite_with_a_volume_down_fails_and_keeps_the_old_value(gw):
         assert s3.get_object(Bucket=BUCKET, Key=name)["Body"].read() == b"old value"
     finally:
         gw.cluster.volumes[0].start()
+    # the gateway takes writes to it again once it has heard from it (its prober, within seconds)
+    wait_until(lambda: put_ok(s3, name + "-after"), 15, "the gateway to write to the restarted volume", every=0.3)
     db = sqlite3.connect(gw.cluster.db())
     key = object_key(BUCKET, name)
     assert db.execute("SELECT lock_owner FROM keys WHERE key = ?", (key,)).fetchone() == (None,)
