@@ -58,7 +58,9 @@ master=$!
 pids+=($master)
 echo "bringup.sh: master on :$base (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:$base/wehave" >&2
 echo "bringup.sh: status page and /metrics on http://127.0.0.1:$MKV_ADMIN_PORT/" >&2
-# the S3 gateway: the same index and volumes; the admin listener is the master's alone
+# the S3 gateway: the same index and volumes; started once the master answers, so
+# that it joins the master's run folder (metrics, volume health; docs/s3.md)
+for _ in $(seq 100); do port_open "$base" && break; sleep 0.1; done
 MKV_ADMIN_PORT= .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:$s3_port" s3:app &
 gateway=$!
 pids+=($gateway)
