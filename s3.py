@@ -360,9 +360,10 @@ class Gateway(Listings, ObjectRequests, Uploads):
         resp.set_header("x-amz-request-id", rid)
         resp.set_header("x-amz-id-2", rid)
         r = None
+        # the metrics' kind (mkvlib.metrics): which S3 operation this is, once known
+        req.env["mkv.kind"] = "s3:Other"
         try:
             r = Request(req, rid, self.s3.domain)
-            # the metrics' kind (mkvlib.metrics): which S3 operation this is
             req.env["mkv.kind"] = "s3:" + operation(r.method, r.bucket, r.key, r.params,
                                                     bool(r.header("x-amz-copy-source")))
             self.dispatch(r, resp)
