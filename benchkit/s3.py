@@ -30,11 +30,32 @@ def curl(*args):
                           capture_output=True, text=True, timeout=600)
 
 
-class S3Get(BigPut):
-    name, title, goal = "s3get", "one 256 MB GetObject through the gateway", 0.8
+class GatewayFile(BigPut):
+    """BigPut's 256 MB file through the gateway: timed curls, the gateway
+    workers' peak RSS growth."""
 
     def runs_go(self):
         return False    # the Go original has no S3 (BigPut's go() is a native PUT)
+
+    def timed(self, args, want, what, workers=()):
+        """curl `args`, timed: its rate as a result, and with `workers` their
+        peak RSS growth; RuntimeError(`what`) unless curl reports `want`."""
+        before = {pid: peak_rss(pid) for pid in workers}
+        start = time.monotonic()
+        p = curl(*args)
+        took = time.monotonic() - start
+        if p.stdout != want:
+            raise RuntimeError(f"{what}: {p.stdout} {p.stderr}")
+        rate = self.size / MB / took
+        result = {"value": rate, "text": f"{rate:,.0f} MB/s"}
+        if workers:
+            result["rss"] = max(peak_rss(pid) - before[pid] for pid in workers)
+            self.growth.append(result["rss"])
+        return result
+
+
+class S3Get(GatewayFile):
+    name, title, goal = "s3get", "one 256 MB GetObject through the gateway", 0.8
 
     def setup(self):
         super().setup()
@@ -51,33 +72,14 @@ class S3Get(BigPut):
 
     def mkv(self):
         gw = gateway(self.b)
-        workers = gw.pids()[1:]
-        before = {pid: peak_rss(pid) for pid in workers}
-        start = time.monotonic()
-        p = curl(gw.url + "/bench/big")
-        took = time.monotonic() - start
-        if p.stdout != "200":
-            raise RuntimeError(f"GetObject: {p.stdout} {p.stderr}")
-        grown = max(peak_rss(pid) - before[pid] for pid in workers)
-        self.growth.append(grown)
-        rate = self.size / MB / took
-        return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
+        return self.timed([gw.url + "/bench/big"], "200", "GetObject", gw.pids()[1:])
 
     def limit(self):
-        start = time.monotonic()
-        p = curl(self.direct)
-        took = time.monotonic() - start
-        if p.stdout != "200":
-            raise RuntimeError(f"GET {self.direct}: {p.stdout} {p.stderr}")
-        rate = self.size / MB / took
-        return {"value": rate, "text": f"{rate:,.0f} MB/s"}
+        return self.timed([self.direct], "200", f"GET {self.direct}")
 
 
-class S3Put(BigPut):
+class S3Put(GatewayFile):
     name, title, goal = "s3put", "one 256 MB PutObject through the gateway, 3 replicas", 0.8
-
-    def runs_go(self):
-        return False    # the Go original has no S3 (BigPut's go() is a native PUT)
 
     def setup(self):
         super().setup()
@@ -88,31 +90,17 @@ class S3Put(BigPut):
     def mkv(self):
         gw = gateway(self.b)
         self.count += 1
-        workers = gw.pids()[1:]
-        before = {pid: peak_rss(pid) for pid in workers}
-        start = time.monotonic()
-        p = curl("-T", self.file, f"{gw.url}/bench/put-{self.count}")
-        took = time.monotonic() - start
-        if p.stdout != "200":
-            raise RuntimeError(f"PutObject: {p.stdout} {p.stderr}")
-        grown = max(peak_rss(pid) - before[pid] for pid in workers)
-        self.growth.append(grown)
-        http("DELETE", f"{gw.url}/bench/put-{self.count}")
-        rate = self.size / MB / took
-        return {"value": rate, "text": f"{rate:,.0f} MB/s", "rss": grown}
+        url = f"{gw.url}/bench/put-{self.count}"
+        result = self.timed(["-T", self.file, url], "200", "PutObject", gw.pids()[1:])
+        http("DELETE", url)
+        return result
 
     def limit(self):
         self.count += 1
-        c = self.b.cluster()
-        url = c.url(f"/bench/native-put-{self.count}")
-        start = time.monotonic()
-        p = curl("-T", self.file, url)
-        took = time.monotonic() - start
-        if p.stdout != "201":
-            raise RuntimeError(f"native PUT: {p.stdout} {p.stderr}")
+        url = self.b.cluster().url(f"/bench/native-put-{self.count}")
+        result = self.timed(["-T", self.file, url], "201", "native PUT")
         http("DELETE", url)
-        rate = self.size / MB / took
-        return {"value": rate, "text": f"{rate:,.0f} MB/s"}
+        return result
 
 
 class S3Small(Workload):
