@@ -393,9 +393,10 @@ class Volumes:
             out.append(result)
         return out
 
-    def _move_headers(self, volume, path):
+    def _move_headers(self, volume, path, overwrite=False):
         host, there = _on_host(volume, path)
-        return b"Destination: %s\r\nOverwrite: F\r\n%s" % (http_target(there), self.write_headers)
+        return b"Destination: %s\r\nOverwrite: %s\r\n%s" % (http_target(there), b"T" if overwrite else b"F",
+                                                            self.write_headers)
 
     def move(self, volume, name, path, delete_first=False, fence=None):
         """MOVE the upload `name` onto `path` without replacing a file (the
@@ -433,8 +434,8 @@ class Volumes:
         never neither), right after fence(), if given. The caller holds the
         key and has noted the path (mkvlib.replace). VolumeError: nothing
         moved; MoveUnknown: no answer (and it will not land later)."""
-        host, there = _on_host(volume, path)
-        headers = b"Destination: %s\r\nOverwrite: T\r\n%s" % (http_target(there), self.write_headers)
+        host = volume_host(volume)
+        headers = self._move_headers(volume, path, overwrite=True)
         deadline = write_deadline(self.op_timeout)
         if fence is not None:
             fence()
