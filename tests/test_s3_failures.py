@@ -19,14 +19,14 @@ def gw(tmp_path_factory):
     yield from cluster_with_gateway(str(tmp_path_factory.mktemp("s3f")), BUCKET, MKV_VOLTIMEOUT="0.5")
 
 
-def key_on(gw, volume_index):
+def key_on(gw, volume_index, prefix="k"):
     """A name whose placement includes the cluster's volume number `volume_index`."""
     c = gw.cluster
     host = c.volume_names()[volume_index]
     settings = Settings(volumes=tuple(c.volume_names()), db=c.db(), replicas=2)
     for i in range(1000):
-        if any(v.startswith(host) for v in settings.placement(object_key(BUCKET, f"k{i}"))):
-            return f"k{i}"
+        if any(v.startswith(host) for v in settings.placement(object_key(BUCKET, f"{prefix}{i}"))):
+            return f"{prefix}{i}"
     raise AssertionError("no key placed there")
 
 
@@ -76,8 +76,11 @@ def test_overwrite_with_a_volume_down_fails_and_keeps_the_old_value(gw):
         assert s3.get_object(Bucket=BUCKET, Key=name)["Body"].read() == b"old value"
     finally:
         gw.cluster.volumes[0].start()
-    # the gateway takes writes to it again once it has heard from it (its prober, within seconds)
-    wait_until(lambda: put_ok(s3, name + "-after"), 15, "the gateway to write to the restarted volume", every=0.3)
+    # the gateway takes writes to it again once it has heard from it (its prober, within seconds);
+    # the next tests write there, so wait for a key that lands on it, through every worker
+    after = key_on(gw, 0, prefix="after-")
+    wait_until(lambda: all(put_ok(s3, after) for _ in range(6)), 15,
+               "the gateway to write to the restarted volume", every=0.3)
     db = sqlite3.connect(gw.cluster.db())
     key = object_key(BUCKET, name)
     assert db.execute("SELECT lock_owner FROM keys WHERE key = ?", (key,)).fetchone() == (None,)
