@@ -24,6 +24,7 @@ from mkvlib.metrics import counted
 from mkvlib.multipart import Multipart
 from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
 from mkvlib.payload import Payload
+from mkvlib.relay import RelayBody
 from mkvlib.s3errors import S3Error, not_implemented, s3_error_of
 from mkvlib.s3req import (check_body_md5, check_copy_conditions, check_read_conditions, copy_range, copy_source,
                           decode_token, digest_check, encode_token, parse_max, part_range, request_range,
@@ -191,8 +192,8 @@ class ObjectRequests:
             resp.content_length = rng[1] - rng[0] + 1
         else:
             resp.content_length = obj.size
-        if download is not None:
-            resp.stream = Streamed(download)
+        if download is not None:   # relayed by splice(2) where the server allows, else streamed
+            resp.stream = RelayBody(download, r.req.env, self.settings.send_timeout, CHUNK)
 
     def put_object(self, r, resp):
         self.objects.need_bucket(r.bucket)
