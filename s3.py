@@ -20,6 +20,7 @@ import falcon
 from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import MkvError, SettingsError
+from mkvlib.localread import LocalVolumes
 from mkvlib.metrics import counted
 from mkvlib.multipart import Multipart
 from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
@@ -174,8 +175,7 @@ class ObjectRequests:
         rng = part_range(r, obj) if "partNumber" in r.params else request_range(r, obj.size)
         download = None
         if not head and obj.size > 0:
-            extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
-            obj, download = self.objects.open(key, extra)
+            obj, download = self.objects.open(key, rng)
             if rng is None:
                 check_read_conditions(r, obj)   # the value may have changed since the first look
             want = rng[1] - rng[0] + 1 if rng else obj.size
@@ -239,8 +239,7 @@ class ObjectRequests:
         check_copy_conditions(r, obj)
         if rng is None and obj.size == 0:
             return obj, Streamed(None), 0
-        extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
-        obj, download = self.objects.open(source, extra)
+        obj, download = self.objects.open(source, rng)
         size = rng[1] - rng[0] + 1 if rng else obj.size
         if download.length != size:
             download.close()
@@ -348,7 +347,9 @@ class Gateway(Listings, ObjectRequests, Uploads):
     @property
     def objects(self) -> Objects:
         if self._pid != os.getpid():
-            self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
+            store = Store(self.settings, offload=in_a_thread)
+            local = LocalVolumes(self.s3.volume_dirs, store.volumes, self.settings.volumes) if self.s3.volume_dirs else None
+            self._objects, self._pid = Objects(store, local), os.getpid()
             self._multipart = Multipart(self._objects)
         return self._objects
 

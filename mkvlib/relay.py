@@ -37,6 +37,7 @@ log = logging.getLogger("mkv.s3")
 RELAY_MIN = 1 << 20        # bytes of a body below which it is streamed through the worker
 PIPE_SIZE = 1 << 20        # bytes a relay's pipe holds (Linux's default pipe-max-size), if allowed
 YIELD_EVERY = 16 << 20     # bytes relayed between two chances for the worker's other requests
+FIRST_PIECE = 64 << 10     # bytes of a local file the server sends before sendfile(2) takes over
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 SPLICE = getattr(os, "splice", None)
@@ -129,18 +130,43 @@ def wait(fd, writing, timeout, stalled):
         raise BrokeOff(stalled)
 
 
+def send_file(fd, offset, n, dst, timeout):
+    """sendfile(2) n bytes of file `fd` from `offset` to socket `dst` (a
+    non-blocking fd), waiting as relay() does. BrokeOff if the file ends
+    early or the client takes nothing for `timeout`; OSError (EPIPE,
+    ECONNRESET) if the client went away. Returns n."""
+    end, since_yield = offset + n, 0
+    while offset < end:
+        try:
+            sent = os.sendfile(dst, fd, offset, end - offset)
+        except BlockingIOError:
+            wait(dst, True, timeout, f"the client took nothing for {timeout:g} s (MKV_SEND_TIMEOUT)")
+            continue
+        if sent == 0:
+            raise BrokeOff(f"the file ended {end - offset} bytes early")
+        offset += sent
+        since_yield += sent
+        if since_yield >= YIELD_EVERY:
+            since_yield = 0
+            time.sleep(0)
+    return n
+
+
 class RelayBody:
-    """A Download (mkvlib.volumes) as a WSGI body: relayed when the server
-    and the body allow it, else streamed through the worker in pieces of
-    `chunk`; closed when the server is done with it, read or not."""
+    """A volumes.Download, or a localread.LocalFile, as a WSGI body: when
+    the server and the body allow it, relayed by splice(2) (a Download) or
+    sent by sendfile(2) (a LocalFile) after a first piece the server sends;
+    else streamed through the worker in pieces of `chunk`. Closed when the
+    server is done with it, read or not."""
 
     def __init__(self, download, environ, send_timeout, chunk):
         self.download, self.environ = download, environ
         self.send_timeout, self.chunk = send_timeout, chunk
 
     def usable(self):
-        """The client's socket, if this body is relayed; else None."""
-        if not self.download.relayable or self.download.length < RELAY_MIN:
+        """The client's socket, if this body goes to it directly; else None."""
+        d = self.download
+        if d.length is None or d.length < RELAY_MIN or not (d.relayable or getattr(d, "fd", None) is not None):
             return None
         return client_socket(self.environ)
 
@@ -149,14 +175,22 @@ class RelayBody:
         if sock is None:
             yield from self.download.stream(self.chunk)
             return
-        first, src, left = self.download.take_over()
+        d = self.download
+        if d.relayable:
+            first, src, left = d.take_over()
+            move = lambda: relay(src.fileno(), sock.fileno(), left, src.gettimeout(), self.send_timeout)
+        else:
+            first = next(d.stream(FIRST_PIECE))
+            left = d.length - len(first)
+            move = lambda: send_file(d.fd, d.offset + len(first), left, sock.fileno(), self.send_timeout)
         yield first          # the server sends the status line, the headers and this
         try:
-            relay(src.fileno(), sock.fileno(), left, src.gettimeout(), self.send_timeout)
+            move()
         except (BrokeOff, OSError) as e:
             self.broke_off(sock, e)
             return
-        self.download.done()
+        if d.relayable:
+            d.done()
         count_sent(self.environ, left)
 
     def broke_off(self, sock, exc):

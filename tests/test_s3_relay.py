@@ -1,9 +1,11 @@
 """GetObject's relay (mkvlib.relay): a large object's bytes go from the
-volume's socket to the client's by splice(2), past the gateway's Python.
-Against a real cluster and a real gateway (one worker, so its open files
-can be counted): whole bodies and ranges, keep-alive after them, HEAD, the
-access log's count, reads racing replaces, and what a client that stops
-reading or a volume that dies mid-body leaves behind."""
+volume's socket to the client's by splice(2), past the gateway's Python;
+or, for a gateway on the volumes' host (MKV_S3_VOLUME_DIRS,
+mkvlib.localread), from the volume's file by sendfile(2). Against a real
+cluster and real gateways (one worker each, so their open files can be
+counted): whole bodies and ranges, keep-alive after them, HEAD, the access
+log's count, reads racing replaces, and what a client that stops reading
+or a volume that dies mid-body leaves behind."""
 import hashlib
 import http.client
 import os
@@ -23,6 +25,16 @@ from s3util import gateway_server
 BUCKET = "relay"
 SEND_TIMEOUT = 2          # MKV_SEND_TIMEOUT of the gateway: a client that takes nothing is dropped after it
 BIG = 6 << 20             # a value relayed (over RELAY_MIN)
+
+
+@pytest.fixture(scope="module")
+def local(gw):
+    """A second gateway over the same cluster that reads the volumes' folders itself (MKV_S3_VOLUME_DIRS)."""
+    server = gateway_server(gw.cluster, workers=1, MKV_SEND_TIMEOUT=str(SEND_TIMEOUT),
+                            MKV_S3_VOLUME_DIRS=",".join(gw.cluster.volume_dirs)).start()
+    server.url, server.worker = f"http://127.0.0.1:{server.port}", server.pids()[1]
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +145,9 @@ def test_the_access_log_counts_the_relayed_bytes(gw):
                "the access log line of the GET with its whole length")
 
 
-def test_reads_racing_replaces_get_the_old_value_or_the_new_whole(gw):
+@pytest.mark.parametrize("reader_gateway", ["gw", "local"])
+def test_reads_racing_replaces_get_the_old_value_or_the_new_whole(gw, request, reader_gateway):
+    reading = request.getfixturevalue(reader_gateway)
     values = [bytes([65 + i]) * (2 << 20) for i in range(4)]   # one size: only the bytes tell them apart
     put(gw, "race", values[0])
     bad, seen, done = [], set(), threading.Event()
@@ -141,7 +155,7 @@ def test_reads_racing_replaces_get_the_old_value_or_the_new_whole(gw):
     def reader():
         session = requests.Session()
         while not done.is_set():
-            r = session.get(f"{gw.url}/{BUCKET}/race", timeout=TIMEOUT)
+            r = session.get(f"{reading.url}/{BUCKET}/race", timeout=TIMEOUT)
             body = r.content
             if r.status_code != 200 or body not in values or \
                     r.headers["ETag"] != '"%s"' % hashlib.md5(body).hexdigest():
@@ -206,6 +220,48 @@ def test_the_relay_runs_under_gunicorns_pywsgi_worker_too(gw):
         s.close()
     finally:
         other.stop()
+
+
+def test_a_gateway_on_the_volumes_host_sends_the_file_from_the_volumes_folder(gw, local):
+    value = os.urandom(32 << 20)
+    put(gw, "local", value)
+    r = requests.get(f"{local.url}/{BUCKET}/local", headers={"Range": "bytes=5-20000004"}, timeout=TIMEOUT)
+    assert (r.status_code, r.content) == (206, value[5:20000005])
+    pipes = len(fds(local.worker, "pipe"))
+    s, got = stalled_get(local, "local")
+
+    def files_open():
+        return [f for f in fds(local.worker) if any(f.startswith(d + "/") for d in gw.cluster.volume_dirs)]
+    wait_until(lambda: len(files_open()) == 1, 5, "the file open in the gateway, from a volume's folder")
+    assert len(fds(local.worker, "pipe")) == pipes       # no relay: sendfile(2) from the file
+    s.settimeout(TIMEOUT)
+    head, _, body = got.partition(b"\r\n\r\n")
+    while len(body) < len(value):
+        body += s.recv(1 << 20)
+    assert body == value
+    s.close()
+    wait_until(lambda: files_open() == [], 5, "the file closed")
+
+
+def test_a_folder_is_read_only_while_its_id_is_the_one_a_volume_answers(gw, tmp_path):
+    from mkvlib.localread import LocalVolumes
+    from mkvlib.volumes import Volumes
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / ".id").write_text("not-any-volumes-id\n")
+    hosts = gw.cluster.volume_names()
+    local = LocalVolumes([gw.cluster.volume_dirs[1], str(stranger)], Volumes(), hosts)
+    assert {host: folder for host, (folder, _) in local.map().items()} == {hosts[1]: gw.cluster.volume_dirs[1]}
+    assert local.folder_of(hosts[1]) == gw.cluster.volume_dirs[1]
+    assert local.folder_of(hosts[0]) is None
+
+
+def test_volume_dirs_that_are_not_folders_are_refused_at_the_start(tmp_path):
+    from mkvlib.errors import SettingsError
+    from mkvlib.settings import S3Settings
+    with pytest.raises(SettingsError, match="MKV_S3_VOLUME_DIRS"):
+        S3Settings.from_env({"MKV_S3_VOLUME_DIRS": str(tmp_path / "missing")})
+    assert S3Settings.from_env({"MKV_S3_VOLUME_DIRS": f" {tmp_path} ,"}).volume_dirs == (str(tmp_path),)
 
 
 def test_only_a_plain_http1_client_socket_is_relayed_to():
