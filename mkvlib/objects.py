@@ -219,16 +219,16 @@ class Objects:
 
     def _open_any(self, obj, path, rng):
         """(volume, Download or LocalFile) from the first replica that has the
-        file, one on this host's disks first (self.local: MKV_S3_VOLUME_DIRS);
-        None if none had it (a replace or delete moved on); Unavailable if
-        none answered."""
+        file, one on this host's vouched disks first (self.local:
+        MKV_S3_VOLUME_DIRS); None if none had it (a replace or delete moved
+        on); Unavailable if none answered."""
         health = self.store.health
         order = list(obj.volumes)
         random.shuffle(order)
         order.sort(key=lambda v: not health.may_read(volume_host(v)))   # those vouched for first
         if self.local is not None:
-            for volume in order:
-                got = self.local.open(volume, path, rng)
+            for volume in order:   # only a disk the prober vouches for, as a read over HTTP would go first
+                got = self.local.open(volume, path, rng) if health.may_read(volume_host(volume)) else None
                 if got:
                     return volume, got
         headers = b"Range: bytes=%d-%d\r\n" % rng if rng else b""

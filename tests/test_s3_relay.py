@@ -192,6 +192,7 @@ def test_a_client_that_takes_nothing_is_dropped_after_the_send_timeout(gw):
     put(gw, "stall", os.urandom(32 << 20))
     pipes = len(fds(gw.worker, "pipe"))
     s, got = stalled_get(gw, "stall")
+    wait_until(lambda: len(fds(gw.worker, "pipe")) == pipes + 2, 5, "the relay's pipe")
     wait_until(lambda: len(fds(gw.worker, "pipe")) == pipes, SEND_TIMEOUT + 5, "the stalled relay ended")
     length, received = read_to_end(s, got)
     assert received < length
