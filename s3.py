@@ -192,7 +192,7 @@ class ObjectRequests:
             resp.content_length = rng[1] - rng[0] + 1
         else:
             resp.content_length = obj.size
-        if download is not None:   # relayed by splice(2) where the server allows, else streamed
+        if download is not None:   # sent past Python where the server allows (mkvlib.relay), else streamed
             resp.stream = RelayBody(download, r.req.env, self.settings.send_timeout, CHUNK)
 
     def put_object(self, r, resp):
@@ -348,7 +348,8 @@ class Gateway(Listings, ObjectRequests, Uploads):
     def objects(self) -> Objects:
         if self._pid != os.getpid():
             store = Store(self.settings, offload=in_a_thread)
-            local = LocalVolumes(self.s3.volume_dirs, store.volumes, self.settings.volumes) if self.s3.volume_dirs else None
+            dirs = self.s3.volume_dirs
+            local = LocalVolumes(dirs, store.volumes, self.settings.volumes) if dirs else None
             self._objects, self._pid = Objects(store, local), os.getpid()
             self._multipart = Multipart(self._objects)
         return self._objects

@@ -70,7 +70,8 @@ class S3Get(GatewayFile):
 
     def setup(self):
         super().setup()
-        how = "relayed from the volume's nginx (splice)" if self.relay else "the gateway sends the file (MKV_S3_VOLUME_DIRS)"
+        how = ("relayed from the volume's nginx (splice)" if self.relay
+               else "the gateway sends the file (MKV_S3_VOLUME_DIRS)")
         self.notes[:] = [f"{how}; curl to /dev/null; limit: curl of the same file from the volume's nginx; "
                          "RSS: VmHWM growth of the busiest gateway worker"]
         gw = gateway(self.b, self.relay)

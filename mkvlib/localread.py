@@ -12,10 +12,10 @@ over the path, and the open file stays the old one, whole.
 
 A file that cannot be opened for another reason than its absence (no
 permission, say) is read through the volume's HTTP as before."""
-import errno
 import os
 import time
 
+from mkvlib.errors import VolumeError
 from mkvlib.placement import ID_PATH, volume_host
 
 REMAP = 30.0        # seconds between two looks at which folder is which volume's disk
@@ -31,11 +31,15 @@ class LocalFile:
         self.fd, self.offset, self.length = fd, offset, length
 
     def stream(self, n):
+        """The bytes, at most n at a time. VolumeError if the file cannot be read to the end."""
         at, end = self.offset, self.offset + self.length
         while at < end:
-            piece = os.pread(self.fd, min(n, end - at), at)
+            try:
+                piece = os.pread(self.fd, min(n, end - at), at)
+            except OSError as e:
+                raise VolumeError(f"reading a file of a local volume failed: {e.strerror}") from None
             if not piece:
-                raise OSError(errno.EIO, "the file is shorter than it was")
+                raise VolumeError(f"a file of a local volume ended {end - at} bytes early")
             at += len(piece)
             yield piece
 

@@ -1,7 +1,8 @@
-"""A volume's answer body relayed to the client's socket without passing
-through Python: splice(2) from the volume's socket into a pipe and from
-the pipe into the client's socket, the bytes never copied into the worker
-(the S3 gateway's GetObject, s3.py).
+"""A file's bytes sent to the client's socket without passing through
+Python (the S3 gateway's GetObject, s3.py): a volume's answer body relayed
+by splice(2) from the volume's socket into a pipe and from the pipe into
+the client's socket, or a file of a volume on this host (mkvlib.localread)
+sent by sendfile(2); the bytes are never copied into the worker.
 
 The WSGI server still sends the status line, the headers and the first
 piece of the body (what was read with the volume's answer head): so its
@@ -17,13 +18,13 @@ This needs from the server (RelayBody.usable):
   the app sent itself, added to the server's count (its access log);
   install_sent_counter() gives it to gunicorn's gevent workers.
 Without the socket (another server), a body under RELAY_MIN, or no
-os.splice, the body is streamed through the worker as before.
+os.splice, the body is streamed through the worker in pieces.
 
 A failure after the headers went (the volume breaks off, the client stops
 taking bytes for MKV_SEND_TIMEOUT, or goes away) closes the client's
 connection: the client sees a body shorter than its Content-Length, as an
-HTTP server can only say it. The volume's connection is closed, the pipe
-too; one log line but for a client that went away."""
+HTTP server can only say it. The volume's connection (or the file) is
+closed, the pipe too; one log line but for a client that went away."""
 import errno
 import fcntl
 import logging

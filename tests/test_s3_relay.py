@@ -10,10 +10,8 @@ import hashlib
 import http.client
 import os
 import re
-import signal
 import socket
 import threading
-import time
 
 import pytest
 import requests
