@@ -293,5 +293,7 @@ def test_a_volume_that_dies_mid_body_ends_the_connection_with_one_log_line(gw):
     assert received < length
     wait_until(lambda: len(fds(gw.worker, "pipe")) == pipes, 5, "the pipe closed")
     log = gw.tail(200)
-    assert "relay of GET /relay/dies broke off, connection closed: the volume closed the connection" in log
+    # the volume's end: its close after what it had sent, or a reset
+    assert re.search(r"relay of GET /relay/dies broke off, connection closed: (the volume closed the connection"
+                     r"|reading from the volume failed)", log)
     assert "Traceback" not in log
