@@ -38,8 +38,10 @@ Workloads (--only takes these names):
              SQLite); limit: the same on an index of 1,000 keys
   list       ?list&limit=1000 from a random start on that index, one client: p99
              latency; limit: the same on the 1,000-key index
-  s3get      one 256 MB GetObject through the S3 gateway (s3.py) and its worker's
-             peak RSS growth; limit: curl of the same file from its volume's nginx
+  s3get      one 256 MB GetObject through the S3 gateway (s3.py), which reads the volumes'
+             folders (MKV_S3_VOLUME_DIRS), and its worker's peak RSS growth; limit:
+             curl of the same file from its volume's nginx
+  s3getrelay the same through a gateway that relays the file from the volume's nginx
   s3put      one 256 MB PutObject through the gateway; limit: the native PUT
   s3small    put/get/delete of 1 KB objects through boto3 and the gateway, one
              client; limit: the same through the native API (requests)
@@ -76,11 +78,11 @@ from benchkit.repair import Rebalance, Rebuild  # noqa: E402
 from benchkit.scrape import Scrape  # noqa: E402
 from benchkit.report import machine_line, print_table  # noqa: E402
 from benchkit.servers import STUB_VOLUME, Bench, start_stub  # noqa: E402,F401  (tests/test_bench.py)
-from benchkit.s3 import S3Get, S3Put, S3Small  # noqa: E402
+from benchkit.s3 import S3Get, S3GetRelay, S3Put, S3Small  # noqa: E402
 from benchkit.writes import BigPut, GoThrash, Thrash  # noqa: E402
 
 WORKLOADS = [Get, Missing, Bare, BareMissing, Scrape, Thrash, GoThrash, BigPut, Rebuild, Rebalance, Index, List,
-             S3Get, S3Put, S3Small]
+             S3Get, S3GetRelay, S3Put, S3Small]
 
 
 def fill_main(argv):

@@ -59,9 +59,12 @@ pids+=($master)
 echo "bringup.sh: master on :$base (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:$base/wehave" >&2
 echo "bringup.sh: status page and /metrics on http://127.0.0.1:$MKV_ADMIN_PORT/" >&2
 # the S3 gateway: the same index and volumes; started once the master answers, so
-# that it joins the master's run folder (metrics, volume health; docs/s3.md)
+# that it joins the master's run folder (metrics, volume health; docs/s3.md); it
+# reads the volumes' files from their folders itself (a folder counts only while
+# its .id is the one its volume answers: MKV_VOLUMES may name others)
 for _ in $(seq 100); do port_open "$base" && break; sleep 0.1; done
-MKV_ADMIN_PORT= .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:$s3_port" s3:app &
+MKV_ADMIN_PORT= MKV_S3_VOLUME_DIRS=${MKV_S3_VOLUME_DIRS-$home/volume1,$home/volume2,$home/volume3} \
+  .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:$s3_port" s3:app &
 gateway=$!
 pids+=($gateway)
 if [ -z "${MKV_S3_KEYS:-}" ]; then

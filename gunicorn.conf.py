@@ -152,12 +152,16 @@ def post_worker_init(worker):
     (connections.py), installed in each worker whatever -k said. Then the
     worker opens its store (mkvlib.metrics.Counted.boot): its prober looks
     at the volumes before any request, so a master nobody has asked
-    anything yet is ready (a load balancer waits for that)."""
+    anything yet is ready (a load balancer waits for that). The gateway's
+    requests get a count for the bytes its relay sends (the access log's)."""
     import connections
     connections.install(worker)
     boot = getattr(worker.wsgi, "boot", None)
     if boot is not None:
         boot()
+    if not serves_the_master(worker):   # the S3 gateway relays GetObject's bytes itself (mkvlib.relay)
+        from mkvlib.relay import install_sent_counter
+        install_sent_counter(worker)
 
 
 def child_exit(server, worker):

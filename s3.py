@@ -20,10 +20,12 @@ import falcon
 from mkv import VALUE_MAX, in_a_thread, read_body
 from mkvlib import s3req, s3xml, sigv4
 from mkvlib.errors import MkvError, SettingsError
+from mkvlib.localread import LocalVolumes
 from mkvlib.metrics import counted
 from mkvlib.multipart import Multipart
 from mkvlib.objects import DEFAULT_TYPE, Objects, object_key
 from mkvlib.payload import Payload
+from mkvlib.relay import RelayBody
 from mkvlib.s3errors import S3Error, not_implemented, s3_error_of
 from mkvlib.s3req import (check_body_md5, check_copy_conditions, check_read_conditions, copy_range, copy_source,
                           decode_token, digest_check, encode_token, parse_max, part_range, request_range,
@@ -173,8 +175,7 @@ class ObjectRequests:
         rng = part_range(r, obj) if "partNumber" in r.params else request_range(r, obj.size)
         download = None
         if not head and obj.size > 0:
-            extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
-            obj, download = self.objects.open(key, extra)
+            obj, download = self.objects.open(key, rng)
             if rng is None:
                 check_read_conditions(r, obj)   # the value may have changed since the first look
             want = rng[1] - rng[0] + 1 if rng else obj.size
@@ -191,8 +192,8 @@ class ObjectRequests:
             resp.content_length = rng[1] - rng[0] + 1
         else:
             resp.content_length = obj.size
-        if download is not None:
-            resp.stream = Streamed(download)
+        if download is not None:   # sent past Python where the server allows (mkvlib.relay), else streamed
+            resp.stream = RelayBody(download, r.req.env, self.settings.send_timeout, CHUNK)
 
     def put_object(self, r, resp):
         self.objects.need_bucket(r.bucket)
@@ -238,8 +239,7 @@ class ObjectRequests:
         check_copy_conditions(r, obj)
         if rng is None and obj.size == 0:
             return obj, Streamed(None), 0
-        extra = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
-        obj, download = self.objects.open(source, extra)
+        obj, download = self.objects.open(source, rng)
         size = rng[1] - rng[0] + 1 if rng else obj.size
         if download.length != size:
             download.close()
@@ -347,7 +347,10 @@ class Gateway(Listings, ObjectRequests, Uploads):
     @property
     def objects(self) -> Objects:
         if self._pid != os.getpid():
-            self._objects, self._pid = Objects(Store(self.settings, offload=in_a_thread)), os.getpid()
+            store = Store(self.settings, offload=in_a_thread)
+            dirs = self.s3.volume_dirs
+            local = LocalVolumes(dirs, store.volumes, self.settings.volumes) if dirs else None
+            self._objects, self._pid = Objects(store, local), os.getpid()
             self._multipart = Multipart(self._objects)
         return self._objects
 

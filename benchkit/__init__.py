@@ -12,7 +12,7 @@ package, is the entry point (its docstring says what each workload measures).
     writes     thrash, bigput: writes through the master against the volumes
     repair     rebuild, rebalance: the tools against plain listings and copies
     bigindex   index, list: a big filled index against a small one
-    s3         s3get, s3put, s3small: the S3 gateway against nginx and the native API
+    s3         s3get, s3getrelay, s3put, s3small: the S3 gateway against nginx and the native API
     runner     the rounds of one workload, and its row of the table
     report     the table and the machine line
 """

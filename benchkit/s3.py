@@ -1,7 +1,9 @@
-"""s3get, s3put, s3small: the S3 gateway (s3.py, open: no MKV_S3_KEYS)
-beside the same work without it, on the bench's cluster: a 256 MB GetObject
-against nginx sending the same file, a 256 MB PutObject against the native
-PUT, small objects through boto3 against the native API through requests."""
+"""s3get, s3getrelay, s3put, s3small: the S3 gateway (s3.py, open: no
+MKV_S3_KEYS) beside the same work without it, on the bench's cluster: a
+256 MB GetObject against nginx sending the same file (the gateway reading
+the volumes' folders, and one relaying from their nginx), a 256 MB
+PutObject against the native PUT, small objects through boto3 against the
+native API through requests."""
 import hashlib
 import os
 import subprocess
@@ -14,15 +16,23 @@ from benchkit.workload import Workload
 SMALL_KEYS = (200, 1000)    # small objects put, got and deleted (--quick, not)
 
 
-def gateway(bench):
-    """The S3 gateway over the bench's cluster, started on first use; a bucket 'bench' in it."""
-    if getattr(bench, "_gateway", None) is None:
+def gateway(bench, relay=False):
+    """The S3 gateway over the bench's cluster, started on first use; a bucket
+    'bench' in it. It reads the volumes' files from their folders, as
+    bringup.sh runs it (MKV_S3_VOLUME_DIRS), unless `relay`: then it is a
+    second gateway that relays them from the volumes' nginx, as it does from
+    volumes on other hosts."""
+    attr = "_relay_gateway" if relay else "_gateway"
+    if getattr(bench, attr, None) is None:
         from s3util import gateway_server
-        bench._gateway = gateway_server(bench.cluster(), workers=2).start()
-        bench._gateway.url = f"http://127.0.0.1:{bench._gateway.port}"
-        http("PUT", bench._gateway.url + "/bench")
-        say(f"s3 gateway :{bench._gateway.port}")
-    return bench._gateway
+        cluster = bench.cluster()
+        dirs = {} if relay else {"MKV_S3_VOLUME_DIRS": ",".join(cluster.volume_dirs)}
+        server = gateway_server(cluster, workers=2, **dirs).start()
+        server.url = f"http://127.0.0.1:{server.port}"
+        setattr(bench, attr, server)
+        http("PUT", server.url + "/bench")
+        say(f"s3 gateway :{server.port}{' (relaying)' if relay else ''}")
+    return getattr(bench, attr)
 
 
 def curl(*args):
@@ -56,12 +66,15 @@ class GatewayFile(BigPut):
 
 class S3Get(GatewayFile):
     name, title, goal = "s3get", "one 256 MB GetObject through the gateway", 0.8
+    relay = False      # S3GetRelay: through the gateway that relays from the volumes' nginx
 
     def setup(self):
         super().setup()
-        self.notes[:] = ["curl to /dev/null; limit: curl of the same file from the volume's nginx; "
+        how = ("relayed from the volume's nginx (splice)" if self.relay
+               else "the gateway sends the file (MKV_S3_VOLUME_DIRS)")
+        self.notes[:] = [f"{how}; curl to /dev/null; limit: curl of the same file from the volume's nginx; "
                          "RSS: VmHWM growth of the busiest gateway worker"]
-        gw = gateway(self.b)
+        gw = gateway(self.b, self.relay)
         p = curl("-T", self.file, gw.url + "/bench/big")
         if p.stdout != "200":
             raise RuntimeError(f"PutObject of 256 MB: {p.stdout} {p.stderr}")
@@ -71,11 +84,15 @@ class S3Get(GatewayFile):
         self.direct = r.headers["Location"]
 
     def mkv(self):
-        gw = gateway(self.b)
+        gw = gateway(self.b, self.relay)
         return self.timed([gw.url + "/bench/big"], "200", "GetObject", gw.pids()[1:])
 
     def limit(self):
         return self.timed([self.direct], "200", f"GET {self.direct}")
+
+
+class S3GetRelay(S3Get):
+    name, title, relay = "s3getrelay", "one 256 MB GetObject relayed from a volume (volumes on other hosts)", True
 
 
 class S3Put(GatewayFile):

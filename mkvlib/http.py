@@ -470,6 +470,30 @@ class Reader:
             raise NoAnswer(self.host, e) from None
         self.finished = True
 
+    @property
+    def relayable(self):
+        """Its length is known (not chunked, not up to a close): a relay may take it over."""
+        return self.length is not None and not self.chunked
+
+    def take_over(self):
+        """For a relay that reads the rest of the body from the socket itself
+        (mkvlib.relay): (the body's first bytes, read already or by one
+        receive, the socket, how many bytes are still to come on it). done()
+        once it has read them all. NoAnswer if the transfer breaks."""
+        conn = self.conn
+        try:
+            if conn.clean() and self.length:
+                conn.more()
+            first = conn.take(min(self.length, len(conn.buf) - conn.pos))
+        except (OSError, ValueError) as e:
+            self.keep = False
+            raise NoAnswer(self.host, e) from None
+        return first, conn.sock, self.length - len(first)
+
+    def done(self):
+        """The body was read to its end (by a relay): the connection may serve again."""
+        self.finished = True
+
     def close(self):
         """Give the connection back if the body was read to its end, else close it."""
         if self.conn is not None:

@@ -129,8 +129,9 @@ def meta_row(key, md5, size, etag, headers, parts=None, mtime=None):
 class Objects:
     """Buckets and objects over one Store (one per gateway process)."""
 
-    def __init__(self, store):
+    def __init__(self, store, local=None):
         self.store, self.index, self.db = store, store.index, store.index.db
+        self.local = local       # a localread.LocalVolumes: the volumes' folders on this host, if any
         with self.db.write() as db:   # an index of an earlier mkv gets the S3 tables once
             for statement in (SCHEMA + MULTIPART_SCHEMA).split(";\n"):
                 if statement.strip():
@@ -193,19 +194,19 @@ class Objects:
             raise KeyMissing("The specified key does not exist.")
         return obj
 
-    def open(self, key: bytes, headers=b""):
-        """(Obj, Download) of the object's bytes (a Range in `headers`: that
-        part), from a replica, checked against a replace that runs meanwhile:
-        once the file is open, the record must still name that replica with
-        the same value and generation, else the file may be the next value
-        (a replace moves it in place) and the look starts again."""
+    def open(self, key: bytes, rng=None):
+        """(Obj, Download or LocalFile) of the object's bytes (rng=(first,
+        last): those), from a replica, checked against a replace that runs
+        meanwhile: once the file is open, the record must still name that
+        replica with the same value and generation, else the file may be the
+        next value (a replace moves it in place) and the look starts again."""
         path = key2path(key)
         for _ in range(READ_TRIES):
             obj = self.head(key)
             if not obj.volumes:           # a one-replica replace is moving its value: a moment
                 time.sleep(READ_PAUSE)
                 continue
-            got = self._open_any(obj, path, headers)
+            got = self._open_any(obj, path, rng)
             if got is None:
                 time.sleep(READ_PAUSE)
                 continue
@@ -216,13 +217,21 @@ class Objects:
             download.close()
         raise Unavailable("the object kept changing while it was read; try again")
 
-    def _open_any(self, obj, path, headers):
-        """(volume, Download) from the first replica that has the file; None
-        if none had it (a replace or delete moved on); Unavailable if none answered."""
+    def _open_any(self, obj, path, rng):
+        """(volume, Download or LocalFile) from the first replica that has the
+        file, one on this host's vouched disks first (self.local:
+        MKV_S3_VOLUME_DIRS); None if none had it (a replace or delete moved
+        on); Unavailable if none answered."""
         health = self.store.health
         order = list(obj.volumes)
         random.shuffle(order)
         order.sort(key=lambda v: not health.may_read(volume_host(v)))   # those vouched for first
+        if self.local is not None:
+            for volume in order:   # only a disk the prober vouches for, as a read over HTTP would go first
+                got = self.local.open(volume, path, rng) if health.may_read(volume_host(volume)) else None
+                if got:
+                    return volume, got
+        headers = b"Range: bytes=%d-%d\r\n" % rng if rng else b""
         errors = []
         for volume in order:
             try:

@@ -13,7 +13,7 @@ HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")   # a name, an IPv4 or 
 # MKV_* variables read elsewhere: bringup.sh's, the test suite's, and the run
 # folder the master's start names for its workers (mkvlib.health)
 OTHER_NAMES = {"MKV_HOME", "MKV_HEALTH_DIR", "MKV_FUZZ_EXAMPLES", "MKV_FUZZ_COUNT_FILE",
-               "MKV_S3_KEYS", "MKV_S3_REGION", "MKV_S3_DOMAIN"}   # the last three: S3Settings
+               "MKV_S3_KEYS", "MKV_S3_REGION", "MKV_S3_DOMAIN", "MKV_S3_VOLUME_DIRS"}   # MKV_S3_*: S3Settings
 
 
 def _parse_hostport(name, value):
@@ -173,6 +173,7 @@ class S3Settings:
     keys: dict = dataclasses.field(default_factory=dict, repr=False)   # access key -> secret key
     region: str = "us-east-1"
     domain: str = None     # virtual-host style: a Host of 'bucket.DOMAIN' names the bucket
+    volume_dirs: tuple = ()   # folders of volumes on this host, whose files GetObject reads itself
 
     @classmethod
     def from_env(cls, env=None):
@@ -183,4 +184,9 @@ class S3Settings:
         domain = env.get("MKV_S3_DOMAIN", "").strip().lower() or None
         if domain is not None and not re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+)*", domain):
             raise SettingsError(f"MKV_S3_DOMAIN: {domain!r} is not a domain name (like s3.example.com)")
-        return cls(keys=_parse_s3_keys(env.get("MKV_S3_KEYS", "")), region=region, domain=domain)
+        dirs = tuple(d.strip() for d in env.get("MKV_S3_VOLUME_DIRS", "").split(",") if d.strip())
+        for folder in dirs:
+            if not os.path.isdir(folder):
+                raise SettingsError(f"MKV_S3_VOLUME_DIRS: {folder!r} is not a folder")
+        return cls(keys=_parse_s3_keys(env.get("MKV_S3_KEYS", "")), region=region, domain=domain,
+                   volume_dirs=tuple(os.path.abspath(d) for d in dirs))

@@ -398,6 +398,20 @@ class Download:
         except NoAnswer as e:
             raise VolumeError(f"volume {e.host}: reading a file broke off: {e}") from None
 
+    @property
+    def relayable(self):
+        return self.reader.relayable
+
+    def take_over(self):
+        """(first bytes, socket, bytes to come on it) for a relay (mkvlib.relay); done() after."""
+        try:
+            return self.reader.take_over()
+        except NoAnswer as e:
+            raise VolumeError(f"volume {e.host}: reading a file broke off: {e}") from None
+
+    def done(self):
+        self.reader.done()
+
     def close(self):
         """Give the connection back if the file was read to its end, else close it."""
         self.reader.close()
