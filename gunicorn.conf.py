@@ -19,7 +19,9 @@ from mkvlib.placement import check_named_once  # noqa: E402
 from mkvlib.settings import Settings  # noqa: E402
 from mkvlib.volumes import Volumes  # noqa: E402
 
-worker_class = "gevent"
+# gunicorn's gevent worker with mkv's reader of request heads in front of its
+# parser (worker.py); `-k gevent` on the command line runs gunicorn's own.
+worker_class = "worker.MkvWorker"
 # Per worker: the connection budget (connections.py drops the oldest idle one
 # when it is spent); each takes an open file, and the worker raises its limit.
 worker_connections = 4000

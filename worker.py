@@ -1,0 +1,271 @@
+"""mkv's gunicorn worker: gunicorn's gevent worker with a lean reader of
+request heads in front of gunicorn's own parser.
+
+    gunicorn -w 4 -b :3000 mkv:app          (gunicorn.conf.py: worker_class = "worker.MkvWorker")
+
+Everything but the reading of a request's head is gunicorn's gevent worker,
+unchanged: its accept loop, heartbeat and worker timeout, graceful stop,
+keep-alive timeout, request handling (hooks, access log, max_requests), its
+Response (status line, Server, Date, Connection, chunking) and body readers,
+and connections.py's budget and send timeout on top, as under `-k gevent`.
+
+The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
+path with a few ordinary headers. read_request() reads those itself, with a
+few regular expressions over the whole head (gunicorn's parser spends most of
+a GET's time, per line and per header, in Python), and builds the WSGI
+environ gunicorn would. Anything outside that subset, however small the
+doubt (another method, a '#' or a byte outside printable ASCII, a
+Transfer-Encoding, Expect, Upgrade or forwarding header, a header name with
+'_', a repeated Host or Content-Length, a head over the limits, a bare LF, a
+connection that ends mid-head), is handed with every byte read so far to
+gunicorn's own Request parser on the same buffer: gunicorn accepts or refuses
+it exactly as under `-k gevent` (gunicorn.conf.py's one-line errors included).
+So the subset only ever holds requests gunicorn accepts, read as it reads
+them (tests/test_worker.py compares the two environs).
+"""
+import os
+import re
+
+from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.message import TOKEN_RE, Request
+from gunicorn.http.unreader import SocketUnreader
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+# the request line of the subset: a method of mkv's or S3's, an origin-form
+# target of printable ASCII but '#' (no fragment to split off) not starting
+# '//' (which urlsplit reads as a host), HTTP/1.0 or 1.1
+REQUEST_LINE = re.compile(r"(GET|HEAD|PUT|DELETE|UNLINK|POST) (/(?!/)[\x21\x22\x24-\x7e]*) HTTP/1\.([01])")
+VALUE_BAD = re.compile(r"[^\x20-\x7e\t]")   # a header value of the subset: printable ASCII and tabs
+# headers gunicorn gives a meaning beyond the environ: left to its parser
+TO_GUNICORN = frozenset(("TRANSFER-ENCODING", "EXPECT", "UPGRADE", "HTTP2-SETTINGS"))
+ONCE = frozenset(("HOST", "CONTENT-TYPE", "CONTENT-LENGTH"))   # a repeat is gunicorn's 400
+LENGTH_DIGITS = 18      # a Content-Length of more digits is gunicorn's to judge (and mkv's 413)
+
+
+class FastRequest:
+    """A request of the subset, with the attributes of gunicorn's Request
+    that its Response, its access log and the worker read."""
+
+    proxy_protocol_info = None
+    _expected_100_continue = False
+    fragment = ""
+    trailers = ()
+
+    def __init__(self, method, uri, version, headers, body, number, scheme):
+        self.method, self.uri, self.version, self.headers = method, uri, version, headers
+        self.path, _, self.query = uri.partition("?")
+        self.body, self.req_number, self.scheme = body, number, scheme
+        self.must_close = False
+
+    def force_close(self):
+        self.must_close = True
+
+    def should_close(self):
+        """gunicorn's Message.should_close, the first Connection header deciding."""
+        if self.must_close:
+            return True
+        for name, value in self.headers:
+            if name == "CONNECTION":
+                value = value.lower().strip(" \t")
+                if value == "close":
+                    return True
+                if value == "keep-alive":
+                    return False
+                break
+        return self.version <= (1, 0)
+
+
+class HeadReader:
+    """Reads each request's head on a connection: a FastRequest for the
+    subset, gunicorn's Request (its parser, on the same bytes) otherwise."""
+
+    def __init__(self, cfg, secure_headers):
+        self.cfg = cfg
+        self.line_max = cfg.limit_request_line if 0 < cfg.limit_request_line < 8190 else 8190
+        self.fields_max = cfg.limit_request_fields if 0 < cfg.limit_request_fields <= 32768 else 32768
+        self.field_max = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else 8190
+        self.head_max = min(16384, self.line_max + 2 + self.fields_max * (self.field_max + 2) + 4)
+        self.special = TO_GUNICORN | frozenset(secure_headers) | frozenset(n.upper() for n in cfg.forwarder_headers)
+
+    def read_request(self, unreader, addr, number):
+        """The next request, or None when the client closed the connection
+        before a byte of it (gunicorn's StopIteration)."""
+        buf = unreader.read()
+        if not buf:
+            return None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                req = self.fast_request(buf, end, unreader, number)
+                if req is not None:
+                    return req
+                break
+            line_end = buf.find(b"\r\n")
+            if ((line_end >= 0 and REQUEST_LINE.fullmatch(buf[:line_end].decode("latin-1")) is None)
+                    or len(buf) > self.head_max or buf.count(b"\n") != buf.count(b"\r\n")):
+                break   # gunicorn answers a bad request line or a bare LF at once, or a head too long
+            more = unreader.read()
+            if not more:
+                break   # gunicorn's NoMoreData
+            buf += more
+        unreader.unread(buf)
+        return Request(self.cfg, unreader, addr, number)
+
+    def fast_request(self, buf, end, unreader, number):
+        """The FastRequest of the head buf[:end], or None if it is outside the subset."""
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        line = lines[0]
+        m = REQUEST_LINE.fullmatch(line)
+        if m is None or len(line) > self.line_max or len(lines) > self.fields_max + 1:
+            return None
+        headers, seen, length = [], set(), 0
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if (not colon or "_" in name or len(line) + 2 > self.field_max
+                    or not TOKEN_RE.fullmatch(name) or VALUE_BAD.search(value)):
+                return None
+            name = name.upper()
+            if name in ONCE:
+                if name in seen:
+                    return None
+                seen.add(name)
+                if name == "CONTENT-LENGTH":
+                    value = value.strip(" \t")
+                    if not (value.isascii() and value.isdigit()) or len(value) > LENGTH_DIGITS:
+                        return None
+                    length = int(value)
+            elif name in self.special:
+                return None
+            headers.append((name, value.strip(" \t")))
+        if end + 4 < len(buf):
+            unreader.unread(buf[end + 4:])
+        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers,
+                           Body(LengthReader(unreader, length)), number, "http")
+
+
+def fast_environ(req, sock, client, server, cfg, base):
+    """The environ gunicorn.http.wsgi.create builds for a FastRequest
+    (a TCP listener, no SCRIPT_NAME, no proxy protocol, no Expect)."""
+    environ = base.copy()
+    environ["wsgi.input"] = req.body
+    environ["gunicorn.socket"] = sock
+    environ["REQUEST_METHOD"] = req.method
+    environ["QUERY_STRING"] = req.query
+    environ["RAW_URI"] = req.uri
+    environ["SERVER_PROTOCOL"] = "HTTP/1.%d" % req.version[1]
+    repeated = None
+    for name, value in req.headers:
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+            continue
+        key = "HTTP_" + name.replace("-", "_")
+        if key in environ:
+            repeated = repeated or {}
+            repeated.setdefault(key, [environ[key]]).append(value)
+        else:
+            environ[key] = value
+    if repeated:
+        for key, values in repeated.items():
+            environ[key] = ",".join(values)
+    environ["wsgi.url_scheme"] = req.scheme
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = client[0], str(client[1])
+    environ["SERVER_NAME"], environ["SERVER_PORT"] = server[0], str(server[1])
+    environ["PATH_INFO"] = util.unquote_to_wsgi_str(req.path) if "%" in req.path else req.path
+    environ["SCRIPT_NAME"] = ""
+    return environ
+
+
+def create_for(worker, create):
+    """gunicorn.http.wsgi.create, building a FastRequest's environ itself."""
+    def create_request(req, sock, client, server, cfg, response_class=None, response_args=()):
+        if type(req) is not FastRequest or not isinstance(server, tuple) or not isinstance(client, tuple):
+            return create(req, sock, client, server, cfg, response_class, response_args)
+        resp = gunicorn_wsgi.Response(req, sock, cfg)
+        environ = fast_environ(req, sock, client, server, cfg, worker.base_environ)
+        environ["wsgi.early_hints"] = gunicorn_wsgi._make_early_hints_callback(req, sock, resp)
+        return resp, environ
+    create_request.gunicorn_create = create
+    return create_request
+
+
+def fast_reading(cfg):
+    """Whether this configuration leaves every connection plain HTTP/1.x,
+    as the subset needs (no TLS, no proxy protocol, no cleartext HTTP/2, no
+    SCRIPT_NAME from the environment, keep-alive on)."""
+    from gunicorn.http2 import negotiation
+    return (not cfg.is_ssl and cfg.keepalive and cfg.proxy_protocol == "off"
+            and getattr(cfg, "protocol", "http") == "http" and not negotiation._h2c_available(cfg)
+            and not os.environ.get("SCRIPT_NAME"))
+
+
+class MkvWorker(GeventWorker):
+    """gunicorn's gevent worker, its heads read by HeadReader."""
+
+    def init_process(self):
+        self.fast = fast_reading(self.cfg)
+        if self.fast:
+            self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
+            self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
+            if getattr(gunicorn_wsgi.create, "gunicorn_create", None) is None:
+                gunicorn_wsgi.create = create_for(self, gunicorn_wsgi.create)
+        super().init_process()
+
+    def handle(self, listener, client, addr):
+        if not self.fast or not isinstance(addr, tuple):
+            return super().handle(listener, client, addr)
+        client.setblocking(1)
+        self.serve(listener, client, addr)
+
+    def serve(self, listener, client, addr):
+        """gunicorn's AsyncWorker.handle for plain HTTP/1.x, its requests read
+        by HeadReader: the same keep-alive loop, errors and logs."""
+        import errno
+        from gunicorn.http import errors
+        req = None
+        try:
+            unreader = SocketUnreader(client)
+            listener_name = listener.getsockname()
+            number = 0
+            try:
+                while True:
+                    prev, req = req, None
+                    number += 1
+                    with self.timeout_ctx():    # gunicorn's keep-alive timeout: ends quietly
+                        if prev is None or finished(prev):
+                            req = self.heads.read_request(unreader, addr, number)
+                    if not req:
+                        break
+                    self.handle_request(listener_name, req, client, addr)
+            except errors.NoMoreData as e:
+                self.log.debug("Ignored premature client disconnection. %s", e)
+            except StopIteration as e:
+                self.log.debug("Closing connection. %s", e)
+            except OSError:
+                raise
+            except Exception as e:
+                self.handle_error(req, client, addr, e)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+            else:
+                self.log.debug("Ignoring %s", errno.errorcode.get(e.errno, e.errno))
+        except BaseException as e:
+            self.handle_error(req, client, addr, e)
+        finally:
+            util.close(client)
+
+
+def finished(req):
+    """What gunicorn's parser does before reading the next request: False
+    if the connection must close (the request said so, or its body failed to
+    read), else True once the rest of the body is read."""
+    if req.should_close() or getattr(req.body, "failed", False) is True:
+        return False
+    while req.body.read(8192):
+        pass
+    return True
