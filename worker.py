@@ -25,6 +25,9 @@ them (tests/test_worker.py compares the two environs).
 """
 import os
 import re
+import time
+
+import gevent
 
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.body import Body, LengthReader
@@ -193,6 +196,22 @@ def create_for(worker, create):
     return create_request
 
 
+def http_date_per_second(http_date):
+    """gunicorn.util.http_date, made once a second: every answer's Date
+    header (gunicorn's Response formats it anew for each)."""
+    made = [None, None]
+
+    def date(timestamp=None):
+        if timestamp is not None:
+            return http_date(timestamp)
+        now = int(time.time())
+        if made[0] != now:
+            made[:] = now, http_date(now)
+        return made[1]
+    date.gunicorn_http_date = http_date
+    return date
+
+
 def fast_reading(cfg):
     """Whether this configuration leaves every connection plain HTTP/1.x,
     as the subset needs (no TLS, no proxy protocol, no cleartext HTTP/2, no
@@ -213,6 +232,8 @@ class MkvWorker(GeventWorker):
             self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
             if getattr(gunicorn_wsgi.create, "gunicorn_create", None) is None:
                 gunicorn_wsgi.create = create_for(self, gunicorn_wsgi.create)
+            if getattr(util.http_date, "gunicorn_http_date", None) is None:
+                util.http_date = http_date_per_second(util.http_date)
         super().init_process()
 
     def handle(self, listener, client, addr):
@@ -226,18 +247,17 @@ class MkvWorker(GeventWorker):
         by HeadReader: the same keep-alive loop, errors and logs."""
         import errno
         from gunicorn.http import errors
-        req = None
+        req, keepalive = None, None
         try:
             unreader = SocketUnreader(client)
             listener_name = listener.getsockname()
             number = 0
+            keepalive = self.timeout_ctx()   # gunicorn's keep-alive timeout, one timer per connection
             try:
                 while True:
                     prev, req = req, None
                     number += 1
-                    with self.timeout_ctx():    # gunicorn's keep-alive timeout: ends quietly
-                        if prev is None or finished(prev):
-                            req = self.heads.read_request(unreader, addr, number)
+                    req = self.next_request(keepalive, prev, unreader, addr, number)
                     if not req:
                         break
                     self.handle_request(listener_name, req, client, addr)
@@ -258,6 +278,24 @@ class MkvWorker(GeventWorker):
             self.handle_error(req, client, addr, e)
         finally:
             util.close(client)
+            if keepalive is not None:
+                keepalive.close()
+
+    def next_request(self, keepalive, prev, unreader, addr, number):
+        """The next request, read within gunicorn's keep-alive timeout (None
+        when it runs out, as `with self.timeout_ctx()` ends quietly), the
+        previous one's body read first; None if the connection must close."""
+        keepalive.start()
+        try:
+            if prev is None or finished(prev):
+                return self.heads.read_request(unreader, addr, number)
+            return None
+        except gevent.Timeout as t:
+            if t is not keepalive:
+                raise
+            return None
+        finally:
+            keepalive.cancel()
 
 
 def finished(req):
