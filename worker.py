@@ -25,13 +25,16 @@ them (tests/test_worker.py compares the two environs).
 """
 import os
 import re
+import socket
 import time
+from datetime import datetime
 
 import gevent
 
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.http.message import TOKEN_RE, Request
+from gunicorn.http.wsgi import HEADER_VALUE_RE
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
@@ -183,17 +186,32 @@ def fast_environ(req, sock, client, server, cfg, base):
     return environ
 
 
-def create_for(worker, create):
-    """gunicorn.http.wsgi.create, building a FastRequest's environ itself."""
-    def create_request(req, sock, client, server, cfg, response_class=None, response_args=()):
-        if type(req) is not FastRequest or not isinstance(server, tuple) or not isinstance(client, tuple):
-            return create(req, sock, client, server, cfg, response_class, response_args)
-        resp = gunicorn_wsgi.Response(req, sock, cfg)
-        environ = fast_environ(req, sock, client, server, cfg, worker.base_environ)
-        environ["wsgi.early_hints"] = gunicorn_wsgi._make_early_hints_callback(req, sock, resp)
-        return resp, environ
-    create_request.gunicorn_create = create
-    return create_request
+class PlainResponse(gunicorn_wsgi.Response):
+    """gunicorn's Response, which checks every header of every answer by
+    regular expressions: a header name it has seen pass is known here, and
+    only its value is checked. Anything else goes through gunicorn's own
+    process_headers, which also refuses what it refuses."""
+
+    known = {}           # header name -> its lower case: a token, not hop-by-hop
+    KNOWN_MAX = 256      # names an app could make up, kept at most
+
+    def process_headers(self, headers):
+        known = self.known
+        for name, value in headers:
+            if name not in known or type(value) is not str or not HEADER_VALUE_RE.fullmatch(value):
+                self.learn(headers)
+                return super().process_headers(headers)
+        for name, value in headers:
+            value = value.strip(" \t")
+            if known[name] == "content-length":
+                self.response_length = int(value)
+            self.headers.append((name, value))
+
+    def learn(self, headers):
+        for name, _ in headers:
+            if (type(name) is str and name not in self.known and len(self.known) < self.KNOWN_MAX
+                    and TOKEN_RE.fullmatch(name) and not util.is_hoppish(name)):
+                self.known[name] = name.lower()
 
 
 def http_date_per_second(http_date):
@@ -230,14 +248,77 @@ class MkvWorker(GeventWorker):
         if self.fast:
             self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
             self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
-            if getattr(gunicorn_wsgi.create, "gunicorn_create", None) is None:
-                gunicorn_wsgi.create = create_for(self, gunicorn_wsgi.create)
+            # the hooks, read once (each setting read is a Python call in gunicorn's Config)
+            self.pre_request_hook, self.post_request_hook = self.cfg.pre_request, self.cfg.post_request
             if getattr(util.http_date, "gunicorn_http_date", None) is None:
                 util.http_date = http_date_per_second(util.http_date)
         super().init_process()
 
+    def handle_request(self, listener_name, req, sock, addr):
+        """gunicorn's own for its Request; serve_plain for a FastRequest."""
+        if type(req) is not FastRequest:
+            return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return self.serve_plain(listener_name, req, sock, addr)
+        except (gevent.GreenletExit, SystemExit):    # as GeventWorker.handle_request
+            pass
+
+    def serve_plain(self, listener_name, req, sock, addr):
+        """gunicorn's AsyncWorker.handle_request, step for step, for a
+        FastRequest: its environ made by fast_environ, its answer by
+        PlainResponse; the request's time taken only for an access log."""
+        logged = self.log.access_log_enabled if hasattr(self.log, "access_log_enabled") else True
+        request_start = datetime.now() if logged else None
+        environ, resp = {}, None
+        try:
+            self.pre_request_hook(self, req)
+            resp = PlainResponse(req, sock, self.cfg)
+            environ = fast_environ(req, sock, addr, listener_name, self.cfg, self.base_environ)
+            environ["wsgi.early_hints"] = gunicorn_wsgi._make_early_hints_callback(req, sock, resp)
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            if self.is_already_handled(respiter):
+                return False
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                if logged:
+                    self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            if resp.should_close():
+                raise StopIteration()
+        except (StopIteration, OSError):
+            raise
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                self.log.exception("Error handling request")   # a second answer would corrupt the first
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+                raise StopIteration()
+            raise
+        finally:
+            try:
+                self.post_request_hook(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return True
+
     def handle(self, listener, client, addr):
-        if not self.fast or not isinstance(addr, tuple):
+        if not self.fast or not isinstance(addr, tuple) or not isinstance(listener.getsockname(), tuple):
             return super().handle(listener, client, addr)
         client.setblocking(1)
         self.serve(listener, client, addr)
