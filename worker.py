@@ -59,10 +59,10 @@ class FastRequest:
     fragment = ""
     trailers = ()
 
-    def __init__(self, method, uri, version, headers, body, number, scheme):
+    def __init__(self, method, uri, version, headers, length, body, number, scheme):
         self.method, self.uri, self.version, self.headers = method, uri, version, headers
         self.path, _, self.query = uri.partition("?")
-        self.body, self.req_number, self.scheme = body, number, scheme
+        self.length, self.body, self.req_number, self.scheme = length, body, number, scheme
         self.must_close = False
 
     def force_close(self):
@@ -147,7 +147,7 @@ class HeadReader:
             headers.append((name, value.strip(" \t")))
         if end + 4 < len(buf):
             unreader.unread(buf[end + 4:])
-        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers,
+        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length,
                            Body(LengthReader(unreader, length)), number, "http")
 
 
@@ -206,6 +206,10 @@ class PlainResponse(gunicorn_wsgi.Response):
             if known[name] == "content-length":
                 self.response_length = int(value)
             self.headers.append((name, value))
+
+    def is_chunked(self):
+        """gunicorn's, but for uwsgi, which a FastRequest never comes from (fast_reading)."""
+        return self.response_length is None and self.req.version > (1, 0) and not self._omits_body
 
     def learn(self, headers):
         for name, _ in headers:
@@ -385,6 +389,8 @@ def finished(req):
     read), else True once the rest of the body is read."""
     if req.should_close() or getattr(req.body, "failed", False) is True:
         return False
+    if type(req) is FastRequest and not req.length:
+        return True     # no body
     while req.body.read(8192):
         pass
     return True
