@@ -52,8 +52,10 @@ def write_error_line(sock, status_int, reason, mesg):
     its place: the same status line and Connection: close, and gunicorn's
     message as one line of text/plain, like every other error of mkv. The
     workers look write_error up in gunicorn.util at each call and fork from
-    the arbiter, which reads this file first, so it holds with `-k gevent` on
-    the command line too (not under gevent_pywsgi, which parses HTTP itself).
+    the arbiter, which reads this file first, so it holds under worker.py's
+    MkvWorker (whose requests outside its plain subset gunicorn parses) and
+    with `-k gevent` on the command line (not under gevent_pywsgi, which
+    parses HTTP itself).
     """
     line = (mesg or reason).encode("unicode_escape").decode("ascii")   # one line, ASCII
     if len(line) > ERROR_LINE_MAX:

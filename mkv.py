@@ -1,7 +1,7 @@
 """mkv master: a Falcon WSGI app that indexes keys and redirects reads to volumes.
 
     MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003 MKV_DB=/tmp/mkv/index.sqlite3 \\
-        gunicorn -k gevent -w 4 -b :3000 mkv:app
+        gunicorn -w 4 -b :3000 mkv:app     (gunicorn.conf.py: worker.py's gevent worker)
 
 Settings are read once, here at the edge (see mkvlib.settings); the storage
 logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
