@@ -2,6 +2,7 @@
 parser does (the environ the app sees, the body, whether the connection goes
 on, or gunicorn's very error), and the master's promises hold under it and
 under `-k gevent` alike."""
+import re
 import select
 import socket
 import subprocess
@@ -11,7 +12,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import ROOT, TIMEOUT, Cluster
+from conftest import ROOT, TIMEOUT, Cluster, wait_until
 
 from gunicorn.config import Config
 from gunicorn.http import wsgi as gunicorn_wsgi
@@ -149,8 +150,12 @@ def test_the_master_runs_mkvs_worker_unless_k_says_otherwise():
 
 @pytest.fixture(scope="module", params=["worker.MkvWorker", "gevent"])
 def master(request, tmp_path_factory):
-    c = Cluster(str(tmp_path_factory.mktemp("worker")), n_volumes=3, worker_class=request.param,
-                client_connections=3)
+    folder = tmp_path_factory.mktemp("worker")
+    access_log = folder / "access.log"
+    with pytest.MonkeyPatch.context() as mp:    # gunicorn's own way to take flags from the environment
+        mp.setenv("GUNICORN_CMD_ARGS", f"--access-logfile {access_log}")
+        c = Cluster(str(folder), n_volumes=3, worker_class=request.param, client_connections=3)
+    c.access_log = access_log
     yield c
     c.kill()
 
@@ -219,3 +224,16 @@ def test_a_client_over_its_connection_budget_loses_its_oldest_idle_connection(ma
     finally:
         for s in held:
             s.close()
+
+
+def test_each_request_gets_gunicorns_access_log_line(master):
+    data = (b"GET /logged-missing HTTP/1.1\r\nHost: x\r\nUser-Agent: agent/1\r\nReferer: /from\r\n\r\n"
+            b"GET /logged-odd#frag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert len(exchange(master.master.port, data, 2)) == 2
+
+    def lines():
+        return [line for line in master.access_log.read_text().splitlines() if "/logged-" in line]
+    wait_until(lambda: len(lines()) == 2, TIMEOUT, "two access log lines")
+    plain, odd = lines()   # gunicorn's default format; the second request is gunicorn's to parse
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[.+\] "GET /logged-missing HTTP/1\.1" 404 0 "/from" "agent/1"', plain), plain
+    assert re.fullmatch(r'127\.0\.0\.1 - - \[.+\] "GET /logged-odd#frag HTTP/1\.1" 404 0 "-" "-"', odd), odd
