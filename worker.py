@@ -23,6 +23,7 @@ it exactly as under `-k gevent` (gunicorn.conf.py's one-line errors included).
 So the subset only ever holds requests gunicorn accepts, read as it reads
 them (tests/test_worker.py compares the two environs).
 """
+import logging
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ from datetime import datetime
 
 import gevent
 
+from gunicorn import config as gunicorn_config
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.http.message import TOKEN_RE, Request
@@ -234,6 +236,20 @@ def http_date_per_second(http_date):
     return date
 
 
+def request_hooks(cfg, log):
+    """gunicorn's pre_request and post_request hooks, read once (each setting
+    read is a Python call in gunicorn's Config); None for gunicorn's defaults
+    where they would do nothing: a debug line below the log's level, a pass."""
+    pre, post = cfg.pre_request, cfg.post_request
+    error_log = getattr(log, "error_log", None)
+    if pre is gunicorn_config.PreRequest.default and error_log is not None \
+            and not error_log.isEnabledFor(logging.DEBUG):
+        pre = None
+    if post is gunicorn_config.PostRequest.default:
+        post = None
+    return pre, post
+
+
 def fast_reading(cfg):
     """Whether this configuration leaves every connection plain HTTP/1.x,
     as the subset needs (no TLS, no proxy protocol, no cleartext HTTP/2, no
@@ -252,8 +268,7 @@ class MkvWorker(GeventWorker):
         if self.fast:
             self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
             self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
-            # the hooks, read once (each setting read is a Python call in gunicorn's Config)
-            self.pre_request_hook, self.post_request_hook = self.cfg.pre_request, self.cfg.post_request
+            self.pre_request_hook, self.post_request_hook = request_hooks(self.cfg, self.log)
             if getattr(util.http_date, "gunicorn_http_date", None) is None:
                 util.http_date = http_date_per_second(util.http_date)
         super().init_process()
@@ -275,7 +290,8 @@ class MkvWorker(GeventWorker):
         request_start = datetime.now() if logged else None
         environ, resp = {}, None
         try:
-            self.pre_request_hook(self, req)
+            if self.pre_request_hook is not None:
+                self.pre_request_hook(self, req)
             resp = PlainResponse(req, sock, self.cfg)
             environ = fast_environ(req, sock, addr, listener_name, self.cfg, self.base_environ)
             environ["wsgi.early_hints"] = gunicorn_wsgi._make_early_hints_callback(req, sock, resp)
@@ -316,7 +332,8 @@ class MkvWorker(GeventWorker):
             raise
         finally:
             try:
-                self.post_request_hook(self, req, environ, resp)
+                if self.post_request_hook is not None:
+                    self.post_request_hook(self, req, environ, resp)
             except Exception:
                 self.log.exception("Exception in post_request hook")
         return True

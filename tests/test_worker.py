@@ -237,3 +237,16 @@ def test_each_request_gets_gunicorns_access_log_line(master):
     plain, odd = lines()   # gunicorn's default format; the second request is gunicorn's to parse
     assert re.fullmatch(r'127\.0\.0\.1 - - \[.+\] "GET /logged-missing HTTP/1\.1" 404 0 "/from" "agent/1"', plain), plain
     assert re.fullmatch(r'127\.0\.0\.1 - - \[.+\] "GET /logged-odd#frag HTTP/1\.1" 404 0 "-" "-"', odd), odd
+
+
+def test_request_hooks_of_ones_own_are_kept_and_gunicorns_do_nothing_defaults_skipped():
+    from gunicorn.glogging import Logger
+    cfg = gunicorn_config()
+    assert worker.request_hooks(cfg, Logger(cfg)) == (None, None)
+    cfg.set("loglevel", "debug")      # the default pre_request logs each request at debug level
+    assert worker.request_hooks(cfg, Logger(cfg))[0] is not None
+
+    def mine(w, req, environ, resp):
+        pass
+    cfg.set("post_request", mine)
+    assert worker.request_hooks(cfg, Logger(cfg))[1] is not None
