@@ -3,11 +3,13 @@ request heads in front of gunicorn's own parser.
 
     gunicorn -w 4 -b :3000 mkv:app          (gunicorn.conf.py: worker_class = "worker.MkvWorker")
 
-Everything but the reading of a request's head is gunicorn's gevent worker,
-unchanged: its accept loop, heartbeat and worker timeout, graceful stop,
-keep-alive timeout, request handling (hooks, access log, max_requests), its
-Response (status line, Server, Date, Connection, chunking) and body readers,
-and connections.py's budget and send timeout on top, as under `-k gevent`.
+Everything but the reading of a plain request is gunicorn's gevent worker:
+its accept loop, heartbeat and worker timeout, graceful stop, keep-alive
+timeout, body readers, request handling (serve_plain is its handle_request
+step for step: hooks, access log, max_requests) and Response (status line,
+Server, Date, Connection, chunking; PlainResponse only skips the checks of a
+header name already seen to pass them), with connections.py's budget and
+send timeout on top, as under `-k gevent`.
 
 The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
 path with a few ordinary headers. read_request() reads those itself, with a
