@@ -42,6 +42,7 @@ from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import check_named_once, disk_of, key2path, new_tmp, volume_host
+from mkvlib.upload import put
 from mkvlib.volumes import CHUNK
 from cleanup import Deleters, sweep
 import tools
@@ -337,8 +338,7 @@ class Rebalance:
             ok, tmp = False, new_tmp()
             self.index.note(rec.key, targets, tmp)   # switch_volumes drops these notes
             try:
-                md5, size = self.volumes.put(targets, path, r.stream(CHUNK), r.length,
-                                             tmp=tmp, fence=fence)
+                md5, size = put(self.volumes, targets, path, r.stream(CHUNK), r.length, tmp=tmp, fence=fence)
                 ok = True
             except KeyBusy:
                 raise

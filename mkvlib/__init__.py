@@ -13,7 +13,8 @@ Layers, each importing only those above it:
     index       the keys table and the per-key protocol (claim, finish, note, lock)
     http        the HTTP/1.1 client to nginx: pool, fan-out, uploads, pipelines
     health      what this process knows of each volume: may I read, may I write
-    volumes     what a volume's answers mean: has, open, put (fenced), delete, listings
+    volumes     what a volume's answers mean: has, open, MOVE, delete, listings
+    upload      the fenced put: every replica uploaded, then MOVEd onto the key's path
     prober      watches the volumes for health, once a second
     store       what the master does with a key: locate, put, delete, unlink
 """

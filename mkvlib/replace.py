@@ -30,7 +30,7 @@ from mkvlib.errors import KeyBusy, MoveUnknown, VolumeDown, VolumeError
 from mkvlib.index import LIVE
 from mkvlib.lease import Lease, lock_clock, new_owner
 from mkvlib.placement import key2path, new_tmp, upload_name, volume_host
-from mkvlib.volumes import Upload
+from mkvlib.upload import Upload
 
 
 class Replace:

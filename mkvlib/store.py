@@ -11,7 +11,9 @@ from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import check_storable, disk_of, fallback_path, key2path, new_tmp, volume_host
 from mkvlib.prober import Prober
 from mkvlib.settings import Settings
-from mkvlib.volumes import LANDED, Volumes
+from mkvlib import upload
+from mkvlib.upload import LANDED
+from mkvlib.volumes import Volumes
 
 
 class Store:
@@ -91,9 +93,9 @@ class Store:
                 for v in volumes:
                     if not self.health.may_write(volume_host(v)):
                         raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
-                md5, size = self.volumes.put(volumes, path, lease.guard(_chain(first, chunks)), length,
-                                             tmp=tmp, fence=lambda md5, size: self._fence_put(key, owner, lease,
-                                                                                              md5, size, check))
+                md5, size = upload.put(self.volumes, volumes, path, lease.guard(_chain(first, chunks)), length,
+                                       tmp=tmp, fence=lambda md5, size: self._fence_put(key, owner, lease,
+                                                                                        md5, size, check))
             except BaseException as e:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise

@@ -1,5 +1,5 @@
-"""What a volume's answers mean: has, open, identity, listings, delete, and
-the fenced put (upload every replica, then MOVE each onto its path). Calls
+"""What a volume's answers mean: has, open, identity, listings, delete,
+MOVE an upload onto its path (mkvlib.upload streams the uploads). Calls
 go over mkvlib.http; every failure feeds mkvlib.health, and is raised as a
 VolumeError with a one-line reason."""
 import base64
@@ -10,23 +10,19 @@ import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
 from mkvlib.health import DOWN_RETRY, Health
-from mkvlib.http import NoAnswer, Pool, Refused, Unreachable, nginx_reason, reason
+from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason
 from mkvlib.http import target as http_target
-from mkvlib.placement import ID_PATH, new_tmp, upload_name, volume_host
+from mkvlib.placement import ID_PATH, upload_name, volume_host
 from mkvlib.settings import SECRET_HEADER
 
 CHUNK = 1 << 20            # bytes read from a client and sent to volumes at once
 TRANSFER_TIMEOUT = 30.0    # seconds a volume may stall sending a listing or a file (to rebuild, rebalance)
 OP_TIMEOUT = 5.0           # seconds a volume may take to answer a MOVE or DELETE (a rename, an unlink)
 MOVE_TRIES = 3             # MOVEs onto a path where a foreign file keeps appearing
-OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 CLOCK_SKEW = 1.0           # seconds a volume's clock may be behind ours (they must agree, NTP)
 WRITES = ("MOVE", "DELETE")  # requests that carry a deadline (volume/nginx.conf refuses them late)
 WRITE_TIMEOUT_MAX = 10.0   # seconds: the longest a MOVE or DELETE is waited for (its deadline's distance)
 LATE_MAX = WRITE_TIMEOUT_MAX + 2 + CLOCK_SKEW   # seconds after its send a MOVE or DELETE may still run
-# what a failed put() may have left at a volume's path: our bytes, maybe our
-# bytes, or nothing (a file found there was deleted, then the MOVE failed)
-LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
 
 
 @functools.lru_cache(maxsize=64)
@@ -110,7 +106,7 @@ class Volumes:
         self.op_timeout = max(timeout, OP_TIMEOUT)
         self.unsettled_until = 0.0   # unix time until which a write cut off unanswered may run (settle)
 
-    def _failed(self, host, cause, mark=True, what="is unreachable", kind=None):
+    def failed(self, host, cause, mark=True, what="is unreachable", kind=None):
         """The error to raise for a volume that failed (marked down unless `mark` is False)."""
         if mark:
             self.health.failed(host, reason(cause))
@@ -142,9 +138,9 @@ class Volumes:
         for (volume, _, _), result in zip(calls, got):
             host = volume_host(volume)
             if isinstance(result, Unreachable):
-                result = self._failed(host, result.cause, mark)
+                result = self.failed(host, result.cause, mark)
             elif isinstance(result, NoAnswer):
-                result = self._failed(host, result.cause, mark, f"did not answer {method}", kind)
+                result = self.failed(host, result.cause, mark, f"did not answer {method}", kind)
             else:
                 self.health.answered(host)
             out.append(result)
@@ -218,9 +214,9 @@ class Volumes:
         try:
             status, got = self.pool.open(host, there, TRANSFER_TIMEOUT, headers)
         except Unreachable as e:
-            raise self._failed(host, e.cause) from None
+            raise self.failed(host, e.cause) from None
         except NoAnswer as e:
-            raise self._failed(host, e.cause, what="did not answer GET") from None
+            raise self.failed(host, e.cause, what="did not answer GET") from None
         self.health.answered(host)
         if status in (200, 206):
             return Download(got)
@@ -258,7 +254,7 @@ class Volumes:
             errors = [r for r in got[host] if isinstance(r, Exception)]
             if len(errors) < len(asked):
                 self.health.answered(host)   # it answered (a failure after that marks it down again)
-            error = self._failed(host, errors[0].cause) if errors else None
+            error = self.failed(host, errors[0].cause) if errors else None
             for (i, _), result in zip(asked, got[host]):
                 results[i] = error if isinstance(result, Exception) else \
                     listing(host, folders[i][1], *result)
@@ -312,66 +308,9 @@ class Volumes:
         upload is never read; rebalance.py sweeps what is left)."""
         self.delete_many([(volume_host(v), names[v]) for v in names if not self.health.down(volume_host(v))])
 
-    # -- the fenced put
+    # -- MOVEs of uploads onto a path (mkvlib.upload.put, mkvlib.replace)
 
-    def put(self, volumes, path, chunks, length=None, tmp=None, fence=None):
-        """Write one value at `path` on every volume; returns (md5 hex, size).
-
-        1. Stream `chunks` to every volume, each into its own upload under
-           TMP_DIR (upload_name(tmp, volume)), chunk by chunk: each chunk goes
-           to every volume before the next one is read, so memory does not
-           grow with the value.
-        2. Once every upload is complete, fence(md5, size): it raises if the
-           writer may no longer land these bytes (its lock lost, the wrong md5).
-        3. MOVE every upload onto `path`, never over a file (Overwrite: F);
-           a file found there is deleted first (the caller holds the lock).
-
-        Only the MOVE touches `path`, so an upload that a frozen volume
-        finishes late stays an upload. On failure the error carries
-        `.outcomes`: {volume: LANDED, UNKNOWN or CLEARED} for the volumes
-        whose path may now hold these bytes, or lost what it held; the
-        others' paths were not touched."""
-        tmp = tmp or new_tmp()
-        names = {v: upload_name(tmp, v) for v in volumes}
-        again = None
-        try:
-            md5, size = Upload(self, volumes, names, length).run(chunks)
-            deadline = write_deadline(self.op_timeout)
-            if fence is not None:
-                again = lambda: fence(md5, size)   # noqa: E731 (before each later write on the path)
-                try:
-                    again()
-                except Exception:
-                    self.delete_uploads(names)   # complete, never to be moved: they only take space
-                    raise
-        except BaseException as e:
-            e.outcomes = {}
-            raise
-        try:
-            results = self._moves(volumes, names, path, again, deadline)
-        except BaseException as e:
-            # cut off among the MOVEs (the lock lost, the worker killed): any may have landed
-            e.outcomes = {v: UNKNOWN for v in volumes}
-            raise
-        outcomes, errors = {}, {}
-        for volume, error in zip(volumes, results):
-            if error is None:
-                outcomes[volume] = LANDED
-            elif isinstance(error, MoveUnknown):
-                outcomes[volume], errors[volume] = UNKNOWN, error
-            else:
-                errors[volume] = error
-                if getattr(error, "cleared", False):
-                    outcomes[volume] = CLEARED
-        if errors:
-            # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
-            self.delete_uploads({v: names[v] for v in errors if v not in outcomes})
-            error = next(errors[v] for v in volumes if v in errors)
-            error.outcomes = outcomes
-            raise error
-        return md5, size
-
-    def _moves(self, volumes, names, path, fence=None, deadline=None):
+    def moves(self, volumes, names, path, fence=None, deadline=None):
         """MOVE each volume's upload onto `path` at once, as move() does: None
         for each that landed, else the VolumeError (MoveUnknown: it may have landed)."""
         calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
@@ -443,124 +382,6 @@ class Volumes:
                                   kind=MoveUnknown, deadline=deadline)
         if status not in (201, 204):
             raise refused(volume, "MOVE", status, body)
-
-
-class Upload:
-    """Step 1 of Volumes.put: one value streamed into an upload on every
-    volume, all complete, or an error (and the uploads that did complete
-    deleted, where the volume answers).
-
-    One loop sends each chunk to every volume in turn: the kernel's socket
-    buffers keep every volume busy meanwhile, and a PUT costs no thread or
-    queue per replica. A volume that takes no byte for op_timeout seconds
-    fails the write."""
-
-    def __init__(self, volumes, replicas, names, length):
-        self.volumes, self.replicas, self.names, self.length = volumes, replicas, names, length
-        self.hosts = {v: volume_host(v) for v in replicas}
-        framing = (b"Content-Length: %d\r\n" % length if length is not None
-                   else b"Transfer-Encoding: chunked\r\n")
-        self.heads = {v: b"PUT %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
-            http_target(names[v]), self.hosts[v].encode(), framing, volumes.write_headers) for v in replicas}
-        self.conns = {}
-        self.sent = set()         # volumes that got the whole body
-
-    def run(self, chunks):
-        """(md5 hex, size) once every upload is complete."""
-        try:
-            for v in self.replicas:
-                try:
-                    self.conns[v] = self.volumes.pool.take(self.hosts[v])
-                except Unreachable as e:
-                    raise self.volumes._failed(self.hosts[v], e.cause) from None
-                self.conns[v].sock.settimeout(self.volumes.op_timeout)
-            md5, size = self._send_all(chunks)
-        except BaseException:
-            self._break_off()
-            raise
-        self._answers()
-        return md5, size
-
-    def _send(self, v, data):
-        """Bytes of the upload to volume v (its request head first)."""
-        host = self.hosts[v]
-        try:
-            self.conns[v].send(host, self.heads.pop(v, b"") + data)
-        except NoAnswer as e:
-            raise self.volumes._failed(host, e.cause, what="failed during upload") from None
-        except Refused as e:
-            raise VolumeError(f"volume {host} answered PUT with {e.status}: {nginx_reason(e.body)}") from None
-
-    def _send_all(self, chunks):
-        md5, size, length = hashlib.md5(), 0, self.length
-        offload = self.volumes.offload
-        hashing = None                # waits for the md5 of the chunk before
-        for chunk in chunks:
-            if not chunk:
-                continue   # chunked, it would say the body ended
-            if hashing is not None:
-                hashing()
-                hashing = None
-            if offload is not None and len(chunk) >= OFFLOAD_MIN:
-                hashing = offload(md5.update, chunk)   # on another core while we send
-            else:
-                md5.update(chunk)
-            size += len(chunk)
-            data = chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
-            for v in self.replicas:
-                self._send(v, data)
-                if size == length:
-                    self.sent.add(v)   # its upload is complete: it may land even if we break off now
-        if hashing is not None:
-            hashing()
-        if length is not None and size != length:
-            raise VolumeError(f"the value was {size} bytes, not the {length} announced")
-        end = b"" if length is not None else b"0\r\n\r\n"   # a chunked body's last chunk
-        for v in self.replicas:
-            if v in self.heads or end:
-                self._send(v, end)
-            self.sent.add(v)
-        return md5.hexdigest(), size
-
-    def _break_off(self):
-        """Broken off (the client went away, a volume failed): a volume ends
-        an upload whose connection closes before its last byte. One that got
-        the last byte completes it: its answer is awaited (op_timeout), so
-        that the DELETE of the upload comes after it."""
-        for v, conn in self.conns.items():
-            if v in self.sent:
-                try:
-                    conn.sock.settimeout(self.volumes.op_timeout)
-                    status, low, _ = conn.head()
-                    conn.body(status, low)
-                except (OSError, ValueError):
-                    pass
-            conn.close()
-        self.volumes.delete_uploads({v: self.names[v] for v in self.sent})
-
-    def _answers(self):
-        """Every volume's answer to its upload; raises the first error in
-        placement order, once the uploads that did complete are deleted."""
-        errors, done = {}, []
-        for v in self.replicas:
-            host, conn = self.hosts[v], self.conns[v]
-            try:
-                status, low, keep = conn.head_after_body(self.volumes.op_timeout)
-                body = conn.body(status, low)
-            except (OSError, ValueError) as e:
-                conn.close()
-                errors[v] = self.volumes._failed(host, e, what="failed during upload")
-                continue
-            conn.used = True
-            self.volumes.pool.give(host, conn, keep)
-            self.volumes.health.answered(host)
-            if status in (201, 204):
-                done.append(v)
-            else:
-                errors[v] = VolumeError(f"volume {host} answered PUT with {status}: {nginx_reason(body)}")
-        if errors:
-            self.volumes.delete_uploads({v: self.names[v] for v in done})
-            raise next(errors[v] for v in self.replicas if v in errors)
 
 
 class Download:

@@ -21,6 +21,7 @@ from mkvlib.lease import LOCK_LEASE
 from mkvlib.placement import key2path, key2volume
 from mkvlib.settings import Settings
 from mkvlib.store import Store
+from mkvlib.upload import put
 from mkvlib.volumes import Volumes
 from conftest import ROOT, TIMEOUT, Http, plant_file, wait_until
 from holding_proxy import HoldingProxy
@@ -144,7 +145,7 @@ def test_a_writer_that_lost_its_lock_while_its_moves_were_answered_deletes_nothi
             raise KeyBusy("lost the lock")
     volumes = Volumes(timeout=5)
     with pytest.raises(KeyBusy):
-        volumes.put([name], path, [b"older value"], fence=fence)
+        put(volumes, [name], path, [b"older value"], fence=fence)
     with open(os.path.join(c.folder_of(name), path.lstrip("/")), "rb") as f:
         assert f.read() == b"newer value"
 

@@ -26,6 +26,7 @@ from mkvlib.lease import lock_clock
 from mkvlib.placement import TMP_DIR, key2path, key2volume
 from mkvlib.settings import Settings
 from mkvlib.store import Store
+from mkvlib.upload import put
 from mkvlib.volumes import OP_TIMEOUT, Volumes
 from conftest import TIMEOUT, Http, wait_until
 from test_tools import run_tool, summary
@@ -252,7 +253,7 @@ def test_a_writer_whose_lease_ran_out_cannot_land_its_bytes_after_another_took_t
 
     def paused_writer():
         try:
-            client.put(volumes, path, slow_body(), tmp="paused",
+            put(client, volumes, path, slow_body(), tmp="paused",
                        fence=lambda md5, size: index.renew(key, "paused-writer", 0.5) or
                        (_ for _ in ()).throw(KeyBusy("lost the lock")))
             result["landed"] = True
@@ -263,7 +264,7 @@ def test_a_writer_whose_lease_ran_out_cannot_land_its_bytes_after_another_took_t
     assert stalled.wait(TIMEOUT)
     time.sleep(0.6)                                        # its lease runs out; another writer takes the key
     claim = index.start_put(key, volumes, "next-writer", tmp="next")
-    md5, size = client.put(volumes, path, [b"the new value"], tmp="next",
+    md5, size = put(client, volumes, path, [b"the new value"], tmp="next",
                            fence=lambda md5, size: index.renew(key, "next-writer"))
     assert index.finish_put(key, "next-writer", md5, size)
     assert claim.old.lock_owner == "paused-writer"
@@ -282,7 +283,7 @@ def test_a_move_onto_a_path_that_holds_a_file_replaces_it_only_by_the_lock_holde
     key, path = b"/moved", key2path(b"/moved")
     client = Volumes()
     c.plant(volume, key, b"a stray file")
-    client.put([volume], path, [b"the value"], tmp="holder")
+    put(client, [volume], path, [b"the value"], tmp="holder")
     with open(c.file_of(volume, key), "rb") as f:
         assert f.read() == b"the value"
 

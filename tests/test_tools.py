@@ -20,6 +20,7 @@ from mkvlib.index import DELETING, Index, Record, WRITING
 from mkvlib.lease import new_owner
 from mkvlib.placement import check_storable, key2path, key2volume, volume_host
 from mkvlib.settings import Settings
+from mkvlib.upload import put
 from mkvlib.volumes import Volumes
 import rebuild
 import tools
@@ -385,7 +386,7 @@ def test_rebalance_finishes_what_a_dead_put_and_a_failed_delete_left(private_clu
     for key, state in ((b"/dead-put", WRITING), (b"/failed-delete", DELETING)):
         placement = key2volume(key, names, 2, 1)
         index.start_put(key, placement, "gone", lease=0.01)       # a PUT that died mid-way
-        volumes.put(placement[:1], key2path(key), [b"half"], 4)   # one replica reached disk
+        put(volumes, placement[:1], key2path(key), [b"half"], 4)   # one replica reached disk
         if state == DELETING:
             index.abandon_put(key, "gone", leftovers=placement)
         left[key] = disk_path(c, placement[0], key.decode())

@@ -12,6 +12,7 @@ import pytest
 
 from mkvlib.errors import ClientGone, VolumeDown, VolumeError
 from mkvlib.http import SEND_SLICE
+from mkvlib.upload import put
 from mkvlib.volumes import CHUNK, TRANSFER_TIMEOUT, Volumes
 from conftest import start_volume
 
@@ -37,7 +38,7 @@ def test_a_value_of_known_length_lands_byte_exact_on_every_volume(two_volumes):
     servers, folders = two_volumes
     value = os.urandom(3 * CHUNK + 17)
     chunks = [value[i:i + CHUNK] for i in range(0, len(value), CHUNK)]
-    md5, size = Volumes().put(names(servers), "/aa/bb/known", chunks, len(value))
+    md5, size = put(Volumes(), names(servers), "/aa/bb/known", chunks, len(value))
     assert (md5, size) == (hashlib.md5(value).hexdigest(), len(value))
     assert [read(f, "/aa/bb/known") for f in folders] == [value, value]
 
@@ -45,14 +46,14 @@ def test_a_value_of_known_length_lands_byte_exact_on_every_volume(two_volumes):
 def test_a_value_of_unknown_length_is_sent_chunked_and_lands_byte_exact(two_volumes):
     servers, folders = two_volumes
     chunks = [b"x" * 5, b"", b"y" * CHUNK, b"z"]
-    Volumes().put(names(servers), "/aa/bb/chunked", chunks)
+    put(Volumes(), names(servers), "/aa/bb/chunked", chunks)
     assert [read(f, "/aa/bb/chunked") for f in folders] == [b"".join(chunks)] * 2
 
 
 def test_a_body_shorter_than_announced_lands_nothing(two_volumes):
     servers, folders = two_volumes
     with pytest.raises(VolumeError, match="not the 100 announced") as e:
-        Volumes().put(names(servers), "/aa/bb/short", [b"only ten b"], 100)
+        put(Volumes(), names(servers), "/aa/bb/short", [b"only ten b"], 100)
     assert e.value.outcomes == {}
     assert not any(os.path.exists(os.path.join(f, "aa/bb/short")) for f in folders)
     assert all(os.listdir(os.path.join(f, ".tmp")) == [] for f in folders)
@@ -65,7 +66,7 @@ def test_a_client_that_fails_mid_value_breaks_every_upload_off_and_lands_nothing
         yield b"a" * CHUNK
         raise ClientGone("the client went away")
     with pytest.raises(ClientGone):
-        Volumes().put(names(servers), "/aa/bb/gone", body(), 10 * CHUNK)
+        put(Volumes(), names(servers), "/aa/bb/gone", body(), 10 * CHUNK)
     time.sleep(0.5)   # nginx has seen the connections close
     assert not any(os.path.exists(os.path.join(f, "aa/bb/gone")) for f in folders)
     assert all(os.listdir(os.path.join(f, ".tmp")) == [] for f in folders)
@@ -74,11 +75,11 @@ def test_a_client_that_fails_mid_value_breaks_every_upload_off_and_lands_nothing
 def test_connections_a_restarted_volume_closed_while_idle_are_replaced_not_failed(two_volumes):
     servers, folders = two_volumes
     volumes = Volumes()
-    volumes.put(names(servers), "/aa/bb/before", [b"before"], 6)   # leaves kept-alive connections
+    put(volumes, names(servers), "/aa/bb/before", [b"before"], 6)   # leaves kept-alive connections
     for s in servers:
         s.restart()                                               # which nginx closed on its way out
     # an upload cannot be sent twice, so it must not start on a dead connection
-    volumes.put(names(servers), "/aa/bb/after", [b"after"], 5)
+    put(volumes, names(servers), "/aa/bb/after", [b"after"], 5)
     assert [read(f, "/aa/bb/after") for f in folders] == [b"after"] * 2
     assert volumes.has(names(servers)[0], "/aa/bb/after")
 
@@ -97,7 +98,7 @@ def test_an_upload_to_a_volume_that_freezes_mid_value_fails_within_the_op_timeou
     started = time.monotonic()
     try:
         with pytest.raises(VolumeDown, match=f"127.0.0.1:{servers[1].port} failed during upload"):
-            volumes.put(names(servers), "/aa/bb/frozen", body(), 256 * CHUNK)
+            put(volumes, names(servers), "/aa/bb/frozen", body(), 256 * CHUNK)
         took = time.monotonic() - started
     finally:
         servers[1].resume()
@@ -112,7 +113,7 @@ def test_a_volume_that_refuses_an_upload_is_named_with_its_status_and_not_marked
     try:
         volumes = Volumes()          # carries no secret
         with pytest.raises(VolumeError, match="answered PUT with 403") as e:
-            volumes.put([f"127.0.0.1:{guarded.port}"], "/aa/bb/refused", [b"r" * CHUNK] * 4,
+            put(volumes, [f"127.0.0.1:{guarded.port}"], "/aa/bb/refused", [b"r" * CHUNK] * 4,
                         4 * CHUNK)
         assert not isinstance(e.value, VolumeDown)
         assert not volumes.health.down(f"127.0.0.1:{guarded.port}")
@@ -126,7 +127,7 @@ def test_a_download_read_to_its_end_or_broken_off_leaves_the_next_call_a_clean_c
     volume = names(servers)[0]
     value = os.urandom(2 * CHUNK + 5)
     volumes = Volumes()
-    volumes.put([volume], "/aa/bb/file", [value], len(value))
+    put(volumes, [volume], "/aa/bb/file", [value], len(value))
 
     d = volumes.open(volume, "/aa/bb/file")
     assert d.length == len(value)
@@ -146,8 +147,8 @@ def test_a_move_never_replaces_a_file_a_delete_of_a_missing_file_is_fine(two_vol
     servers, folders = two_volumes
     volume = names(servers)[0]
     volumes = Volumes()
-    volumes.put([volume], "/aa/bb/moved", [b"first"], 5)
-    volumes.put([volume], "/aa/bb/moved", [b"second"], 6)   # the file found there is removed first
+    put(volumes, [volume], "/aa/bb/moved", [b"first"], 5)
+    put(volumes, [volume], "/aa/bb/moved", [b"second"], 6)   # the file found there is removed first
     assert read(folders[0], "/aa/bb/moved") == b"second"
     volumes.delete(volume, "/aa/bb/moved")
     volumes.delete(volume, "/aa/bb/moved")
@@ -182,7 +183,7 @@ def test_an_upload_complete_on_one_volume_when_another_resets_is_removed(two_vol
         time.sleep(0.3)        # the reset has come by the time the value is sent
         yield b"v" * 1000
     with pytest.raises(VolumeDown):
-        Volumes().put([names(servers)[0], broken], "/aa/bb/reset", body(), 1000)
+        put(Volumes(), [names(servers)[0], broken], "/aa/bb/reset", body(), 1000)
     time.sleep(0.5)
     assert os.listdir(os.path.join(folders[0], ".tmp")) == []
     assert not os.path.exists(os.path.join(folders[0], "aa/bb/reset"))
@@ -212,7 +213,7 @@ def test_a_slow_but_steady_volume_is_not_taken_for_down(tmp_path):
     volumes.op_timeout = 1.0                  # the same rule, sooner
     value = b"s" * (SEND_SLICE * 6)    # 1.5 MB
     with pytest.raises(VolumeError, match="MOVE"):   # a fake volume knows no MOVE
-        volumes.put([volume], "/aa/bb/slow", [value], len(value))
+        put(volumes, [volume], "/aa/bb/slow", [value], len(value))
     assert got == [len(value)]
 
 

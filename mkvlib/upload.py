@@ -1,0 +1,193 @@
+"""The fenced put: a value streamed into an upload on every replica (under
+TMP_DIR), then, once all are complete and the writer's fence holds, each
+MOVEd onto the key's path (Volumes.moves). Only the MOVE touches the path,
+so an upload a frozen volume finishes late stays an upload."""
+import hashlib
+
+from mkvlib.errors import MoveUnknown, VolumeError
+from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason
+from mkvlib.http import target as http_target
+from mkvlib.placement import new_tmp, upload_name, volume_host
+from mkvlib.volumes import write_deadline
+
+OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
+# what a failed put() may have left at a volume's path: our bytes, maybe our
+# bytes, or nothing (a file found there was deleted, then the MOVE failed)
+LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
+
+
+def put(volumes, targets, path, chunks, length=None, tmp=None, fence=None):
+    """Write one value at `path` on every volume of `targets` (over
+    `volumes`, a Volumes); returns (md5 hex, size).
+
+    1. Stream `chunks` to every volume, each into its own upload under
+       TMP_DIR (upload_name(tmp, volume)), chunk by chunk: each chunk goes
+       to every volume before the next one is read, so memory does not
+       grow with the value.
+    2. Once every upload is complete, fence(md5, size): it raises if the
+       writer may no longer land these bytes (its lock lost, the wrong md5).
+    3. MOVE every upload onto `path`, never over a file (Overwrite: F);
+       a file found there is deleted first (the caller holds the lock).
+
+    Only the MOVE touches `path`, so an upload that a frozen volume
+    finishes late stays an upload. On failure the error carries
+    `.outcomes`: {volume: LANDED, UNKNOWN or CLEARED} for the volumes
+    whose path may now hold these bytes, or lost what it held; the
+    others' paths were not touched."""
+    tmp = tmp or new_tmp()
+    names = {v: upload_name(tmp, v) for v in targets}
+    again = None
+    try:
+        md5, size = Upload(volumes, targets, names, length).run(chunks)
+        deadline = write_deadline(volumes.op_timeout)
+        if fence is not None:
+            again = lambda: fence(md5, size)   # noqa: E731 (before each later write on the path)
+            try:
+                again()
+            except Exception:
+                volumes.delete_uploads(names)   # complete, never to be moved: they only take space
+                raise
+    except BaseException as e:
+        e.outcomes = {}
+        raise
+    try:
+        results = volumes.moves(targets, names, path, again, deadline)
+    except BaseException as e:
+        # cut off among the MOVEs (the lock lost, the worker killed): any may have landed
+        e.outcomes = {v: UNKNOWN for v in targets}
+        raise
+    outcomes, errors = {}, {}
+    for volume, error in zip(targets, results):
+        if error is None:
+            outcomes[volume] = LANDED
+        elif isinstance(error, MoveUnknown):
+            outcomes[volume], errors[volume] = UNKNOWN, error
+        else:
+            errors[volume] = error
+            if getattr(error, "cleared", False):
+                outcomes[volume] = CLEARED
+    if errors:
+        # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
+        volumes.delete_uploads({v: names[v] for v in errors if v not in outcomes})
+        error = next(errors[v] for v in targets if v in errors)
+        error.outcomes = outcomes
+        raise error
+    return md5, size
+
+
+class Upload:
+    """Step 1 of put(): one value streamed into an upload on every
+    volume, all complete, or an error (and the uploads that did complete
+    deleted, where the volume answers).
+
+    One loop sends each chunk to every volume in turn: the kernel's socket
+    buffers keep every volume busy meanwhile, and a PUT costs no thread or
+    queue per replica. A volume that takes no byte for op_timeout seconds
+    fails the write."""
+
+    def __init__(self, volumes, replicas, names, length):
+        self.volumes, self.replicas, self.names, self.length = volumes, replicas, names, length
+        self.hosts = {v: volume_host(v) for v in replicas}
+        framing = (b"Content-Length: %d\r\n" % length if length is not None
+                   else b"Transfer-Encoding: chunked\r\n")
+        self.heads = {v: b"PUT %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            http_target(names[v]), self.hosts[v].encode(), framing, volumes.write_headers) for v in replicas}
+        self.conns = {}
+        self.sent = set()         # volumes that got the whole body
+
+    def run(self, chunks):
+        """(md5 hex, size) once every upload is complete."""
+        try:
+            for v in self.replicas:
+                try:
+                    self.conns[v] = self.volumes.pool.take(self.hosts[v])
+                except Unreachable as e:
+                    raise self.volumes.failed(self.hosts[v], e.cause) from None
+                self.conns[v].sock.settimeout(self.volumes.op_timeout)
+            md5, size = self._send_all(chunks)
+        except BaseException:
+            self._break_off()
+            raise
+        self._answers()
+        return md5, size
+
+    def _send(self, v, data):
+        """Bytes of the upload to volume v (its request head first)."""
+        host = self.hosts[v]
+        try:
+            self.conns[v].send(host, self.heads.pop(v, b"") + data)
+        except NoAnswer as e:
+            raise self.volumes.failed(host, e.cause, what="failed during upload") from None
+        except Refused as e:
+            raise VolumeError(f"volume {host} answered PUT with {e.status}: {nginx_reason(e.body)}") from None
+
+    def _send_all(self, chunks):
+        md5, size, length = hashlib.md5(), 0, self.length
+        offload = self.volumes.offload
+        hashing = None                # waits for the md5 of the chunk before
+        for chunk in chunks:
+            if not chunk:
+                continue   # chunked, it would say the body ended
+            if hashing is not None:
+                hashing()
+                hashing = None
+            if offload is not None and len(chunk) >= OFFLOAD_MIN:
+                hashing = offload(md5.update, chunk)   # on another core while we send
+            else:
+                md5.update(chunk)
+            size += len(chunk)
+            data = chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            for v in self.replicas:
+                self._send(v, data)
+                if size == length:
+                    self.sent.add(v)   # its upload is complete: it may land even if we break off now
+        if hashing is not None:
+            hashing()
+        if length is not None and size != length:
+            raise VolumeError(f"the value was {size} bytes, not the {length} announced")
+        end = b"" if length is not None else b"0\r\n\r\n"   # a chunked body's last chunk
+        for v in self.replicas:
+            if v in self.heads or end:
+                self._send(v, end)
+            self.sent.add(v)
+        return md5.hexdigest(), size
+
+    def _break_off(self):
+        """Broken off (the client went away, a volume failed): a volume ends
+        an upload whose connection closes before its last byte. One that got
+        the last byte completes it: its answer is awaited (op_timeout), so
+        that the DELETE of the upload comes after it."""
+        for v, conn in self.conns.items():
+            if v in self.sent:
+                try:
+                    conn.sock.settimeout(self.volumes.op_timeout)
+                    status, low, _ = conn.head()
+                    conn.body(status, low)
+                except (OSError, ValueError):
+                    pass
+            conn.close()
+        self.volumes.delete_uploads({v: self.names[v] for v in self.sent})
+
+    def _answers(self):
+        """Every volume's answer to its upload; raises the first error in
+        placement order, once the uploads that did complete are deleted."""
+        errors, done = {}, []
+        for v in self.replicas:
+            host, conn = self.hosts[v], self.conns[v]
+            try:
+                status, low, keep = conn.head_after_body(self.volumes.op_timeout)
+                body = conn.body(status, low)
+            except (OSError, ValueError) as e:
+                conn.close()
+                errors[v] = self.volumes.failed(host, e, what="failed during upload")
+                continue
+            conn.used = True
+            self.volumes.pool.give(host, conn, keep)
+            self.volumes.health.answered(host)
+            if status in (201, 204):
+                done.append(v)
+            else:
+                errors[v] = VolumeError(f"volume {host} answered PUT with {status}: {nginx_reason(body)}")
+        if errors:
+            self.volumes.delete_uploads({v: self.names[v] for v in done})
+            raise next(errors[v] for v in self.replicas if v in errors)
