@@ -342,7 +342,7 @@ def fast_read(master, app):
             try:
                 headers = master.found_headers(key)
             except MkvError as e:
-                if status_of(e) != falcon.HTTP_404:
+                if type(e) is not KeyMissing and status_of(e) != falcon.HTTP_404:   # the common 404 first
                     environ[DEFERRED_ERROR] = e
                     return app(environ, start_response)
                 start_response("404 Not Found", list(MISSING_HEADERS))
