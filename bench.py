@@ -3,8 +3,8 @@
     python bench.py [--quick] [--rounds N] [--only NAME,...] [--duration S] [--keep] [--peer DIR]
     python bench.py fill --db FILE --keys N [--volumes H:P,...] [--replicas N] [--subvolumes N]
 
-Starts 3 nginx volumes (`python volume DIR`), a master (`gunicorn -k gevent -w 2
-mkv:app`, MKV_REPLICAS=3) and whatever limit servers a workload needs, all on
+Starts 3 nginx volumes (`python volume DIR`), a master (`gunicorn -w 2 mkv:app`,
+gunicorn.conf.py's worker.MkvWorker, MKV_REPLICAS=3) and whatever limit servers a workload needs, all on
 free loopback ports in a temporary folder; runs each workload against the
 master and against its limit, alternating, best of --rounds; prints a markdown
 table (workload, mkv, limit, ratio, goal, met, Go, mkv/Go, notes) and a
@@ -22,7 +22,7 @@ Workloads (--only takes these names):
   scrape     GET of an existing key while /metrics is scraped every second; limit:
              the same GETs of the same master, not scraped (goal: at most 5% off)
   bare       GET of an existing key, against a bare WSGI function (benchkit/bare.py:
-             one SQLite lookup, a 302) under the same gunicorn -k gevent -w 2
+             one SQLite lookup, a 302) under the same gunicorn -w 2
   bare-missing  the same for a missing key (404)
   thrash     write/read/delete of 1 KB values, 16 at once (thrasher.py); limit:
              thrasher.py --direct, the same work straight to the volumes

@@ -53,7 +53,8 @@ echo "bringup.sh: volumes on :$((base + 1)) :$((base + 2)) :$((base + 3)), data 
 
 export MKV_VOLUMES=${MKV_VOLUMES:-localhost:$((base + 1)),localhost:$((base + 2)),localhost:$((base + 3))}
 export MKV_DB=${MKV_DB:-$home/index.sqlite3}
-.venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:$base" mkv:app &
+# the worker is gunicorn.conf.py's (worker.py: gunicorn's gevent worker, a leaner reader of requests)
+.venv/bin/gunicorn -w "${WORKERS:-4}" -b "127.0.0.1:$base" mkv:app &
 master=$!
 pids+=($master)
 echo "bringup.sh: master on :$base (index $MKV_DB); try: curl -L -X PUT -d bigswag localhost:$base/wehave" >&2
@@ -64,7 +65,7 @@ echo "bringup.sh: status page and /metrics on http://127.0.0.1:$MKV_ADMIN_PORT/"
 # its .id is the one its volume answers: MKV_VOLUMES may name others)
 for _ in $(seq 100); do port_open "$base" && break; sleep 0.1; done
 MKV_ADMIN_PORT= MKV_S3_VOLUME_DIRS=${MKV_S3_VOLUME_DIRS-$home/volume1,$home/volume2,$home/volume3} \
-  .venv/bin/gunicorn -k gevent -w "${WORKERS:-4}" -b "127.0.0.1:$s3_port" s3:app &
+  .venv/bin/gunicorn -w "${WORKERS:-4}" -b "127.0.0.1:$s3_port" s3:app &
 gateway=$!
 pids+=($gateway)
 if [ -z "${MKV_S3_KEYS:-}" ]; then

@@ -19,7 +19,8 @@ connections or a client that never reads can take from everyone else.
   half of it on client connections (the rest is for the volumes' connections).
 
 install(worker) sets it up from gunicorn.conf.py's post_worker_init, so that it
-holds however gunicorn was started (`-k gevent` on the command line included).
+holds however gunicorn was started: gunicorn.conf.py's worker.MkvWorker, or
+`-k gevent` on the command line.
 """
 import collections
 import errno
@@ -212,8 +213,9 @@ def open_files_for(connections):
 
 def install(worker, settings=None):
     """Put the budget, the send timeout and the one-line log on a gunicorn
-    gevent worker (after its init, before it serves). Other workers (sync,
-    gevent_pywsgi's own server) are left as they are; returns the Budget or None."""
+    gevent worker, worker.MkvWorker included (after its init, before it
+    serves). Other workers (sync, gevent_pywsgi's own server) are left as
+    they are; returns the Budget or None."""
     from gunicorn.workers.ggevent import GeventWorker
     import gunicorn.util
     if not isinstance(worker, GeventWorker) or worker.server_class is not None:

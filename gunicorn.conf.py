@@ -19,7 +19,9 @@ from mkvlib.placement import check_named_once  # noqa: E402
 from mkvlib.settings import Settings  # noqa: E402
 from mkvlib.volumes import Volumes  # noqa: E402
 
-worker_class = "gevent"
+# gunicorn's gevent worker with mkv's reader of request heads in front of its
+# parser (worker.py); `-k gevent` on the command line runs gunicorn's own.
+worker_class = "worker.MkvWorker"
 # Per worker: the connection budget (connections.py drops the oldest idle one
 # when it is spent); each takes an open file, and the worker raises its limit.
 worker_connections = 4000
@@ -50,8 +52,10 @@ def write_error_line(sock, status_int, reason, mesg):
     its place: the same status line and Connection: close, and gunicorn's
     message as one line of text/plain, like every other error of mkv. The
     workers look write_error up in gunicorn.util at each call and fork from
-    the arbiter, which reads this file first, so it holds with `-k gevent` on
-    the command line too (not under gevent_pywsgi, which parses HTTP itself).
+    the arbiter, which reads this file first, so it holds under worker.py's
+    MkvWorker (whose requests outside its plain subset gunicorn parses) and
+    with `-k gevent` on the command line (not under gevent_pywsgi, which
+    parses HTTP itself).
     """
     line = (mesg or reason).encode("unicode_escape").decode("ascii")   # one line, ASCII
     if len(line) > ERROR_LINE_MAX:

@@ -1,12 +1,13 @@
 """mkv master: a Falcon WSGI app that indexes keys and redirects reads to volumes.
 
     MKV_VOLUMES=localhost:3001,localhost:3002,localhost:3003 MKV_DB=/tmp/mkv/index.sqlite3 \\
-        gunicorn -k gevent -w 4 -b :3000 mkv:app
+        gunicorn -w 4 -b :3000 mkv:app     (gunicorn.conf.py: worker.py's gevent worker)
 
 Settings are read once, here at the edge (see mkvlib.settings); the storage
 logic is in mkvlib and knows nothing of HTTP. Each storage error class maps to
 one status in ERROR_STATUS, rendered as a one-line reason by one serializer.
 """
+import functools
 import hmac
 import logging
 import os
@@ -37,6 +38,7 @@ READ_PIECE = 64 << 10        # bytes read from a client at once, at least (see r
 READ_SLACK = 16              # how many times slower than its last read a client may get at once
 PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole chunk before going on
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
+PLACEMENTS_KEPT = 8192       # keys whose placement a worker keeps, for Key-Balance (hashes per volume)
 
 ERROR_STATUS = {
     Unauthorized: falcon.HTTP_401,
@@ -173,6 +175,10 @@ class Master:
 
     def __init__(self, settings: Settings, store=None):
         self.settings = settings
+        # a key's placement depends on the key and the settings alone: the
+        # GETs of a hot key hash it once (an md5 per volume was a fifth of a
+        # GET's time in the app)
+        self.placement = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(lambda key: self.store.placement(key))
         self._store = store
         self._pid = None if store is None else "given"   # a store given is used as it is
 
@@ -223,7 +229,7 @@ class Master:
             if rec.md5:
                 headers.append(("content-md5", rec.md5))
             headers.append(("key-volumes", ",".join(rec.volumes)))
-            balanced = rec.volumes == self.store.placement(key)
+            balanced = rec.volumes == self.placement(key)
             headers.append(("key-balance", "balanced" if balanced else "unbalanced"))
         headers.append(("location", url))   # made of the volume's name and base64: nothing to encode
         return headers
@@ -336,7 +342,7 @@ def fast_read(master, app):
             try:
                 headers = master.found_headers(key)
             except MkvError as e:
-                if status_of(e) != falcon.HTTP_404:
+                if type(e) is not KeyMissing and status_of(e) != falcon.HTTP_404:   # the common 404 first
                     environ[DEFERRED_ERROR] = e
                     return app(environ, start_response)
                 start_response("404 Not Found", list(MISSING_HEADERS))

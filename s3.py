@@ -1,7 +1,7 @@
 """mkv's S3 gateway: a Falcon WSGI app on the same core as the master
 (mkv.py), over the same index and volumes, speaking S3's path-style dialect.
 
-    MKV_VOLUMES=... MKV_DB=... gunicorn -k gevent -w 4 -b :9000 s3:app
+    MKV_VOLUMES=... MKV_DB=... gunicorn -w 4 -b :9000 s3:app
 
 Object `k` of bucket `b` is the mkv key `/b/k` (mkvlib.objects). Reads are
 served through the gateway, streamed (S3 clients follow no redirect).

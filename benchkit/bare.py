@@ -2,7 +2,7 @@
 that does only what a GET must (one SQLite lookup of the key in MKV_DB, then
 a 302 to its first volume, or an empty 404), with no framework, no headers
 beyond Location and Content-Length, and no checks. mkv's GET is measured
-against it under the same server (`gunicorn -k gevent -w 2`)."""
+against it under the same server (`gunicorn -w 2`, gunicorn.conf.py's worker)."""
 import base64
 import hashlib
 import os

@@ -1,5 +1,6 @@
 """The bench cluster's settings, logging, and running a command or an mkv tool."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,13 @@ MB = 1 << 20
 SUBVOLUMES = 10
 REPLICAS = 3
 WORKERS = 2
+
+
+def worker_class():
+    """The master's worker class: gunicorn.conf.py's `worker_class` (bench.py's
+    servers run it, as `gunicorn mkv:app` from the repo does)."""
+    with open(os.path.join(ROOT, "gunicorn.conf.py")) as f:
+        return re.search(r'^worker_class = "([^"]+)"', f.read(), re.M).group(1)
 
 
 def say(*args):

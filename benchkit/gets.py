@@ -61,7 +61,7 @@ class Bare(Get):
     same gunicorn command: the app's own cost (the issue's item 2a)."""
     name, title, goal = "bare", "GET of an existing key (302), against a bare WSGI function", 0.9
     note = ("limit: benchkit/bare.py (one SQLite lookup, then a 302 or a 404) under the same "
-            "gunicorn -k gevent -w 2")
+            "gunicorn -w 2 (gunicorn.conf.py's worker)")
 
     def runs_go(self):
         return False

@@ -3,7 +3,7 @@ import os
 import platform
 import subprocess
 
-from benchkit.common import REPLICAS, SUBVOLUMES, WORKERS
+from benchkit.common import REPLICAS, SUBVOLUMES, WORKERS, worker_class
 from benchkit.servers import nginx_binary
 
 
@@ -32,7 +32,7 @@ def machine_line(bench):
     return (f"machine: {os.cpu_count()} cores (nproc), {model}, Linux {platform.release()}, "
             f"Python {platform.python_version()}, load average {bench.load:.2f} at the start, "
             f"{os.getloadavg()[0]:.2f} at the end (1 min); "
-            f"master: gunicorn {version('gunicorn')} -k gevent -w {WORKERS} (gevent {version('gevent')}), "
+            f"master: gunicorn {version('gunicorn')} -k {worker_class()} -w {WORKERS} (gevent {version('gevent')}), "
             f"MKV_REPLICAS={REPLICAS}, MKV_SUBVOLUMES={SUBVOLUMES}; volumes: nginx {nginx} via `python volume`; "
             f"wrk -t2 -c100 -d{bench.duration}s; best of {bench.args.rounds} rounds, master and limit alternating"
             + ("; --quick" if bench.quick else ""))

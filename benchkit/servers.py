@@ -104,7 +104,7 @@ class Bench:
             c, cluster = self.c, self.cluster()
             port = c.free_port()
             env = dict(os.environ, MKV_VOLUMES=",".join(cluster.volume_names()), MKV_DB=cluster.db())
-            argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(WORKERS),
+            argv = [sys.executable, "-m", "gunicorn", "-w", str(WORKERS),   # gunicorn.conf.py's worker, as the master's
                     "-b", f"127.0.0.1:{port}", "benchkit.bare:app"]
             self._bare = c.Server(f"bare :{port}", argv, env, os.path.join(self.tmp, f"bare-{port}.log"), port,
                                   stop_signal=signal.SIGINT, children=WORKERS).start()

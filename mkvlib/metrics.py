@@ -23,6 +23,11 @@ from time import perf_counter
 
 from mkvlib import health
 
+# this process's id, kept up to date by a fork hook: os.getpid() is a system
+# call, and Counted looks at it on every request (mkv.py does the same)
+_PROCESS = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PROCESS.__setitem__(0, os.getpid()))
+
 log = logging.getLogger("mkv")
 
 FLUSH_EVERY = 1.0        # seconds between two hand-overs to prometheus_client
@@ -87,7 +92,7 @@ class Counted:
         self._flusher_pid = None
 
     def __call__(self, environ, start_response):
-        if self._flusher_pid != os.getpid():
+        if self._flusher_pid != _PROCESS[0]:
             self._start_flusher()
         started = perf_counter()
         seen = []
@@ -137,7 +142,7 @@ class Counted:
                 entry["reason"] or "-", entry["volume"] or "-", entry["duration_ms"], extra={"fields": entry})
 
     def _start_flusher(self):
-        self._flusher_pid = os.getpid()
+        self._flusher_pid = _PROCESS[0]
         folder = os.environ.get(METRICS_ENV)
         if folder and os.path.isdir(folder):
             threading.Thread(target=self._flush_forever, args=(Exported(), folder), daemon=True,

@@ -183,19 +183,20 @@ def volume_server(folder, port=None, **env_vars):
                   os.path.join(os.path.dirname(folder), f"volume-{port}.log"), port)
 
 
-def start_master(workdir, volumes, port=None, workers=2, **settings):
-    """gunicorn -k gevent mkv:app; settings are MKV_* names without the prefix, lowercased."""
-    return master_server(workdir, volumes, port, workers, **settings).start()
+def start_master(workdir, volumes, port=None, workers=2, worker_class=None, **settings):
+    """gunicorn mkv:app; settings are MKV_* names without the prefix, lowercased."""
+    return master_server(workdir, volumes, port, workers, worker_class, **settings).start()
 
 
-def master_server(workdir, volumes, port=None, workers=2, **settings):
-    """The master's Server, not started yet."""
+def master_server(workdir, volumes, port=None, workers=2, worker_class=None, **settings):
+    """The master's Server, not started yet: gunicorn.conf.py's worker
+    (worker.py's), or `-k worker_class` ("gevent": gunicorn's own)."""
     port = port or free_port()
     env = dict(os.environ, MKV_VOLUMES=",".join(volumes),
                MKV_DB=os.path.join(workdir, "index.sqlite3"))
     env.update({f"MKV_{k.upper()}": str(v) for k, v in settings.items()})
-    argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
-            "-b", f"127.0.0.1:{port}", "mkv:app"]
+    argv = [sys.executable, "-m", "gunicorn", *(["-k", worker_class] if worker_class else []),
+            "-w", str(workers), "-b", f"127.0.0.1:{port}", "mkv:app"]
     # SIGINT: gunicorn's quick shutdown (SIGTERM would wait for idle keep-alive clients)
     return Server(f"master :{port}", argv, env, os.path.join(workdir, f"master-{port}.log"), port,
                   stop_signal=signal.SIGINT, children=workers)

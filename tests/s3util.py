@@ -1,4 +1,4 @@
-"""The S3 gateway beside a test cluster: `gunicorn -k gevent s3:app` over
+"""The S3 gateway beside a test cluster: `gunicorn s3:app` over
 the cluster's index and volumes, and boto3 clients for it."""
 import os
 import signal
@@ -15,7 +15,7 @@ def gateway_server(cluster, workers=2, **env_vars):
     env = dict(os.environ, MKV_VOLUMES=",".join(cluster.volume_names()), MKV_DB=cluster.db())
     env.update({f"MKV_{k.upper()}": str(v) for k, v in cluster.settings.items()})
     env.update(env_vars)
-    argv = [sys.executable, "-m", "gunicorn", "-k", "gevent", "-w", str(workers),
+    argv = [sys.executable, "-m", "gunicorn", "-w", str(workers),   # gunicorn.conf.py's worker
             "-b", f"127.0.0.1:{port}", "s3:app"]
     return Server(f"s3 :{port}", argv, env, os.path.join(cluster.workdir, f"s3-{port}.log"), port,
                   stop_signal=signal.SIGINT, children=workers)

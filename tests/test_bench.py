@@ -26,7 +26,7 @@ def test_bench_quick_prints_table_rows_with_a_ratio_and_the_machine():
         assert row, p.stdout
         mkv, limit, ratio = (float(x.replace(",", "")) for x in row.groups()[:3])
         assert mkv > 0 and limit > 0 and abs(ratio - mkv / limit) < 0.002
-    assert re.search(r"^machine: \d+ cores \(nproc\), .+, Linux .+ -k gevent -w 2", p.stdout, re.M), p.stdout
+    assert re.search(r"^machine: \d+ cores \(nproc\), .+, Linux .+ -k worker\.MkvWorker -w 2", p.stdout, re.M), p.stdout
 
 
 def test_bench_refuses_an_unknown_workload():

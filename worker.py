@@ -1,0 +1,415 @@
+"""mkv's gunicorn worker: gunicorn's gevent worker with a lean reader of
+request heads in front of gunicorn's own parser.
+
+    gunicorn -w 4 -b :3000 mkv:app          (gunicorn.conf.py: worker_class = "worker.MkvWorker")
+
+Everything but the reading of a plain request is gunicorn's gevent worker:
+its accept loop, heartbeat and worker timeout, graceful stop, keep-alive
+timeout, body readers, request handling (serve_plain is its handle_request
+step for step: hooks, access log, max_requests) and Response (status line,
+Server, Date, Connection, chunking; PlainResponse only skips the checks of a
+header name already seen to pass them), with connections.py's budget and
+send timeout on top, as under `-k gevent`.
+
+The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
+path with a few ordinary headers. read_request() reads those itself, with a
+few regular expressions over the whole head (gunicorn's parser spends most of
+a GET's time, per line and per header, in Python), and builds the WSGI
+environ gunicorn would. Anything outside that subset, however small the
+doubt (another method, a '#' or a byte outside printable ASCII, a
+Transfer-Encoding, Expect, Upgrade or forwarding header, a header name with
+'_', a repeated Host or Content-Length, a head over the limits, a bare LF, a
+connection that ends mid-head), is handed with every byte read so far to
+gunicorn's own Request parser on the same buffer: gunicorn accepts or refuses
+it exactly as under `-k gevent` (gunicorn.conf.py's one-line errors included).
+So the subset only ever holds requests gunicorn accepts, read as it reads
+them (tests/test_worker.py compares the two environs).
+"""
+import logging
+import os
+import re
+import socket
+import time
+from datetime import datetime
+
+import gevent
+
+from gunicorn import config as gunicorn_config
+from gunicorn.http import wsgi as gunicorn_wsgi
+from gunicorn.http.body import Body, LengthReader
+from gunicorn.http.message import TOKEN_RE, Request
+from gunicorn.http.wsgi import HEADER_VALUE_RE
+from gunicorn.http.unreader import SocketUnreader
+from gunicorn import util
+from gunicorn.workers.ggevent import GeventWorker
+
+# the request line of the subset: a method of mkv's or S3's, an origin-form
+# target of printable ASCII but '#' (no fragment to split off) not starting
+# '//' (which urlsplit reads as a host), HTTP/1.0 or 1.1
+REQUEST_LINE = re.compile(r"(GET|HEAD|PUT|DELETE|UNLINK|POST) (/(?!/)[\x21\x22\x24-\x7e]*) HTTP/1\.([01])")
+VALUE_BAD = re.compile(r"[^\x20-\x7e\t]")   # a header value of the subset: printable ASCII and tabs
+# headers gunicorn gives a meaning beyond the environ: left to its parser
+TO_GUNICORN = frozenset(("TRANSFER-ENCODING", "EXPECT", "UPGRADE", "HTTP2-SETTINGS"))
+ONCE = frozenset(("HOST", "CONTENT-TYPE", "CONTENT-LENGTH"))   # a repeat is gunicorn's 400
+LENGTH_DIGITS = 18      # a Content-Length of more digits is gunicorn's to judge (and mkv's 413)
+
+
+class FastRequest:
+    """A request of the subset, with the attributes of gunicorn's Request
+    that its Response, its access log and the worker read."""
+
+    proxy_protocol_info = None
+    _expected_100_continue = False
+    fragment = ""
+    trailers = ()
+
+    def __init__(self, method, uri, version, headers, length, body, number, scheme):
+        self.method, self.uri, self.version, self.headers = method, uri, version, headers
+        self.path, _, self.query = uri.partition("?")
+        self.length, self.body, self.req_number, self.scheme = length, body, number, scheme
+        self.must_close = False
+
+    def force_close(self):
+        self.must_close = True
+
+    def should_close(self):
+        """gunicorn's Message.should_close, the first Connection header deciding."""
+        if self.must_close:
+            return True
+        for name, value in self.headers:
+            if name == "CONNECTION":
+                value = value.lower().strip(" \t")
+                if value == "close":
+                    return True
+                if value == "keep-alive":
+                    return False
+                break
+        return self.version <= (1, 0)
+
+
+class HeadReader:
+    """Reads each request's head on a connection: a FastRequest for the
+    subset, gunicorn's Request (its parser, on the same bytes) otherwise."""
+
+    def __init__(self, cfg, secure_headers):
+        self.cfg = cfg
+        self.line_max = cfg.limit_request_line if 0 < cfg.limit_request_line < 8190 else 8190
+        self.fields_max = cfg.limit_request_fields if 0 < cfg.limit_request_fields <= 32768 else 32768
+        self.field_max = cfg.limit_request_field_size if cfg.limit_request_field_size > 0 else 8190
+        self.head_max = min(16384, self.line_max + 2 + self.fields_max * (self.field_max + 2) + 4)
+        self.special = TO_GUNICORN | frozenset(secure_headers) | frozenset(n.upper() for n in cfg.forwarder_headers)
+
+    def read_request(self, unreader, addr, number):
+        """The next request, or None when the client closed the connection
+        before a byte of it (gunicorn's StopIteration)."""
+        buf = unreader.read()
+        if not buf:
+            return None
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                req = self.fast_request(buf, end, unreader, number)
+                if req is not None:
+                    return req
+                break
+            line_end = buf.find(b"\r\n")
+            if ((line_end >= 0 and REQUEST_LINE.fullmatch(buf[:line_end].decode("latin-1")) is None)
+                    or len(buf) > self.head_max or buf.count(b"\n") != buf.count(b"\r\n")):
+                break   # gunicorn answers a bad request line or a bare LF at once, or a head too long
+            more = unreader.read()
+            if not more:
+                break   # gunicorn's NoMoreData
+            buf += more
+        unreader.unread(buf)
+        return Request(self.cfg, unreader, addr, number)
+
+    def fast_request(self, buf, end, unreader, number):
+        """The FastRequest of the head buf[:end], or None if it is outside the subset."""
+        lines = buf[:end].decode("latin-1").split("\r\n")
+        line = lines[0]
+        m = REQUEST_LINE.fullmatch(line)
+        if m is None or len(line) > self.line_max or len(lines) > self.fields_max + 1:
+            return None
+        headers, seen, length = [], set(), 0
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if (not colon or "_" in name or len(line) + 2 > self.field_max
+                    or not TOKEN_RE.fullmatch(name) or VALUE_BAD.search(value)):
+                return None
+            name = name.upper()
+            if name in ONCE:
+                if name in seen:
+                    return None
+                seen.add(name)
+                if name == "CONTENT-LENGTH":
+                    value = value.strip(" \t")
+                    if not (value.isascii() and value.isdigit()) or len(value) > LENGTH_DIGITS:
+                        return None
+                    length = int(value)
+            elif name in self.special:
+                return None
+            headers.append((name, value.strip(" \t")))
+        if end + 4 < len(buf):
+            unreader.unread(buf[end + 4:])
+        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length,
+                           Body(LengthReader(unreader, length)), number, "http")
+
+
+def fast_environ(req, sock, client, server, cfg, base):
+    """The environ gunicorn.http.wsgi.create builds for a FastRequest
+    (a TCP listener, no SCRIPT_NAME, no proxy protocol, no Expect)."""
+    environ = base.copy()
+    environ["wsgi.input"] = req.body
+    environ["gunicorn.socket"] = sock
+    environ["REQUEST_METHOD"] = req.method
+    environ["QUERY_STRING"] = req.query
+    environ["RAW_URI"] = req.uri
+    environ["SERVER_PROTOCOL"] = "HTTP/1.%d" % req.version[1]
+    repeated = None
+    for name, value in req.headers:
+        if name == "CONTENT-TYPE":
+            environ["CONTENT_TYPE"] = value
+            continue
+        if name == "CONTENT-LENGTH":
+            environ["CONTENT_LENGTH"] = value
+            continue
+        key = "HTTP_" + name.replace("-", "_")
+        if key in environ:
+            repeated = repeated or {}
+            repeated.setdefault(key, [environ[key]]).append(value)
+        else:
+            environ[key] = value
+    if repeated:
+        for key, values in repeated.items():
+            environ[key] = ",".join(values)
+    environ["wsgi.url_scheme"] = req.scheme
+    environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = client[0], str(client[1])
+    environ["SERVER_NAME"], environ["SERVER_PORT"] = server[0], str(server[1])
+    environ["PATH_INFO"] = util.unquote_to_wsgi_str(req.path) if "%" in req.path else req.path
+    environ["SCRIPT_NAME"] = ""
+    return environ
+
+
+class PlainResponse(gunicorn_wsgi.Response):
+    """gunicorn's Response, which checks every header of every answer by
+    regular expressions: a header name it has seen pass is known here, and
+    only its value is checked. Anything else goes through gunicorn's own
+    process_headers, which also refuses what it refuses."""
+
+    known = {}           # header name -> its lower case: a token, not hop-by-hop
+    KNOWN_MAX = 256      # names an app could make up, kept at most
+
+    def process_headers(self, headers):
+        known = self.known
+        for name, value in headers:
+            if name not in known or type(value) is not str or not HEADER_VALUE_RE.fullmatch(value):
+                self.learn(headers)
+                return super().process_headers(headers)
+        for name, value in headers:
+            value = value.strip(" \t")
+            if known[name] == "content-length":
+                self.response_length = int(value)
+            self.headers.append((name, value))
+
+    def is_chunked(self):
+        """gunicorn's, but for uwsgi, which a FastRequest never comes from (fast_reading)."""
+        return self.response_length is None and self.req.version > (1, 0) and not self._omits_body
+
+    def learn(self, headers):
+        for name, _ in headers:
+            if (type(name) is str and name not in self.known and len(self.known) < self.KNOWN_MAX
+                    and TOKEN_RE.fullmatch(name) and not util.is_hoppish(name)):
+                self.known[name] = name.lower()
+
+
+def http_date_per_second(http_date):
+    """gunicorn.util.http_date, made once a second: every answer's Date
+    header (gunicorn's Response formats it anew for each)."""
+    made = [None, None]
+
+    def date(timestamp=None):
+        if timestamp is not None:
+            return http_date(timestamp)
+        now = int(time.time())
+        if made[0] != now:
+            made[:] = now, http_date(now)
+        return made[1]
+    date.gunicorn_http_date = http_date
+    return date
+
+
+def request_hooks(cfg, log):
+    """gunicorn's pre_request and post_request hooks, read once (each setting
+    read is a Python call in gunicorn's Config); None for gunicorn's defaults
+    where they would do nothing: a debug line below the log's level, a pass."""
+    pre, post = cfg.pre_request, cfg.post_request
+    error_log = getattr(log, "error_log", None)
+    if pre is gunicorn_config.PreRequest.default and error_log is not None \
+            and not error_log.isEnabledFor(logging.DEBUG):
+        pre = None
+    if post is gunicorn_config.PostRequest.default:
+        post = None
+    return pre, post
+
+
+def fast_reading(cfg):
+    """Whether this configuration leaves every connection plain HTTP/1.x,
+    as the subset needs (no TLS, no proxy protocol, no cleartext HTTP/2, no
+    SCRIPT_NAME from the environment, keep-alive on)."""
+    from gunicorn.http2 import negotiation
+    return (not cfg.is_ssl and cfg.keepalive and cfg.proxy_protocol == "off"
+            and getattr(cfg, "protocol", "http") == "http" and not negotiation._h2c_available(cfg)
+            and not os.environ.get("SCRIPT_NAME"))
+
+
+class MkvWorker(GeventWorker):
+    """gunicorn's gevent worker, its heads read by HeadReader."""
+
+    def init_process(self):
+        self.fast = fast_reading(self.cfg)
+        if self.fast:
+            self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
+            self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
+            self.pre_request_hook, self.post_request_hook = request_hooks(self.cfg, self.log)
+            if getattr(util.http_date, "gunicorn_http_date", None) is None:
+                util.http_date = http_date_per_second(util.http_date)
+        super().init_process()
+
+    def handle_request(self, listener_name, req, sock, addr):
+        """gunicorn's own for its Request; serve_plain for a FastRequest."""
+        if type(req) is not FastRequest:
+            return super().handle_request(listener_name, req, sock, addr)
+        try:
+            return self.serve_plain(listener_name, req, sock, addr)
+        except (gevent.GreenletExit, SystemExit):    # as GeventWorker.handle_request
+            pass
+
+    def serve_plain(self, listener_name, req, sock, addr):
+        """gunicorn's AsyncWorker.handle_request, step for step, for a
+        FastRequest: its environ made by fast_environ, its answer by
+        PlainResponse; the request's time taken only for an access log."""
+        logged = self.log.access_log_enabled if hasattr(self.log, "access_log_enabled") else True
+        request_start = datetime.now() if logged else None
+        environ, resp = {}, None
+        try:
+            if self.pre_request_hook is not None:
+                self.pre_request_hook(self, req)
+            resp = PlainResponse(req, sock, self.cfg)
+            environ = fast_environ(req, sock, addr, listener_name, self.cfg, self.base_environ)
+            environ["wsgi.early_hints"] = gunicorn_wsgi._make_early_hints_callback(req, sock, resp)
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if not self.alive:
+                resp.force_close()
+            respiter = self.wsgi(environ, resp.start_response)
+            if self.is_already_handled(respiter):
+                return False
+            try:
+                if isinstance(respiter, environ["wsgi.file_wrapper"]):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                resp.close()
+            finally:
+                if logged:
+                    self.log.access(resp, req, environ, datetime.now() - request_start)
+                if hasattr(respiter, "close"):
+                    respiter.close()
+            if resp.should_close():
+                raise StopIteration()
+        except (StopIteration, OSError):
+            raise
+        except (Exception, SystemExit):
+            if resp and resp.headers_sent:
+                self.log.exception("Error handling request")   # a second answer would corrupt the first
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.close()
+                except OSError:
+                    pass
+                raise StopIteration()
+            raise
+        finally:
+            try:
+                if self.post_request_hook is not None:
+                    self.post_request_hook(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        return True
+
+    def handle(self, listener, client, addr):
+        if not self.fast or not isinstance(addr, tuple) or not isinstance(listener.getsockname(), tuple):
+            return super().handle(listener, client, addr)
+        client.setblocking(1)
+        self.serve(listener, client, addr)
+
+    def serve(self, listener, client, addr):
+        """gunicorn's AsyncWorker.handle for plain HTTP/1.x, its requests read
+        by HeadReader: the same keep-alive loop, errors and logs."""
+        import errno
+        from gunicorn.http import errors
+        req, keepalive = None, None
+        try:
+            unreader = SocketUnreader(client)
+            listener_name = listener.getsockname()
+            number = 0
+            keepalive = self.timeout_ctx()   # gunicorn's keep-alive timeout, one timer per connection
+            try:
+                while True:
+                    prev, req = req, None
+                    number += 1
+                    req = self.next_request(keepalive, prev, unreader, addr, number)
+                    if not req:
+                        break
+                    self.handle_request(listener_name, req, client, addr)
+            except errors.NoMoreData as e:
+                self.log.debug("Ignored premature client disconnection. %s", e)
+            except StopIteration as e:
+                self.log.debug("Closing connection. %s", e)
+            except OSError:
+                raise
+            except Exception as e:
+                self.handle_error(req, client, addr, e)
+        except OSError as e:
+            if e.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                self.log.exception("Socket error processing request.")
+            else:
+                self.log.debug("Ignoring %s", errno.errorcode.get(e.errno, e.errno))
+        except BaseException as e:
+            self.handle_error(req, client, addr, e)
+        finally:
+            util.close(client)
+            if keepalive is not None:
+                keepalive.close()
+
+    def next_request(self, keepalive, prev, unreader, addr, number):
+        """The next request, read within gunicorn's keep-alive timeout (None
+        when it runs out, as `with self.timeout_ctx()` ends quietly), the
+        previous one's body read first; None if the connection must close."""
+        keepalive.start()
+        try:
+            if prev is None or finished(prev):
+                return self.heads.read_request(unreader, addr, number)
+            return None
+        except gevent.Timeout as t:
+            if t is not keepalive:
+                raise
+            return None
+        finally:
+            keepalive.cancel()
+
+
+def finished(req):
+    """What gunicorn's parser does before reading the next request: False
+    if the connection must close (the request said so, or its body failed to
+    read), else True once the rest of the body is read."""
+    if req.should_close() or getattr(req.body, "failed", False) is True:
+        return False
+    if type(req) is FastRequest and not req.length:
+        return True     # no body
+    while req.body.read(8192):
+        pass
+    return True
