@@ -209,7 +209,7 @@ def test_a_client_that_takes_nothing_is_dropped_after_the_send_timeout(gw):
 
 def test_the_relay_runs_under_gunicorns_pywsgi_worker_too(gw):
     other = gateway_server(gw.cluster, workers=1)
-    other.argv[other.argv.index("gevent")] = "gevent_pywsgi"
+    other.argv[3:3] = ["-k", "gevent_pywsgi"]    # after "python -m gunicorn"
     other.start()
     try:
         value = os.urandom(BIG)
