@@ -46,7 +46,10 @@ def sweep(volumes, hosts, progress):
 class Deleters:
     """The threads that remove the copies a run no longer uses: put()
     (due, key, volumes) in due order, and each key's copies go together
-    once due, under the key's lock (delete_copy); finish() ends them."""
+    once due, under the key's lock (delete_copy); finish() ends them. A
+    `quiet` put (no other process had the index open before the switch)
+    goes at once if the job is still alone(): no redirect to those copies
+    can be on its way."""
 
     def __init__(self, job, n):
         self.job, self.queue, self.retry = job, queue.Queue(), []
@@ -55,16 +58,17 @@ class Deleters:
         for t in self.threads:
             t.start()
 
-    def put(self, due, key, volumes):
-        self.queue.put((due, key, tuple(volumes)))
+    def put(self, due, key, volumes, quiet=False):
+        self.queue.put((due, key, tuple(volumes), quiet))
 
     def _loop(self):
         while True:
             item = self.queue.get()
             if item is None:
                 return
-            due, key, volumes = item
-            time.sleep(max(0.0, due - time.time()))
+            due, key, volumes, quiet = item
+            if not (quiet and self.job.alone()):
+                time.sleep(max(0.0, due - time.time()))
             if not self.delete_copy(key, volumes):
                 with self._retry_lock:
                     self.retry.append((key, volumes))

@@ -19,7 +19,10 @@ per-key lock as the master's PUT and DELETE:
      copies it no longer uses (the index's pending_deletes table);
   4. GRACE (half a second) later (a redirect given out just before the switch
      may still be on its way to its client), remove those copies and their
-     notes, a key's copies at once, several keys at a time.
+     notes, a key's copies at once, several keys at a time. At once instead
+     when no other process had the index open, neither right before the
+     switch nor when the copies come due: then no one could have handed out
+     a redirect to them (mkvlib.openers).
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment
@@ -41,6 +44,7 @@ from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
+from mkvlib.openers import others_have_open
 from mkvlib.placement import check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.upload import put
 from mkvlib.volumes import CHUNK
@@ -51,7 +55,8 @@ PROG = "rebalance"
 # seconds from the index leaving a copy to the copy's delete: for a redirect
 # handed out just before the switch, which its client follows at once (a
 # round trip on a LAN); it was 2 s, most of a small run's time (the last
-# switch's grace cannot overlap any work)
+# switch's grace cannot overlap any work). Not waited when no other process
+# has the index open (alone()): nothing can have handed out such a redirect.
 GRACE = 0.5
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
@@ -147,6 +152,11 @@ class Rebalance:
                                       "(wiped or replaced): copying every replica it should hold")
         self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
         check_named_once(self.settings.volumes, self.ids)
+
+    def alone(self):
+        """True if no other process has the index open now: none can hand
+        out a redirect, none has one it read before now on its way."""
+        return not others_have_open(self.index.path)
 
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
@@ -301,10 +311,11 @@ class Rebalance:
             self.copy(rec, vouched, targets, path, lease)
         if rec.volumes != placement or targets:
             dropped = self.dropped(rec, placement, have)
+            quiet = self.alone()    # no one to read the record the switch replaces
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
                 raise KeyBusy("lost the lock on the key while moving it")
             if dropped:
-                self.deletes.put(time.time() + GRACE, key, dropped)
+                self.deletes.put(time.time() + GRACE, key, dropped, quiet=quiet)
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
