@@ -208,16 +208,18 @@ class Rebalance:
             return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
+        released = False
         try:
             with Lease(self.index, rec.key, self.owner, since=since) as lease:
-                self.move(rec, lease)
+                released = self.move(rec, lease)
         except (MkvError, sqlite3.Error) as e:
             if final:
                 self.fail(rec.key, str(e))
             else:   # a volume may have been slow or restarting: one more try at the end
                 self.later(rec.key)
         finally:
-            self.index.release(rec.key, self.owner)
+            if not released:
+                self.index.release(rec.key, self.owner)
 
     def purge(self, rec):
         """Finish what a dead request left: a PUT whose worker died ('writing',
@@ -302,25 +304,30 @@ class Rebalance:
                 and not any(self.same(v, p) for p in placement)]
 
     def move(self, rec, lease):
+        """Copy, then switch the record and release its lock at once; True
+        if it did (the lock is released), False if nothing was to switch."""
         if rec.state not in (LIVE, UNLINKED):
-            return self.progress.count("skipped")
+            self.progress.count("skipped")
+            return False
         key, path = rec.key, key2path(rec.key)
         placement = self.placement(key)
         vouched, targets, have = self.decide(rec, placement)
         if targets:
             self.copy(rec, vouched, targets, path, lease)
-        if rec.volumes != placement or targets:
+        switch = rec.volumes != placement or bool(targets)
+        if switch:
             dropped = self.dropped(rec, placement, have)
             quiet = self.alone()    # no one to read the record the switch replaces
-            if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
+            if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets, release=True):
                 raise KeyBusy("lost the lock on the key while moving it")
-            if dropped:
+            if dropped:   # after the release: the deleter takes the lock in turn
                 self.deletes.put(time.time() + GRACE, key, dropped, quiet=quiet)
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
+        return switch
 
     def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to

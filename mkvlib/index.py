@@ -378,12 +378,14 @@ class Index:
                              (owner, lock_clock() + lease, key, old_owner))
             return self._get(db, key) if cur.rowcount == 1 else None
 
-    def switch_volumes(self, key, owner, volumes, dropped, written=()):
+    def switch_volumes(self, key, owner, volumes, dropped, written=(), release=False):
         """Set a locked key's replicas to `volumes`, note the copies on
         `dropped` for a later delete, and drop the notes of `written` (copies
-        this holder just wrote), at once. False if the lock was lost."""
+        this holder just wrote), at once; and with `release`, release the
+        lock in the same transaction. False if the lock was lost."""
+        unlock = ", lock_owner = NULL, lock_until = NULL" if release else ""
         with self.db.write() as db:
-            cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
+            cur = db.execute(f"UPDATE keys SET volumes = ?{unlock} WHERE key = ? AND lock_owner = ?",
                              (",".join(volumes), key, owner))
             if cur.rowcount != 1:
                 return False
