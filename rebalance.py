@@ -37,7 +37,6 @@ import sqlite3
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib import multipart
 from mkvlib import progress as published
@@ -106,18 +105,7 @@ class Rebalance:
             else:
                 self.noted.add(key)
                 self.deletes.put(since + GRACE, key, [volume])
-        slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
-
-        def task(rec):
-            try:
-                self.first_look(rec)
-            finally:
-                self.progress.add(done=1)
-                slots.release()
-        with ThreadPoolExecutor(workers) as pool:
-            for rec in self.index.scan():
-                slots.acquire()
-                pool.submit(task, rec)
+        tools.each_in_threads(self.index.scan(), self.first_look, workers)
         for key in self.again:    # once more, now that the others are done
             rec = self.index.get(key)
             if rec is not None:
@@ -177,6 +165,8 @@ class Rebalance:
             self.lock_and_move(rec)
         except Exception as e:   # one key's trouble never stops the run
             self.fail(rec.key, f"{type(e).__name__}: {e}")
+        finally:
+            self.progress.add(done=1)
 
     def all_there(self, key, volumes):
         path = key2path(key)
@@ -421,9 +411,13 @@ class DryRun(Rebalance):
             if volume_host(volume) not in self.forget:
                 self.say("remove", key, f"noted copy on {volume}")
                 self.noted.add(key)
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(self.look, self.index.scan()):
-                self.progress.add(done=1)
+        tools.each_in_threads(self.index.scan(), self.look_at, workers)
+
+    def look_at(self, rec):
+        try:
+            self.look(rec)
+        finally:
+            self.progress.add(done=1)
 
     def say(self, what, key, detail):
         self.progress.count(f"would {what}")
