@@ -33,6 +33,7 @@ reads to it. The exit status is 0 only when every key sits on its placement
 and every noted copy is gone.
 """
 import argparse
+import functools
 import sqlite3
 import sys
 import threading
@@ -78,9 +79,11 @@ class Rebalance:
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
         self.upload_age = upload_age    # seconds: S3 multipart uploads untouched longer are removed
         self.unreachable_removed = {}   # host no longer in MKV_VOLUMES that did not answer -> keys left there
+        # a key's placement is asked for twice (first_look, move): hashed once
+        self._placements = functools.lru_cache(maxsize=4096)(settings.placement)
 
     def placement(self, key):
-        return self.settings.placement(key)
+        return self._placements(key)
 
     def fail(self, key, why):
         self.progress.count("failed")
@@ -155,9 +158,9 @@ class Rebalance:
         self.progress.add(keys=1)
         try:
             if rec.state not in (LIVE, UNLINKED):
-                if rec.locked() and not tools.owner_is_dead(rec.lock_owner):
+                if rec.locked() and rec.lock_owner != self.owner and not tools.owner_is_dead(rec.lock_owner):
                     return self.progress.count("skipped")   # being written or deleted: the master's
-                return self.purge(rec)   # a dead request's: its lock is taken over
+                return self.purge(rec)   # a dead request's (its lock is taken over), or ours: a deleter's
             if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
                     and not any(volume_host(v) in self.replaced for v in rec.volumes) \
                     and self.all_there(rec.key, rec.volumes):
@@ -219,7 +222,7 @@ class Rebalance:
         retried DELETE would."""
         since = lock_clock()
         try:
-            rec = tools.lock_key(self.index, rec.key, self.owner)
+            rec = self.lock(rec.key, final=True)   # waits while a deleter of this run holds it
         except KeyBusy:
             return self.progress.count("skipped")   # someone took the key up meanwhile
         if rec is None:
