@@ -20,6 +20,7 @@ import tools
 PROG = "rebalance"
 BUSY_WAIT = 5.0       # seconds the deletes of busy keys are retried at the end
 BATCH = 64            # keys a deleter removes the copies of at once, at most
+GATHER = 0.05         # seconds a deleter waits for more ready keys to join its batch
 _NONE = object()
 SWEEP_AGE = 3600.0    # seconds after which an upload under TMP_DIR is a dead write's: removed
 
@@ -53,11 +54,11 @@ class Deleters:
     other process had the index open before the switch) goes at once if
     the job is still alone(): no redirect to those copies can be on its way.
 
-    A deleter takes every item that is ready when it starts, up to BATCH
-    keys, and removes their copies together (delete_batch): one transaction
-    locks them, one fan of DELETEs removes the copies, one transaction drops
-    the notes and the locks. So deleters that fall behind catch up in
-    larger batches instead of three transactions a key."""
+    A deleter takes the items that are ready or come ready within GATHER
+    seconds, up to BATCH keys, and removes their copies together
+    (delete_batch): one transaction locks them, one fan of DELETEs removes
+    the copies, one transaction drops the notes and the locks, instead of
+    three transactions and a fan a key."""
 
     def __init__(self, job, n):
         self.job, self.queue, self.retry = job, queue.Queue(), []
@@ -82,10 +83,10 @@ class Deleters:
                 return
             if not self.ready(item):
                 time.sleep(max(0.0, item[0] - time.time()))
-            batch = [item]
+            batch, until = [item], time.monotonic() + GATHER
             while len(batch) < BATCH:
                 try:
-                    more = self.queue.get_nowait()
+                    more = self.queue.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None or not self.ready(more):
@@ -226,10 +227,11 @@ def delete_noted_copies(volumes, plan, fence):
     calls = [(k, v, tmp) for k, copies in plan.items() for v, tmp in copies.items()]
     failed = {(k, v): f"volume {volume_host(v)} is down" for k, v, _ in calls if volumes.health.down(volume_host(v))}
     uploads = [(k, v, tmp) for k, v, tmp in calls if tmp and (k, v) not in failed]
-    for (k, v, _), error in zip(uploads, volumes.delete_many([(volume_host(v), upload_name(tmp, v))
-                                                              for _, v, tmp in uploads])):
-        if error is not None:
-            failed[(k, v)] = str(error)
+    if uploads:
+        for (k, v, _), error in zip(uploads, volumes.delete_many([(volume_host(v), upload_name(tmp, v))
+                                                                  for _, v, tmp in uploads])):
+            if error is not None:
+                failed[(k, v)] = str(error)
     asked = [(k, v) for k, v, _ in calls if (k, v) not in failed]
 
     def fences():

@@ -77,6 +77,7 @@ class Rebalance:
         self.noted = set()              # keys with notes when the run began
         self.replaced = {}              # host -> identity of a disk the index does not know yet
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
+        self._disks = {}                # volume name -> disk_of(it, self.ids)
         self.upload_age = upload_age    # seconds: S3 multipart uploads untouched longer are removed
         self.unreachable_removed = {}   # host no longer in MKV_VOLUMES that did not answer -> keys left there
         # a key's placement is asked for twice (first_look, move): hashed once
@@ -142,6 +143,7 @@ class Rebalance:
                 self.progress.message(f"{PROG}: {host} is not the disk the index knows "
                                       "(wiped or replaced): copying every replica it should hold")
         self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
+        self._disks = {}
         check_named_once(self.settings.volumes, self.ids)
 
     def alone(self):
@@ -151,7 +153,14 @@ class Rebalance:
 
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
-        return a == b or disk_of(a, self.ids) == disk_of(b, self.ids)
+        return a == b or self.disk(a) == self.disk(b)
+
+    def disk(self, volume):
+        """disk_of(volume), worked out once per name (self.ids is set once, by identify())."""
+        found = self._disks.get(volume)
+        if found is None:
+            found = self._disks[volume] = disk_of(volume, self.ids)
+        return found
 
     def first_look(self, rec):
         self.progress.count("seen")
@@ -404,6 +413,7 @@ class DryRun(Rebalance):
             if host in known and known[host] != ident:
                 self.replaced[host] = ident
         self.ids = {h: i for h, i in known.items() if h not in self.replaced}
+        self._disks = {}
         check_named_once(self.settings.volumes, self.ids)
 
     def run(self, workers):
