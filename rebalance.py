@@ -83,6 +83,8 @@ class Rebalance:
         # a key's placement is asked for twice (first_look, move): hashed once
         self._placements = functools.lru_cache(maxsize=4096)(settings.placement)
 
+    ask_leaving = False    # decide(): HEAD the recorded copies the placement leaves too
+
     def placement(self, key):
         return self._placements(key)
 
@@ -282,12 +284,18 @@ class Rebalance:
         placement volumes to copy to, and which recorded volumes have the
         file (None: did not answer); CopyFailed if it cannot be done. A
         placement volume the record does not name gets a copy whatever sits
-        there (never adopted), so it is not asked."""
+        there (never adopted), so it is not asked. Nor is a recorded copy
+        the placement leaves (unless ask_leaving): it can only be a source,
+        and the GET from it says whether it is there (copy() goes on to the
+        next source if not); it counts as there, after the copies seen."""
         path, notes = key2path(rec.key), self.index.notes(rec.key)
-        have, down = holders(self.volumes, self.forget, rec.volumes, path)
+        leaving = [] if self.ask_leaving else [v for v in rec.volumes if not any(self.same(v, p) for p in placement)]
+        have, down = holders(self.volumes, self.forget, [v for v in rec.volumes if v not in leaving], path)
+        have.update({v: volume_host(v) not in self.forget for v in leaving})
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
                    and volume_host(v) not in self.replaced]
+        vouched.sort(key=lambda v: v in leaving)   # seen first
         if not vouched:
             why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")
@@ -402,6 +410,8 @@ class DryRun(Rebalance):
     """--dry-run: what a run would copy, switch and remove, one line per key
     on stdout, changing nothing (no lock, no note, no record of a disk's
     identity). A key a PUT or DELETE changes meanwhile may differ in the run."""
+
+    ask_leaving = True     # it says what it sees: every recorded copy is asked
 
     def identify(self):
         known = self.index.volume_ids()
