@@ -67,7 +67,7 @@ def hash_aside(fn, arg):
     return _HASHERS.submit(fn, arg).result
 
 
-FEED = 8   # items a worker of each_in_threads takes at a time
+FEED = 2   # items a worker of each_in_threads takes at a time: few, or the last ones make a tail
 
 
 def each_in_threads(items, fn, workers, feed=FEED):
