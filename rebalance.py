@@ -19,7 +19,10 @@ per-key lock as the master's PUT and DELETE:
      copies it no longer uses (the index's pending_deletes table);
   4. GRACE (half a second) later (a redirect given out just before the switch
      may still be on its way to its client), remove those copies and their
-     notes, a key's copies at once, several keys at a time.
+     notes, a key's copies at once, several keys at a time. At once instead
+     when no other process had the index open, neither right before the
+     switch nor when the copies come due: then no one could have handed out
+     a redirect to them (mkvlib.openers).
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment
@@ -30,17 +33,18 @@ reads to it. The exit status is 0 only when every key sits on its placement
 and every noted copy is gone.
 """
 import argparse
+import functools
 import sqlite3
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib import multipart
 from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, MkvError, SettingsError, VolumeError
 from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
+from mkvlib.openers import others_have_open
 from mkvlib.placement import check_named_once, disk_of, key2path, new_tmp, volume_host
 from mkvlib.upload import put
 from mkvlib.volumes import CHUNK
@@ -51,7 +55,8 @@ PROG = "rebalance"
 # seconds from the index leaving a copy to the copy's delete: for a redirect
 # handed out just before the switch, which its client follows at once (a
 # round trip on a LAN); it was 2 s, most of a small run's time (the last
-# switch's grace cannot overlap any work)
+# switch's grace cannot overlap any work). Not waited when no other process
+# has the index open (alone()): nothing can have handed out such a redirect.
 GRACE = 0.5
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
@@ -72,11 +77,16 @@ class Rebalance:
         self.noted = set()              # keys with notes when the run began
         self.replaced = {}              # host -> identity of a disk the index does not know yet
         self.ids = None                 # host -> identity of its disk, as the index knows it (identify)
+        self._disks = {}                # volume name -> disk_of(it, self.ids)
         self.upload_age = upload_age    # seconds: S3 multipart uploads untouched longer are removed
         self.unreachable_removed = {}   # host no longer in MKV_VOLUMES that did not answer -> keys left there
+        # a key's placement is asked for twice (first_look, move): hashed once
+        self._placements = functools.lru_cache(maxsize=4096)(settings.placement)
+
+    ask_leaving = False    # decide(): HEAD the recorded copies the placement leaves too
 
     def placement(self, key):
-        return self.settings.placement(key)
+        return self._placements(key)
 
     def fail(self, key, why):
         self.progress.count("failed")
@@ -101,18 +111,7 @@ class Rebalance:
             else:
                 self.noted.add(key)
                 self.deletes.put(since + GRACE, key, [volume])
-        slots = threading.BoundedSemaphore(workers * 4)   # records in flight: bounded memory
-
-        def task(rec):
-            try:
-                self.first_look(rec)
-            finally:
-                self.progress.add(done=1)
-                slots.release()
-        with ThreadPoolExecutor(workers) as pool:
-            for rec in self.index.scan():
-                slots.acquire()
-                pool.submit(task, rec)
+        tools.each_in_threads(self.index.scan(), self.first_look, workers)
         for key in self.again:    # once more, now that the others are done
             rec = self.index.get(key)
             if rec is not None:
@@ -146,20 +145,33 @@ class Rebalance:
                 self.progress.message(f"{PROG}: {host} is not the disk the index knows "
                                       "(wiped or replaced): copying every replica it should hold")
         self.ids = {h: i for h, i in self.index.volume_ids().items() if h not in self.replaced}
+        self._disks = {}
         check_named_once(self.settings.volumes, self.ids)
+
+    def alone(self):
+        """True if no other process has the index open now: none can hand
+        out a redirect, none has one it read before now on its way."""
+        return not others_have_open(self.index.path)
 
     def same(self, a, b):
         """True if volume names a and b are one folder of one disk."""
-        return a == b or disk_of(a, self.ids) == disk_of(b, self.ids)
+        return a == b or self.disk(a) == self.disk(b)
+
+    def disk(self, volume):
+        """disk_of(volume), worked out once per name (self.ids is set once, by identify())."""
+        found = self._disks.get(volume)
+        if found is None:
+            found = self._disks[volume] = disk_of(volume, self.ids)
+        return found
 
     def first_look(self, rec):
         self.progress.count("seen")
         self.progress.add(keys=1)
         try:
             if rec.state not in (LIVE, UNLINKED):
-                if rec.locked() and not tools.owner_is_dead(rec.lock_owner):
+                if rec.locked() and rec.lock_owner != self.owner and not tools.owner_is_dead(rec.lock_owner):
                     return self.progress.count("skipped")   # being written or deleted: the master's
-                return self.purge(rec)   # a dead request's: its lock is taken over
+                return self.purge(rec)   # a dead request's (its lock is taken over), or ours: a deleter's
             if rec.key not in self.noted and rec.volumes == self.placement(rec.key) \
                     and not any(volume_host(v) in self.replaced for v in rec.volumes) \
                     and self.all_there(rec.key, rec.volumes):
@@ -167,6 +179,8 @@ class Rebalance:
             self.lock_and_move(rec)
         except Exception as e:   # one key's trouble never stops the run
             self.fail(rec.key, f"{type(e).__name__}: {e}")
+        finally:
+            self.progress.add(done=1)
 
     def all_there(self, key, volumes):
         path = key2path(key)
@@ -198,16 +212,18 @@ class Rebalance:
             return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
+        released = False
         try:
             with Lease(self.index, rec.key, self.owner, since=since) as lease:
-                self.move(rec, lease)
+                released = self.move(rec, lease)
         except (MkvError, sqlite3.Error) as e:
             if final:
                 self.fail(rec.key, str(e))
             else:   # a volume may have been slow or restarting: one more try at the end
                 self.later(rec.key)
         finally:
-            self.index.release(rec.key, self.owner)
+            if not released:
+                self.index.release(rec.key, self.owner)
 
     def purge(self, rec):
         """Finish what a dead request left: a PUT whose worker died ('writing',
@@ -217,7 +233,7 @@ class Rebalance:
         retried DELETE would."""
         since = lock_clock()
         try:
-            rec = tools.lock_key(self.index, rec.key, self.owner)
+            rec = self.lock(rec.key, final=True)   # waits while a deleter of this run holds it
         except KeyBusy:
             return self.progress.count("skipped")   # someone took the key up meanwhile
         if rec is None:
@@ -268,12 +284,18 @@ class Rebalance:
         placement volumes to copy to, and which recorded volumes have the
         file (None: did not answer); CopyFailed if it cannot be done. A
         placement volume the record does not name gets a copy whatever sits
-        there (never adopted), so it is not asked."""
+        there (never adopted), so it is not asked. Nor is a recorded copy
+        the placement leaves (unless ask_leaving): it can only be a source,
+        and the GET from it says whether it is there (copy() goes on to the
+        next source if not); it counts as there, after the copies seen."""
         path, notes = key2path(rec.key), self.index.notes(rec.key)
-        have, down = holders(self.volumes, self.forget, rec.volumes, path)
+        leaving = [] if self.ask_leaving else [v for v in rec.volumes if not any(self.same(v, p) for p in placement)]
+        have, down = holders(self.volumes, self.forget, [v for v in rec.volumes if v not in leaving], path)
+        have.update({v: volume_host(v) not in self.forget for v in leaving})
         # only what the record vouches for is a copy of the value, and only on the disk it was written to
         vouched = [v for v in rec.volumes if have[v] and v not in notes
                    and volume_host(v) not in self.replaced]
+        vouched.sort(key=lambda v: v in leaving)   # seen first
         if not vouched:
             why = "; ".join(down) if down else f"no copy on {','.join(rec.volumes)}"
             raise CopyFailed(f"lost: no readable copy ({why})")
@@ -292,24 +314,30 @@ class Rebalance:
                 and not any(self.same(v, p) for p in placement)]
 
     def move(self, rec, lease):
+        """Copy, then switch the record and release its lock at once; True
+        if it did (the lock is released), False if nothing was to switch."""
         if rec.state not in (LIVE, UNLINKED):
-            return self.progress.count("skipped")
+            self.progress.count("skipped")
+            return False
         key, path = rec.key, key2path(rec.key)
         placement = self.placement(key)
         vouched, targets, have = self.decide(rec, placement)
         if targets:
             self.copy(rec, vouched, targets, path, lease)
-        if rec.volumes != placement or targets:
+        switch = rec.volumes != placement or bool(targets)
+        if switch:
             dropped = self.dropped(rec, placement, have)
-            if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets):
+            quiet = self.alone()    # no one to read the record the switch replaces
+            if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets, release=True):
                 raise KeyBusy("lost the lock on the key while moving it")
-            if dropped:
-                self.deletes.put(time.time() + GRACE, key, dropped)
+            if dropped:   # after the release: the deleter takes the lock in turn
+                self.deletes.put(time.time() + GRACE, key, dropped, quiet=quiet)
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
+        return switch
 
     def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to
@@ -383,6 +411,8 @@ class DryRun(Rebalance):
     on stdout, changing nothing (no lock, no note, no record of a disk's
     identity). A key a PUT or DELETE changes meanwhile may differ in the run."""
 
+    ask_leaving = True     # it says what it sees: every recorded copy is asked
+
     def identify(self):
         known = self.index.volume_ids()
         for host in self.settings.volumes:
@@ -393,6 +423,7 @@ class DryRun(Rebalance):
             if host in known and known[host] != ident:
                 self.replaced[host] = ident
         self.ids = {h: i for h, i in known.items() if h not in self.replaced}
+        self._disks = {}
         check_named_once(self.settings.volumes, self.ids)
 
     def run(self, workers):
@@ -403,9 +434,13 @@ class DryRun(Rebalance):
             if volume_host(volume) not in self.forget:
                 self.say("remove", key, f"noted copy on {volume}")
                 self.noted.add(key)
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(self.look, self.index.scan()):
-                self.progress.add(done=1)
+        tools.each_in_threads(self.index.scan(), self.look_at, workers)
+
+    def look_at(self, rec):
+        try:
+            self.look(rec)
+        finally:
+            self.progress.add(done=1)
 
     def say(self, what, key, detail):
         self.progress.count(f"would {what}")

@@ -6,6 +6,7 @@ safe to share between them.
 """
 import argparse
 import os
+import queue
 import socket
 import sys
 import threading
@@ -64,6 +65,56 @@ def hash_aside(fn, arg):
     chunk, which lets go of the GIL) in another thread while the chunk is
     sent; returns the function that waits for it (as the master's PUT does)."""
     return _HASHERS.submit(fn, arg).result
+
+
+FEED = 2   # items a worker of each_in_threads takes at a time: few, or the last ones make a tail
+
+
+def each_in_threads(items, fn, workers, feed=FEED):
+    """fn(item) for every item of the iterable `items`, in `workers`
+    threads, each taking `feed` items at a time from a bounded queue (at
+    most 2 * workers * feed items read ahead: bounded memory). Cheaper per
+    item than an executor's future each. Returns once every item is done;
+    if the caller is interrupted (Ctrl-C), once the items the threads hold
+    are done, the others dropped. The first exception fn raises is raised
+    here, once the threads are done (the items after it are not run)."""
+    work = queue.Queue(maxsize=2 * workers)
+    errors = []
+
+    def worker():
+        while (batch := work.get()) is not None:
+            for item in batch:
+                if not errors:
+                    try:
+                        fn(item)
+                    except BaseException as e:
+                        errors.append(e)
+    threads = [threading.Thread(target=worker, name="worker", daemon=True) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    try:
+        batch = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == feed:
+                work.put(batch)
+                batch = []
+        if batch:
+            work.put(batch)
+    except BaseException:
+        try:
+            while True:            # interrupted: what no thread took yet is dropped
+                work.get_nowait()
+        except queue.Empty:
+            pass
+        raise
+    finally:
+        for _ in threads:
+            work.put(None)
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
 
 
 def open_index(prog, path) -> Index:

@@ -99,7 +99,7 @@ class Rebuild(Workload):
 class Rebalance(Workload):
     name, goal, sizes = "rebalance", 1.0, (300, 1500)
     title = "rebalance 3 -> 4 volumes ({keys:,} keys of 10 B to 300 KB)"
-    note = ("wall time, which includes rebalance.py's grace before old copies are deleted; "
+    note = ("wall time (no master has the index open: rebalance.py removes old copies without its grace); "
             "limit: one sendfile copy per moved replica; Go: its rebalance over an index its rebuild made")
 
     def setup(self):

@@ -370,6 +370,31 @@ class Index:
             return db.executemany("INSERT OR IGNORE INTO keys (key, state, volumes, md5, size)"
                                   " VALUES (?, ?, ?, ?, ?)", rows).rowcount
 
+    def lock_many(self, keys, owner, lease=LOCK_LEASE):
+        """Index.lock of several keys in one transaction (rebalance.py's
+        deletes): {key: (record, its notes as Index.notes gives them)} of
+        those it locked; a key missing or held by someone is left out."""
+        now = lock_clock()
+        locked = {}
+        with self.db.write() as db:
+            for key in keys:
+                rec = self._get(db, key)
+                if rec is None or rec.locked(now):
+                    continue
+                db.execute("UPDATE keys SET lock_owner = ?, lock_until = ? WHERE key = ?",
+                           (owner, now + lease, key))
+                rec.lock_owner, rec.lock_until = owner, now + lease
+                locked[key] = (rec, self._notes(db, key))
+        return locked
+
+    def release_many(self, keys, owner, unnoted=()):
+        """Drop the notes `unnoted` [(key, volume)] (copies gone) and release
+        the locks of `keys` held by `owner`, in one transaction."""
+        with self.db.write() as db:
+            db.executemany("DELETE FROM pending_deletes WHERE key = ? AND volume = ?", list(unnoted))
+            db.executemany("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
+                           [(key, owner) for key in keys])
+
     def take_over(self, key, old_owner, owner, lease=LOCK_LEASE):
         """Move a lock from `old_owner` (a process known to be dead) to `owner`.
         Returns the record, or None if the lock is no longer old_owner's."""
@@ -378,12 +403,14 @@ class Index:
                              (owner, lock_clock() + lease, key, old_owner))
             return self._get(db, key) if cur.rowcount == 1 else None
 
-    def switch_volumes(self, key, owner, volumes, dropped, written=()):
+    def switch_volumes(self, key, owner, volumes, dropped, written=(), release=False):
         """Set a locked key's replicas to `volumes`, note the copies on
         `dropped` for a later delete, and drop the notes of `written` (copies
-        this holder just wrote), at once. False if the lock was lost."""
+        this holder just wrote), at once; and with `release`, release the
+        lock in the same transaction. False if the lock was lost."""
+        unlock = ", lock_owner = NULL, lock_until = NULL" if release else ""
         with self.db.write() as db:
-            cur = db.execute("UPDATE keys SET volumes = ? WHERE key = ? AND lock_owner = ?",
+            cur = db.execute(f"UPDATE keys SET volumes = ?{unlock} WHERE key = ? AND lock_owner = ?",
                              (",".join(volumes), key, owner))
             if cur.rowcount != 1:
                 return False
