@@ -117,6 +117,15 @@ def parse_chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+def send_all(sock, data):
+    """sock.sendall(data), in one send() when the socket takes it all at
+    once, as it takes a request of a few hundred bytes: gevent's sendall
+    asks for the socket's buffer size first, a system call more each time."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def unsent(sock):
     """Bytes sent on `sock` that the peer has not acknowledged yet (Linux's
     TIOCOUTQ); None where it cannot be asked."""
@@ -269,7 +278,7 @@ class Conn:
         reading to answer; NoAnswer if it stopped without one."""
         try:
             if len(data) <= SEND_SLICE:
-                self.sock.sendall(data)
+                send_all(self.sock, data)
             else:
                 view = memoryview(data)
                 for at in range(0, len(view), SEND_SLICE):
@@ -374,7 +383,7 @@ class Pool:
                     continue
                 try:
                     conn.sock.settimeout(timeout)
-                    conn.sock.sendall(data)
+                    send_all(conn.sock, data)
                     sent.append((i, host, data, conn, None))
                 except OSError as e:
                     sent.append((i, host, data, conn, e))
@@ -420,7 +429,7 @@ class Pool:
                 continue
             try:
                 conn.sock.settimeout(timeout)
-                conn.sock.sendall(data)
+                send_all(conn.sock, data)
             except OSError as e:
                 conn.close()
                 out[i] = ([], NoAnswer(host, e))
@@ -450,7 +459,7 @@ class Pool:
             conn = self.take(host, new=attempt == 2)
             try:
                 conn.sock.settimeout(timeout)
-                conn.sock.sendall(data)
+                send_all(conn.sock, data)
                 status, low, keep = conn.head()
                 if status in (200, 206):
                     reader = Reader(self, host, conn, low, keep)

@@ -266,8 +266,10 @@ class Volumes:
         """DELETE of each (volume, path) at once: None for each file deleted
         (or already gone), else the VolumeError it got. fence() first, if
         given: it raises if the caller may no longer touch these paths."""
+        if not calls:
+            return []
         deadline = write_deadline(self.op_timeout)
-        if fence is not None and calls:
+        if fence is not None:
             fence()
         out = []
         for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
