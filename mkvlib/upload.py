@@ -8,7 +8,7 @@ from mkvlib.errors import MoveUnknown, VolumeError
 from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request
 from mkvlib.http import target as http_target
 from mkvlib.placement import new_tmp, upload_name, volume_host
-from mkvlib.volumes import refused, write_deadline
+from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, write_deadline
 
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 WHOLE_MAX = 64 << 10       # bytes of a value in hand that put_whole() sends with its MOVE behind it
@@ -85,14 +85,14 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     move: that volume's path is not touched. A MOVE that found a file at
     the path (412), that came too late (410), or that the volume did not
     run is sent again as put() sends it, once every upload is complete.
-    The MOVE's deadline is short (Volumes.move_window), so a volume that
+    The MOVE's deadline is short (move_window), so a volume that
     answers nothing costs op_timeout, as its upload alone would. Raises
     what put() raises, with `.outcomes`."""
     tmp = tmp or new_tmp()
     names = {v: upload_name(tmp, v) for v in targets}
     md5, size = hashlib.md5(value).hexdigest(), len(value)
     again = None if fence is None else (lambda: fence(md5, size))   # noqa: E731
-    deadline = write_deadline(volumes.move_window())
+    deadline = write_deadline(move_window(volumes))
     try:
         if again is not None:
             again()
@@ -116,6 +116,14 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
         error.outcomes = outcomes
         raise error
     return md5, size
+
+
+def move_window(volumes):
+    """Seconds a MOVE sent behind its upload may take: short enough that,
+    once op_timeout has passed without an answer, its deadline has passed
+    on the volume's clock too (a second's rounding and CLOCK_SKEW), so a
+    frozen volume costs op_timeout, as an upload does, and no settle() more."""
+    return min(volumes.op_timeout - 2 - CLOCK_SKEW, WRITE_TIMEOUT_MAX)
 
 
 def _whole_outcomes(targets, results):

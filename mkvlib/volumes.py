@@ -9,6 +9,7 @@ import json
 import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
+from mkvlib.exchange import exchange
 from mkvlib.health import DOWN_RETRY, Health
 from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason, request
 from mkvlib.http import target as http_target
@@ -334,14 +335,6 @@ class Volumes:
             out.append(result)
         return out
 
-    def move_window(self):
-        """Seconds a MOVE sent behind its upload (upload_and_move) may take:
-        short enough that, once op_timeout has passed without an answer,
-        its deadline has passed on the volume's clock too (a second's
-        rounding and CLOCK_SKEW), so a frozen volume costs op_timeout, as
-        an upload does, and not a settle() more."""
-        return min(self.op_timeout - 2 - CLOCK_SKEW, WRITE_TIMEOUT_MAX)
-
     def upload_and_move(self, uploads, path, deadline):
         """Each volume's upload and the MOVE of it onto `path` (never over a
         file, as moves() sends it, with `deadline`) in one send, pipelined
@@ -358,28 +351,15 @@ class Volumes:
             move = request("MOVE", host, name, self._move_headers(volume, path) + deadline_headers(deadline))
             calls.append((host, put + move, 2))
         try:
-            got = self.pool.exchange(calls, timeout=self.op_timeout)
+            got = exchange(self.pool, calls, timeout=self.op_timeout)
         except BaseException:   # cut off (GreenletExit, say) while its MOVEs were out: they may still run
             self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
             raise
-        out = [self._upload_and_move_result(volume_host(v), *g) for v, g in zip(uploads, got)]
+        out = [_upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
         if any(isinstance(error, NoAnswer) for _, error in got):
             self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
             self.settle()
         return out
-
-    def _upload_and_move_result(self, host, answers, error):
-        """(upload, move) of one volume, from Pool.exchange's (answers, error)."""
-        if isinstance(error, Unreachable):
-            return self.failed(host, error.cause), None
-        if answers:
-            self.health.answered(host)
-        if error is None:
-            return answers[0], answers[1] if len(answers) > 1 else None
-        # the volume is marked down once, by what it did not answer first
-        upload = answers[0] if answers else self.failed(host, error.cause, what="failed during upload")
-        return upload, self.failed(host, error.cause, mark=bool(answers), what="did not answer MOVE",
-                                   kind=MoveUnknown)
 
     def _move_headers(self, volume, path, overwrite=False):
         host, there = _on_host(volume, path)
@@ -431,6 +411,20 @@ class Volumes:
                                   kind=MoveUnknown, deadline=deadline)
         if status not in (201, 204):
             raise refused(volume, "MOVE", status, body)
+
+
+def _upload_and_move_result(volumes, host, answers, error):
+    """(upload, move) of one volume, from exchange()'s (answers, error)."""
+    if isinstance(error, Unreachable):
+        return volumes.failed(host, error.cause), None
+    if answers:
+        volumes.health.answered(host)
+    if error is None:
+        return answers[0], answers[1] if len(answers) > 1 else None
+    # the volume is marked down once, by what it did not answer first
+    upload = answers[0] if answers else volumes.failed(host, error.cause, what="failed during upload")
+    return upload, volumes.failed(host, error.cause, mark=bool(answers), what="did not answer MOVE",
+                               kind=MoveUnknown)
 
 
 class Download:
