@@ -195,7 +195,7 @@ class Master:
         """Sink for every path and method: the whole key space."""
         deferred = req.env.pop(DEFERRED_ERROR, None)
         if deferred is not None:
-            raise deferred    # the fast read's error, rendered as every other one
+            raise deferred    # a fast path's error, rendered as every other one
         handler = self.HANDLERS.get(req.method)
         if handler is None:
             raise falcon.HTTPMethodNotAllowed(list(self.HANDLERS), title=f"method {req.method} not allowed")
@@ -203,10 +203,14 @@ class Master:
         query = parse_query(req.query_string) if req.query_string else {}
         if query and handler != "on_get":
             raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
-        if handler != "on_get" and self.settings.secret and not hmac.compare_digest(
-                (req.get_header(SECRET_HEADER) or "").encode(), self.settings.secret.encode()):
+        if handler != "on_get" and not self.authorized(req.env):
             raise Unauthorized(f"{req.method} needs the header {SECRET_HEADER}: MKV_SECRET")
         getattr(self, handler)(req, resp, key, query)
+
+    def authorized(self, environ):
+        """A write may go on: no MKV_SECRET, or the request carries it."""
+        secret = self.settings.secret
+        return not secret or hmac.compare_digest((environ.get(SECRET_ENVIRON) or "").encode(), secret.encode())
 
     def on_get(self, req, resp, key, query):
         listing = [op for op in ("list", "unlinked") if op in query]
@@ -289,21 +293,26 @@ class Master:
         return self._listing_turn
 
     def on_put(self, req, resp, key, query):
+        md5 = self.put_value(key, req.stream, req.content_length)
+        resp.status = falcon.HTTP_201
+        resp.set_header("Content-Md5", md5)
+        resp.content_length = 0
+
+    def put_value(self, key, stream, length):
+        """Store the body in `stream` (`length` bytes, None if chunked) at
+        `key`; returns its md5 (hex)."""
         try:
             key.decode("utf-8")
         except UnicodeDecodeError:
             # listings hand keys out as JSON text: a key that is not UTF-8 could not be paged through
             raise BadKey("key is not UTF-8 once percent-decoded") from None
-        length = req.content_length   # None for a chunked body
         if length == 0:
             raise EmptyValue("empty value: a PUT needs a body")
         if length is not None and length > VALUE_MAX:
             # passed on, it would be the volumes' 400 and our 502 for the client's lie
             raise falcon.HTTPContentTooLarge(title=f"Content-Length over {VALUE_MAX}: no volume takes it")
-        md5, size = self.store.put(key, read_body(req.stream, length), length)
-        resp.status = falcon.HTTP_201
-        resp.set_header("Content-Md5", md5)
-        resp.content_length = 0
+        md5, size = self.store.put(key, read_body(stream, length), length)
+        return md5
 
     def on_delete(self, req, resp, key, query):
         self.store.delete(key)
@@ -314,45 +323,68 @@ class Master:
         resp.status = falcon.HTTP_204
 
 
-# -- the fast read: a plain GET or HEAD of a key without Falcon
+# -- the fast paths: a plain GET, HEAD, PUT or DELETE of a key without Falcon
 
-DEFERRED_ERROR = "mkv.read_error"    # environ key: the error of a fast read, for Falcon to render
+DEFERRED_ERROR = "mkv.read_error"    # environ key: the error of a fast path, for Falcon to render
+SECRET_ENVIRON = "HTTP_" + SECRET_HEADER.upper().replace("-", "_")
 TEXT = ("content-type", "text/plain; charset=utf-8")
-FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302
+FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302 and the 201
 MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
+READS, WRITES = ("GET", "HEAD"), ("PUT", "DELETE")
 
 
-def plain_read(environ):
-    """The key of a GET or HEAD with no query (what most requests are), or
+def plain_key(environ):
+    """The key of a request with no query (what most requests are), or
     None: the request goes through Falcon."""
-    method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
-    if (method == "GET" or method == "HEAD") and not environ.get("QUERY_STRING") and path[:1] == "/":
+    path = environ.get("PATH_INFO", "")
+    if not environ.get("QUERY_STRING") and path[:1] == "/":
         return path.encode("latin-1")
     return None
 
 
-def fast_read(master, app):
-    """The WSGI app: a plain GET or HEAD is answered here with the very
-    headers Falcon gives it (its 302, or the 404 with an empty body), at
-    about half the cost per request; any other request, and a read that
-    failed otherwise (its error kept in the environ), go to Falcon's `app`."""
+def content_length(environ):
+    """The request's Content-Length as Falcon reads it: None if absent or
+    empty (a chunked body), falcon.HTTPInvalidHeader if not a count."""
+    value = environ.get("CONTENT_LENGTH")
+    if not value:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        length = -1
+    if length < 0:
+        raise falcon.HTTPInvalidHeader("The value of the header must be a positive number.", "Content-Length")
+    return length
+
+
+def fast_paths(master, app):
+    """The WSGI app: a plain GET, HEAD, PUT or DELETE of a key (no query,
+    the secret given if one is set) is answered here with the very headers
+    Falcon gives it, at about half its cost per request; any other request,
+    and one that failed (its error kept in the environ), go to Falcon's
+    `app`, which renders the error as every other one."""
     def serve(environ, start_response):
-        key = plain_read(environ)
-        if key is not None:
-            try:
-                headers = master.found_headers(key)
-            except MkvError as e:
-                if type(e) is not KeyMissing and status_of(e) != falcon.HTTP_404:   # the common 404 first
-                    environ[DEFERRED_ERROR] = e
-                    return app(environ, start_response)
+        key = plain_key(environ)
+        method = environ["REQUEST_METHOD"]
+        if key is None or not (method in READS or (method in WRITES and master.authorized(environ))):
+            return app(environ, start_response)
+        try:
+            if method == "PUT":
+                md5 = master.put_value(key, environ["wsgi.input"], content_length(environ))
+                start_response("201 Created", [("content-md5", md5)] + FOUND_TAIL)
+            elif method == "DELETE":
+                master.store.delete(key)
+                start_response("204 No Content", [])
+            else:
+                start_response("302 Found", master.found_headers(key) + FOUND_TAIL)
+        except Exception as e:
+            if method in READS and (type(e) is KeyMissing or   # the common 404 first
+                                    isinstance(e, MkvError) and status_of(e) == falcon.HTTP_404):
                 start_response("404 Not Found", list(MISSING_HEADERS))
                 return []
-            except Exception as e:
-                environ[DEFERRED_ERROR] = e
-                return app(environ, start_response)
-            start_response("302 Found", headers + FOUND_TAIL)
-            return []
-        return app(environ, start_response)
+            environ[DEFERRED_ERROR] = e
+            return app(environ, start_response)
+        return []
     serve.falcon_app = app
     return serve
 
@@ -400,7 +432,7 @@ def handle_unexpected(req, resp, exc, params):
 
 
 def create_app(settings: Settings, store=None, master=None):
-    """The master's WSGI app: Falcon's, behind fast_read. `store`: the Store
+    """The master's WSGI app: Falcon's, behind fast_paths. `store`: the Store
     to use (or any object with its methods, for in-process tests of the HTTP
     contract); by default each process opens its own on first use. `master`:
     the Master to serve (the metrics wrapper keeps it, to open its store at
@@ -417,7 +449,7 @@ def create_app(settings: Settings, store=None, master=None):
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(sqlite3.Error, handle_index_error)
     app.add_error_handler(MkvError, handle_storage_error)
-    return fast_read(master, app)
+    return fast_paths(master, app)
 
 
 def _app_from_env():

@@ -10,14 +10,20 @@ volume's work. Measured on this kind of machine: a HEAD to a local nginx
 took 73 us this way and 574 us through urllib3's PoolManager. Under gevent
 the sockets are gevent's, so a call waits without blocking the worker; in
 the tools' threads they are the standard library's."""
-import errno
 import fcntl
 import re
+import select
 import socket
 import struct
 import termios
 import time
 from urllib.parse import quote
+
+try:   # the system's poll, not gevent's: a look that never waits needs no greenlet switch
+    from gevent.monkey import get_original
+    _poll = get_original("select", "poll")
+except ImportError:
+    from select import poll as _poll
 
 KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 SEND_SLICE = 256 << 10     # bytes of an upload a server must take within the socket's timeout
@@ -117,6 +123,15 @@ def parse_chunk_size(line: bytes) -> int:
     return int(size, 16)
 
 
+def send_all(sock, data):
+    """sock.sendall(data), in one send() when the socket takes it all at
+    once, as it takes a request of a few hundred bytes: gevent's sendall
+    asks for the socket's buffer size first, a system call more each time."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def unsent(sock):
     """Bytes sent on `sock` that the peer has not acknowledged yet (Linux's
     TIOCOUTQ); None where it cannot be asked."""
@@ -130,12 +145,13 @@ class Conn:
     """One keep-alive HTTP/1.1 connection to a server, and the bytes read
     from it that no answer has taken yet."""
 
-    __slots__ = ("sock", "buf", "pos", "since", "used")
+    __slots__ = ("sock", "buf", "pos", "since", "used", "poller")
 
     def __init__(self, sock):
         self.sock, self.buf, self.pos = sock, b"", 0
         self.since = time.monotonic()   # when it was last left idle
         self.used = False               # it has answered: a failure now may be the server closing it
+        self.poller = None              # made on the first alive()
 
     def close(self):
         self.sock.close()
@@ -149,12 +165,14 @@ class Conn:
         closed by the server meanwhile: a peek that does not wait."""
         if time.monotonic() - self.since >= KEEPALIVE_IDLE or not self.clean():
             return False
+        if self.poller is None:
+            self.poller = _poll()
+            self.poller.register(self.sock.fileno(), select.POLLIN)
         try:
-            self.sock.settimeout(0)
-            self.sock.recv(1, socket.MSG_PEEK)   # b"" (closed) or bytes nobody asked for
-        except OSError as e:
-            return e.errno in (errno.EAGAIN, errno.EWOULDBLOCK)
-        return False
+            # nothing to read: a close (an end of file), bytes nobody asked for or an error would be
+            return not self.poller.poll(0)
+        except OSError:
+            return False
 
     # -- reading answers from self.buf, refilled from the socket
 
@@ -269,7 +287,7 @@ class Conn:
         reading to answer; NoAnswer if it stopped without one."""
         try:
             if len(data) <= SEND_SLICE:
-                self.sock.sendall(data)
+                send_all(self.sock, data)
             else:
                 view = memoryview(data)
                 for at in range(0, len(view), SEND_SLICE):
@@ -374,7 +392,7 @@ class Pool:
                     continue
                 try:
                     conn.sock.settimeout(timeout)
-                    conn.sock.sendall(data)
+                    send_all(conn.sock, data)
                     sent.append((i, host, data, conn, None))
                 except OSError as e:
                     sent.append((i, host, data, conn, e))
@@ -406,7 +424,7 @@ class Pool:
             conn = self.take(host, new=attempt == 2)
             try:
                 conn.sock.settimeout(timeout)
-                conn.sock.sendall(data)
+                send_all(conn.sock, data)
                 status, low, keep = conn.head()
                 if status in (200, 206):
                     reader = Reader(self, host, conn, low, keep)

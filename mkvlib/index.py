@@ -187,26 +187,31 @@ class Index:
                     raise KeyExists("key exists: DELETE it first (PUT does not overwrite)")
                 if old.locked(now):
                     raise KeyBusy("key is being written or deleted by another request")
-            added = self._note(db, key, volumes, tmp)
+            # the notes there stay as they are (with their upload names); ours go in at once
+            notes = self._notes(db, key)
+            added = {v: tmp for v in volumes if v not in notes}
             if old is not None:
-                added += self._note(db, key, [v for v in old.volumes if v not in volumes])
+                added.update((v, None) for v in old.volumes if v not in volumes and v not in notes)
+            when = time.time()
+            db.executemany("INSERT INTO pending_deletes (key, volume, since, tmp) VALUES (?, ?, ?, ?)",
+                           [(key, v, when, t) for v, t in added.items()])
+            notes.update(added)
             db.execute("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
                        " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
                        (key, WRITING, ",".join(volumes), owner, now + lease))
-            notes = self._notes(db, key)
-        return Claim(old, added, notes)
+        return Claim(old, list(added), notes)
 
     def finish_put(self, key, owner, md5, size, resolved=()):
         """Make a claimed key live: its copies are vouched for now, so their
         notes go, with those of `resolved` (copies removed meanwhile). False
         if the claim was lost."""
         with self.db.write() as db:
-            cur = db.execute("UPDATE keys SET state = ?, md5 = ?, size = ?, lock_owner = NULL, lock_until = NULL"
-                             " WHERE key = ? AND lock_owner = ? AND state = ?",
-                             (LIVE, md5, size, key, owner, WRITING))
-            if cur.rowcount != 1:
+            rows = db.execute("UPDATE keys SET state = ?, md5 = ?, size = ?, lock_owner = NULL, lock_until = NULL"
+                              " WHERE key = ? AND lock_owner = ? AND state = ? RETURNING volumes",
+                              (LIVE, md5, size, key, owner, WRITING)).fetchall()
+            if len(rows) != 1:
                 return False
-            self._unnote(db, key, self._get(db, key).volumes + list(resolved))
+            self._unnote(db, key, rows[0][0].split(",") + list(resolved))
             return True
 
     def abandon_put(self, key, owner, leftovers=(), resolved=()):

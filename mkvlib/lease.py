@@ -8,9 +8,9 @@ import socket
 import sqlite3
 import threading
 import time
-import uuid
 
 from mkvlib.errors import IndexBusy, KeyBusy
+from mkvlib.placement import unique_hex
 
 log = logging.getLogger("mkv")
 
@@ -36,10 +36,24 @@ def boot_id() -> str:
         return ""
 
 
+# this process's id and the "host:pid:" of its lock owners, kept up to date
+# by a fork hook: os.getpid() and the host name are system calls
+_PROCESS = {}
+
+
+def _this_process():
+    _PROCESS.update(pid=os.getpid(), owner=f"{socket.gethostname()}:{os.getpid()}:")
+
+
+_this_process()
+os.register_at_fork(after_in_child=_this_process)
+
+
 def new_owner(tag="") -> str:
-    """A lock owner token (host:pid:tag+random); says who holds a lock when
-    someone looks at the index, and lets the tools tell a dead holder."""
-    return f"{socket.gethostname()}:{os.getpid()}:{tag}{uuid.uuid4().hex[:12]}"
+    """A lock owner token (host:pid:tag+unique); says who holds a lock when
+    someone looks at the index, and lets the tools tell a dead holder. No
+    system call: the host and pid are this process's, kept since its start."""
+    return f"{_PROCESS['owner']}{tag}{unique_hex()}"
 
 
 class Lease:
@@ -94,10 +108,10 @@ class Lease:
 
     @staticmethod
     def _start_renewer():
-        if Lease._renewer_pid != os.getpid():
+        if Lease._renewer_pid != _PROCESS["pid"]:
             with Lease._start:
-                if Lease._renewer_pid != os.getpid():
-                    Lease._renewer_pid = os.getpid()
+                if Lease._renewer_pid != _PROCESS["pid"]:
+                    Lease._renewer_pid = _PROCESS["pid"]
                     Lease._later.clear()   # a fork's parent's: not ours to do
                     threading.Thread(target=Lease._renew_all, daemon=True, name="leases").start()
 

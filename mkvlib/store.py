@@ -93,9 +93,13 @@ class Store:
                 for v in volumes:
                     if not self.health.may_write(volume_host(v)):
                         raise VolumeDown(f"volume {volume_host(v)} is down: cannot write all replicas")
-                md5, size = upload.put(self.volumes, volumes, path, lease.guard(_chain(first, chunks)), length,
-                                       tmp=tmp, fence=lambda md5, size: self._fence_put(key, owner, lease,
-                                                                                        md5, size, check))
+                fence = lambda md5, size: self._fence_put(key, owner, lease, md5, size, check)  # noqa: E731
+                if length is not None and 0 < length == len(first) <= upload.WHOLE_MAX:
+                    # the whole value in hand: each volume's upload and MOVE in one send
+                    md5, size = upload.put_whole(self.volumes, volumes, path, first, tmp=tmp, fence=fence)
+                else:
+                    md5, size = upload.put(self.volumes, volumes, path, lease.guard(_chain(first, chunks)),
+                                           length, tmp=tmp, fence=fence)
             except BaseException as e:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise

@@ -5,12 +5,13 @@ so an upload a frozen volume finishes late stays an upload."""
 import hashlib
 
 from mkvlib.errors import MoveUnknown, VolumeError
-from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason
+from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request
 from mkvlib.http import target as http_target
 from mkvlib.placement import new_tmp, upload_name, volume_host
-from mkvlib.volumes import write_deadline
+from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, write_deadline
 
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
+WHOLE_MAX = 64 << 10       # bytes of a value in hand that put_whole() sends with its MOVE behind it
 # what a failed put() may have left at a volume's path: our bytes, maybe our
 # bytes, or nothing (a file found there was deleted, then the MOVE failed)
 LANDED, UNKNOWN, CLEARED = "landed", "unknown", "cleared"
@@ -73,6 +74,99 @@ def put(volumes, targets, path, chunks, length=None, tmp=None, fence=None):
         error.outcomes = outcomes
         raise error
     return md5, size
+
+
+def put_whole(volumes, targets, path, value, tmp=None, fence=None):
+    """put() of a value in hand (bytes, at most WHOLE_MAX), in one round
+    trip to each volume instead of two: its md5 and size are known before a
+    byte is sent, so fence(md5, size) comes first, and then each volume gets
+    its upload and the MOVE of it onto `path` in one send
+    (Volumes.upload_and_move). A MOVE whose upload failed has nothing to
+    move: that volume's path is not touched. A MOVE that found a file at
+    the path (412), that came too late (410), or that the volume did not
+    run is sent again as put() sends it, once every upload is complete.
+    The MOVE's deadline is short (move_window), so a volume that
+    answers nothing costs op_timeout, as its upload alone would. Raises
+    what put() raises, with `.outcomes`."""
+    tmp = tmp or new_tmp()
+    names = {v: upload_name(tmp, v) for v in targets}
+    md5, size = hashlib.md5(value).hexdigest(), len(value)
+    again = None if fence is None else (lambda: fence(md5, size))   # noqa: E731
+    deadline = write_deadline(move_window(volumes))
+    try:
+        if again is not None:
+            again()
+    except BaseException as e:
+        e.outcomes = {}      # nothing sent
+        raise
+    head = b"Content-Length: %d\r\n%s" % (size, volumes.write_headers)
+    puts = {v: (names[v], request("PUT", volume_host(v), names[v], head) + value) for v in targets}
+    try:
+        results = volumes.upload_and_move(puts, path, deadline)
+    except BaseException as e:
+        e.outcomes = {v: UNKNOWN for v in targets}   # cut off with its MOVEs out: any may land
+        raise
+    outcomes, errors, unmoved = _whole_outcomes(targets, results)
+    if not errors:
+        _move_unmoved(volumes, names, path, unmoved, again, outcomes, errors)
+    if errors:
+        # an upload that was not moved stays one, taking space
+        volumes.delete_uploads({v: names[v] for v in unmoved if v not in outcomes})
+        error = next(errors[v] for v in targets if v in errors)
+        error.outcomes = outcomes
+        raise error
+    return md5, size
+
+
+def move_window(volumes):
+    """Seconds a MOVE sent behind its upload may take: short enough that,
+    once op_timeout has passed without an answer, its deadline has passed
+    on the volume's clock too (a second's rounding and CLOCK_SKEW), so a
+    frozen volume costs op_timeout, as an upload does, and no settle() more."""
+    return min(volumes.op_timeout - 2 - CLOCK_SKEW, WRITE_TIMEOUT_MAX)
+
+
+def _whole_outcomes(targets, results):
+    """What Volumes.upload_and_move's results say: ({volume: LANDED or
+    UNKNOWN}, {volume: error}, {volume: delete a file at the path first?}
+    of the uploads that are complete and not moved)."""
+    outcomes, errors, unmoved = {}, {}, {}
+    for v, (up, move) in zip(targets, results):
+        if isinstance(up, Exception):
+            errors[v] = up
+            if move is not None:
+                outcomes[v] = UNKNOWN     # unanswered: the upload, then its MOVE, may have run
+        elif up[0] not in (201, 204):
+            # no upload, so its MOVE had nothing to move
+            errors[v] = VolumeError(f"volume {volume_host(v)} answered PUT with {up[0]}: {nginx_reason(up[1])}")
+        elif isinstance(move, Exception):
+            outcomes[v], errors[v] = UNKNOWN, move
+        elif move is not None and move[0] in (201, 204):
+            outcomes[v] = LANDED
+        else:
+            unmoved[v] = move is not None and move[0] == 412
+            if move is not None and move[0] not in (410, 412):
+                errors[v] = refused(v, "MOVE", *move)
+    return outcomes, errors, unmoved
+
+
+def _move_unmoved(volumes, names, path, unmoved, fence, outcomes, errors):
+    """MOVE the uploads `unmoved` ({volume: delete first?}) as put() does,
+    one by one; their outcomes and errors go into those dicts."""
+    try:
+        for v, delete_first in unmoved.items():
+            try:
+                volumes.move(v, names[v], path, delete_first=delete_first, fence=fence)
+                outcomes[v] = LANDED
+            except VolumeError as e:
+                errors[v] = e
+                if isinstance(e, MoveUnknown):
+                    outcomes[v] = UNKNOWN
+                elif e.cleared:
+                    outcomes[v] = CLEARED
+    except BaseException as e:
+        e.outcomes = {v: UNKNOWN for v in names}   # cut off among the MOVEs: any may have landed
+        raise
 
 
 class Upload:

@@ -9,8 +9,9 @@ import json
 import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
+from mkvlib.exchange import exchange
 from mkvlib.health import DOWN_RETRY, Health
-from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason
+from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason, request
 from mkvlib.http import target as http_target
 from mkvlib.placement import ID_PATH, upload_name, volume_host
 from mkvlib.settings import SECRET_HEADER
@@ -266,8 +267,10 @@ class Volumes:
         """DELETE of each (volume, path) at once: None for each file deleted
         (or already gone), else the VolumeError it got. fence() first, if
         given: it raises if the caller may no longer touch these paths."""
+        if not calls:
+            return []
         deadline = write_deadline(self.op_timeout)
-        if fence is not None and calls:
+        if fence is not None:
             fence()
         out = []
         for (volume, _), result in zip(calls, self._fan("DELETE", [(v, p, self.write_headers) for v, p in calls],
@@ -332,6 +335,32 @@ class Volumes:
             out.append(result)
         return out
 
+    def upload_and_move(self, uploads, path, deadline):
+        """Each volume's upload and the MOVE of it onto `path` (never over a
+        file, as moves() sends it, with `deadline`) in one send, pipelined
+        on one connection, all volumes at once: `uploads` {volume: (upload
+        name, the bytes of its PUT)}. Returns, in that order, (upload, move)
+        of each: its (status, body), None if the volume did not run it (it
+        closed the connection after the upload's answer, as it said it
+        would), or the error: VolumeDown for an upload (unanswered, it may
+        still complete), MoveUnknown for a MOVE (unanswered, it may still
+        land). Returns only once no MOVE it sent can still run (settle)."""
+        calls = []
+        for volume, (name, put) in uploads.items():
+            host = volume_host(volume)
+            move = request("MOVE", host, name, self._move_headers(volume, path) + deadline_headers(deadline))
+            calls.append((host, put + move, 2))
+        try:
+            got = exchange(self.pool, calls, timeout=self.op_timeout)
+        except BaseException:   # cut off (GreenletExit, say) while its MOVEs were out: they may still run
+            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            raise
+        out = [_upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
+        if any(isinstance(error, NoAnswer) for _, error in got):
+            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            self.settle()
+        return out
+
     def _move_headers(self, volume, path, overwrite=False):
         host, there = _on_host(volume, path)
         return b"Destination: %s\r\nOverwrite: %s\r\n%s" % (http_target(there), b"T" if overwrite else b"F",
@@ -382,6 +411,20 @@ class Volumes:
                                   kind=MoveUnknown, deadline=deadline)
         if status not in (201, 204):
             raise refused(volume, "MOVE", status, body)
+
+
+def _upload_and_move_result(volumes, host, answers, error):
+    """(upload, move) of one volume, from exchange()'s (answers, error)."""
+    if isinstance(error, Unreachable):
+        return volumes.failed(host, error.cause), None
+    if answers:
+        volumes.health.answered(host)
+    if error is None:
+        return answers[0], answers[1] if len(answers) > 1 else None
+    # the volume is marked down once, by what it did not answer first
+    upload = answers[0] if answers else volumes.failed(host, error.cause, what="failed during upload")
+    return upload, volumes.failed(host, error.cause, mark=bool(answers), what="did not answer MOVE",
+                               kind=MoveUnknown)
 
 
 class Download:

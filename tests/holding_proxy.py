@@ -3,7 +3,9 @@ stalled nginx worker, a blocked disk or a slow network does: the request
 reaches nginx seconds after it was sent, and is carried out then, even if its
 client gave up on it and closed the connection meanwhile. Everything else
 passes at once, in order (a held request holds those behind it on its
-connection, as nginx serves one connection's requests in order)."""
+connection, as nginx serves one connection's requests in order; a refused
+one is answered in its turn, after the answers to those before it)."""
+import collections
 import re
 import socket
 import threading
@@ -18,6 +20,7 @@ class HoldingProxy:
         self.port = port or free_port()
         self.rules = []             # [pattern, delay, times left]
         self.delivered = []         # (request line, seconds late) of each held request once sent on
+        self.arrived = []           # (request line, time its head came, time it was sent on) of each
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port), backlog=128)
         self._stop = threading.Event()
@@ -71,13 +74,14 @@ class HoldingProxy:
             except OSError:
                 client.close()
                 continue
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._answers, args=(upstream, client), daemon=True).start()
+            turns = _Turns(client)
+            threading.Thread(target=self._requests, args=(client, upstream, turns), daemon=True).start()
+            threading.Thread(target=self._answers, args=(upstream, client, turns), daemon=True).start()
 
-    def _answers(self, upstream, client):
+    def _answers(self, upstream, client, turns):
         """nginx's answers back to the client; once the client is gone, read and dropped."""
         upstream.settimeout(None)
-        client_ok = True
+        answers = _Answers(turns)
         while True:
             try:
                 data = upstream.recv(65536)
@@ -85,18 +89,15 @@ class HoldingProxy:
                 data = b""
             if not data:
                 break
-            if client_ok:
-                try:
-                    client.sendall(data)
-                except OSError:
-                    client_ok = False
+            turns.send(data)
+            answers.feed(data)
         for s in (client, upstream):
             try:
                 s.close()
             except OSError:
                 pass
 
-    def _requests(self, client, upstream):
+    def _requests(self, client, upstream, turns):
         """The client's requests, one by one, each passed on whole (held ones late)."""
         reader = _Reader(client)
         try:
@@ -104,18 +105,21 @@ class HoldingProxy:
                 head = reader.upto(b"\r\n\r\n")
                 if head is None:
                     break
+                came = reader.came
                 line = head.split(b"\r\n", 1)[0]
                 delay = self._delay_for(line)
                 body = reader.body_of(head)
                 if delay < 0:                  # refused here: the volume never sees it
                     for _ in body:
                         pass
-                    client.sendall(b"HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n" % -delay)
+                    turns.refuse(b"HTTP/1.1 %d Refused\r\nContent-Length: 0\r\n\r\n" % -delay)
                     continue
+                turns.passed_on(line.startswith(b"HEAD "))
                 if delay:
                     sent = time.monotonic()
                     time.sleep(delay)
                 upstream.sendall(head + b"\r\n\r\n")
+                self.arrived.append((line, came, time.monotonic()))
                 for piece in body:
                     upstream.sendall(piece)
                 if delay:
@@ -129,11 +133,102 @@ class HoldingProxy:
                 pass
 
 
+class _Turns:
+    """One connection's requests in order, each passed on (to be answered
+    by the volume) or refused (answered by the proxy, once the volume has
+    answered every request before it)."""
+
+    def __init__(self, client):
+        self.client, self.client_ok = client, True
+        self.lock = threading.Lock()
+        self.waiting = collections.deque()   # True/False (a HEAD?) for a request passed on; bytes: a refusal
+
+    def send(self, data):
+        if self.client_ok:
+            try:
+                self.client.sendall(data)
+            except OSError:
+                self.client_ok = False
+
+    def passed_on(self, is_head):
+        with self.lock:
+            self.waiting.append(is_head)
+
+    def refuse(self, answer):
+        with self.lock:
+            if self.waiting:
+                self.waiting.append(answer)
+            else:
+                self.send(answer)
+
+    def next_is_head(self):
+        with self.lock:
+            return bool(self.waiting and self.waiting[0] is True)
+
+    def answered(self):
+        """The volume's answer to the oldest request passed on is sent: then the refusals behind it."""
+        with self.lock:
+            if self.waiting:
+                self.waiting.popleft()
+            while self.waiting and isinstance(self.waiting[0], bytes):
+                self.send(self.waiting.popleft())
+
+
+class _Answers:
+    """Where each of the volume's answers ends, in the bytes it sends back."""
+
+    def __init__(self, turns):
+        self.turns, self.buf, self.left = turns, b"", None   # left: body bytes still to come, or "chunked"
+
+    def feed(self, data):
+        self.buf += data
+        while self._one():
+            self.turns.answered()
+
+    def _one(self):
+        """Take one whole answer from the buffer: True if there was one."""
+        if self.left is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            head, self.buf = self.buf[:end].lower(), self.buf[end + 4:]
+            status = int(head.split(b" ", 2)[1])
+            length = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
+            if self.turns.next_is_head() or status in (204, 304):
+                self.left = 0
+            elif re.search(rb"\r\ntransfer-encoding:\s*chunked", head):
+                self.left = "chunked"
+            else:
+                self.left = int(length.group(1)) if length else 0
+        if self.left == "chunked":
+            return self._chunks()
+        if len(self.buf) < self.left:
+            return False
+        self.buf, self.left = self.buf[self.left:], None
+        return True
+
+    def _chunks(self):
+        while True:
+            eol = self.buf.find(b"\r\n")
+            if eol < 0:
+                return False
+            size = int(self.buf[:eol].split(b";")[0], 16)
+            if size == 0:
+                if not self.buf.startswith(b"\r\n", eol + 2):
+                    return False
+                self.buf, self.left = self.buf[eol + 4:], None
+                return True
+            if len(self.buf) < eol + 2 + size + 2:
+                return False
+            self.buf = self.buf[eol + 2 + size + 2:]
+
+
 class _Reader:
     """Bytes from the client, kept after it closes: what it sent still goes on."""
 
     def __init__(self, sock):
         self.sock, self.buf = sock, b""
+        self.came = None           # when the bytes last read came: upto() reads until its mark came
         sock.settimeout(None)
 
     def more(self):
@@ -142,6 +237,7 @@ class _Reader:
         except OSError:
             data = b""
         self.buf += data
+        self.came = time.monotonic()
         return bool(data)
 
     def upto(self, mark):
