@@ -10,6 +10,7 @@ a thread of its own, so it answers whatever the workers are doing:
                     the tools' progress, and what is read here per scrape
     /               the status page (statuspage.py)
 """
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,14 @@ READY_WRITE_TIMEOUT = 2.0   # seconds the readiness check waits for the index's 
 INDEX_SPACE_MIN = 1 << 20   # bytes free on the index's disk under which it is full (a PUT
                             # writes a few pages; a WAL with room left takes writes a while longer)
 _server = []                # the one listener of this process
+# The arbiter must not fork while this thread has the index open: SQLite's
+# state of an open file (its locks, the WAL index's) is kept per process and
+# a fork copies it, so a worker forked during a readiness check saw the WAL
+# write lock as held within its own process, and its first BEGIN IMMEDIATE
+# waited out the busy timeout and failed (sqlite.org/howtocorrupt.html,
+# "carrying an open database connection across a fork"). listen() makes
+# every fork of the arbiter wait until this thread's connection is closed.
+_no_fork = []               # the lock, once listen() made it
 
 
 class View:
@@ -57,14 +66,11 @@ class View:
         except OSError:
             pass
         try:
-            db = sqlite3.connect(self.settings.db, timeout=READY_WRITE_TIMEOUT, isolation_level=None)
-            try:
+            with index_connection(self.settings.db, timeout=READY_WRITE_TIMEOUT, isolation_level=None) as db:
                 db.execute("BEGIN IMMEDIATE")
                 db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('ready_check', ?)",
                            (str(time.time()),))
                 db.execute("COMMIT")
-            finally:
-                db.close()
         except sqlite3.Error as e:
             what = "disk full" if is_full(e) else " ".join(str(e).split())
             return f"index {self.settings.db} cannot be written: {what}"
@@ -86,13 +92,10 @@ class View:
     def index(self):
         """(counts, notes, volume_ids) read from the index; ({}, None, {}) if it cannot be read."""
         try:
-            db = sqlite3.connect(f"file:{self.settings.db}?mode=ro", uri=True, timeout=1.0)
-            try:
+            with index_connection(f"file:{self.settings.db}?mode=ro", uri=True, timeout=1.0) as db:
                 notes = db.execute("SELECT count(*) FROM pending_deletes").fetchone()[0]
                 ids = dict(db.execute("SELECT host, id FROM volume_ids"))
                 return counts.read(db), notes, ids
-            finally:
-                db.close()
         except sqlite3.Error:
             return {}, None, {}
 
@@ -222,10 +225,33 @@ def original(module, name):
     return monkey.get_original(module, name)
 
 
+@contextlib.contextmanager
+def index_connection(*args, **kwargs):
+    """sqlite3.connect(*args, **kwargs), closed at the end, and no fork of
+    this process meanwhile (once listen() has run)."""
+    with _no_fork[0] if _no_fork else contextlib.nullcontext():
+        db = sqlite3.connect(*args, **kwargs)
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+def hold_forks_while_the_index_is_open():
+    """Make every fork of this process wait for index_connection()s to close
+    (a real lock: the fork is in the arbiter's main thread, the connection
+    in the listener's)."""
+    if not _no_fork:
+        lock = original("_thread", "allocate_lock")()
+        os.register_at_fork(before=lock.acquire, after_in_parent=lock.release, after_in_child=lock.release)
+        _no_fork.append(lock)
+
+
 def listen(settings):
     """Bind MKV_ADMIN_PORT (in the arbiter, before the workers fork); None if unset."""
     if not settings.admin_port:
         return None
+    hold_forks_while_the_index_is_open()
     family = socket.AF_INET6 if ":" in settings.admin_bind else socket.AF_INET
     server = Server((settings.admin_bind, settings.admin_port), family)
     server.set_app(make_app(View(settings)))

@@ -212,3 +212,45 @@ def test_a_taken_admin_port_stops_the_start_with_one_line(tmp_path):
     lines = [line for line in p.stderr.splitlines() if line.startswith("mkv:")]
     assert lines == [f"mkv: MKV_ADMIN_PORT {env['MKV_ADMIN_PORT']} "
                      f"on 127.0.0.1: Address already in use"], p.stderr
+
+
+FORK_DURING_A_READINESS_CHECK = r"""
+import os, sqlite3, sys, threading, time
+import admin
+db = sys.argv[1]
+admin.hold_forks_while_the_index_is_open()          # what listen() does in the arbiter
+opened, done = threading.Event(), threading.Event()
+
+def readiness_check():                              # the listener's thread, its write held a while
+    with admin.index_connection(db, isolation_level=None) as c:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('ready_check', '1')")
+        opened.set()
+        time.sleep(0.5)
+        c.execute("COMMIT")
+threading.Thread(target=readiness_check).start()
+opened.wait()
+pid = os.fork()                                     # the arbiter forks a worker meanwhile
+if pid == 0:
+    c = sqlite3.connect(db, isolation_level=None, timeout=3)
+    try:
+        c.execute("BEGIN IMMEDIATE")
+        c.execute("COMMIT")
+        os._exit(0)
+    except sqlite3.Error as e:
+        print("the worker cannot write the index:", e, flush=True)
+        os._exit(1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_worker_forked_during_a_readiness_check_can_write_the_index(tmp_path):
+    # SQLite's state of an open file is per process: a fork while the listener
+    # held the index copied it, and the worker waited out its busy timeout
+    from mkvlib.index import Index
+    db = str(tmp_path / "index.sqlite3")
+    Index(db).close()
+    p = subprocess.run([sys.executable, "-c", FORK_DURING_A_READINESS_CHECK, db], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stdout + p.stderr
