@@ -11,10 +11,16 @@ Layers, each importing only those above it:
     db          SQLite under gevent: WAL, transactions, busy waits, checkpoints
     lease       per-key locks: their clock, owner tokens, one renewer per process
     index       the keys table and the per-key protocol (claim, finish, note, lock)
-    http        the HTTP/1.1 client to nginx: pool, fan-out, uploads, pipelines
+    http        the HTTP/1.1 client to nginx: pool, fan-out, uploads, downloads
+    exchange    pipelined requests on one connection: listings, a small PUT and its MOVE
     health      what this process knows of each volume: may I read, may I write
     volumes     what a volume's answers mean: has, open, MOVE, delete, listings
     upload      the fenced put: every replica uploaded, then MOVEd onto the key's path
     prober      watches the volumes for health, once a second
     store       what the master does with a key: locate, put, delete, unlink
+
+Beside them: the S3 gateway's (objects, replace, multipart, sigv4, payload,
+s3xml, s3req, s3errors; relay and localread send GetObject's bytes), the
+operators' (metrics, scrape, counts, progress, runfolder, logs), and openers
+(whether another process has the index open: rebalance's grace).
 """

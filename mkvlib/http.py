@@ -1,6 +1,6 @@
 """The HTTP/1.1 client to the volumes' nginx: keep-alive connections per
 server (Pool), requests fanned out to several servers at once, streamed
-uploads and downloads, pipelined GETs. It knows HTTP framing, not volumes:
+uploads and downloads (pipelined requests: mkvlib.exchange). It knows HTTP framing, not volumes:
 a failure is one of the plain errors below, and what it means for a
 volume's health is mkvlib.volumes' business.
 
@@ -441,19 +441,6 @@ class Pool:
             self.give(host, conn, keep)
             return status, body
 
-    def pipelines(self, by_host, timeout, window=128):
-        """GETs of many paths: {host: [path]} -> {host: [result]}, each
-        result (status, body) or the error (Unreachable, NoAnswer). Each
-        server's requests go pipelined on one keep-alive connection (nginx
-        answers pipelined requests in order), at most `window` unanswered at
-        a time, and all servers' at once."""
-        pipes = {host: Pipeline(self, host, paths, timeout, window) for host, paths in by_host.items()}
-        for pipe in pipes.values():
-            pipe.send()
-        for pipe in pipes.values():
-            pipe.finish()
-        return {host: pipe.results for host, pipe in pipes.items()}
-
 
 class Reader:
     """A body being read (Pool.open): `length` (None if the server did not
@@ -517,94 +504,3 @@ class Reader:
         if self.conn is not None:
             self.pool.give(self.host, self.conn, self.keep and self.finished)
             self.conn = None
-
-
-class Pipeline:
-    """Pool.pipelines' GETs to one server on one keep-alive connection,
-    taken from (and given back to) the pool's idle ones. A connection that
-    the server closed (an idle one it timed out, or its keepalive_requests
-    reached) is replaced and what it had not answered is sent again: a GET
-    changes nothing."""
-
-    # bytes of requests sent and not answered: less than the socket buffers
-    # of both ends hold, so sendall() returns even while the server waits for
-    # us to read its answers
-    MAX_BYTES = 32768
-
-    def __init__(self, pool, host, paths, timeout, window):
-        self.pool, self.host, self.timeout, self.window = pool, host, timeout, window
-        self.results = [None] * len(paths)
-        # (result index, request) not sent yet, next one last
-        self.todo = [(i, request("GET", host, p)) for i, p in enumerate(paths)][::-1]
-        self.sent = []            # sent on self.conn and not answered yet, oldest first
-        self.conn = None
-
-    def send(self):
-        """Send requests until `window` (or MAX_BYTES) are unanswered (a new
-        connection if needed)."""
-        if self.conn is None:
-            try:
-                self.conn = self.pool.take(self.host)
-            except Unreachable as e:
-                return self.fail(e)
-            self.conn.sock.settimeout(self.timeout)
-        batch, room = [], self.MAX_BYTES - sum(len(data) for _, data in self.sent)
-        while self.todo and len(self.sent) + len(batch) < self.window:
-            size = len(self.todo[-1][1])
-            if size > room and (batch or self.sent):   # one request always goes
-                break
-            room -= size
-            batch.append(self.todo.pop())
-        if not batch:
-            return
-        self.sent += batch
-        try:
-            self.conn.sock.sendall(b"".join(data for _, data in batch))
-        except OSError as e:
-            self.broken(e)
-
-    def finish(self):
-        """Read every answer, sending the rest of the requests as room frees up."""
-        while self.sent or self.todo:
-            if self.conn is None or not self.sent:
-                self.send()
-                continue
-            try:
-                status, body, keep = self.conn.answer()
-            except (OSError, ValueError) as e:
-                self.broken(e)
-                continue
-            i, _ = self.sent.pop(0)
-            self.conn.used = True
-            self.results[i] = (status, body)
-            if not keep:
-                self.drop()
-            elif self.todo and len(self.sent) <= self.window // 2:
-                self.send()
-        if self.conn is not None:
-            self.pool.give(self.host, self.conn)
-            self.conn = None
-
-    def drop(self):
-        """Close the connection; what it did not answer is sent again on a new one."""
-        self.conn.close()
-        self.conn = None
-        self.todo += self.sent[::-1]
-        self.sent = []
-
-    def broken(self, e):
-        """The connection failed: try again on a new one, unless this one had
-        answered nothing yet, or the server let it time out."""
-        if not self.conn.used or isinstance(e, socket.timeout):
-            self.fail(NoAnswer(self.host, e))
-        else:
-            self.drop()
-
-    def fail(self, error):
-        """The server cannot be reached: every request not answered fails."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        for i, _ in self.sent + self.todo:
-            self.results[i] = error
-        self.sent, self.todo = [], []

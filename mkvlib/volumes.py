@@ -9,7 +9,7 @@ import json
 import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
-from mkvlib.exchange import exchange
+from mkvlib.exchange import exchange, pipelines
 from mkvlib.health import DOWN_RETRY, Health
 from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason, request
 from mkvlib.http import target as http_target
@@ -248,8 +248,8 @@ class Volumes:
         for i, (volume, path) in enumerate(folders):
             host, there = _on_host(volume, path.rstrip("/") + "/")
             by_host.setdefault(host, []).append((i, there))
-        got = self.pool.pipelines({h: [p for _, p in asked] for h, asked in by_host.items()},
-                                  TRANSFER_TIMEOUT, window)
+        got = pipelines(self.pool, {h: [p for _, p in asked] for h, asked in by_host.items()},
+                        TRANSFER_TIMEOUT, window)
         results = [None] * len(folders)
         for host, asked in by_host.items():
             errors = [r for r in got[host] if isinstance(r, Exception)]

@@ -10,7 +10,7 @@ import pytest
 
 import mkvlib.volumes
 from mkvlib.errors import VolumeDown, VolumeError
-from mkvlib.http import Pipeline
+from mkvlib.exchange import Pipeline
 from mkvlib.placement import key2path, key2volume
 from mkvlib.settings import Settings
 from mkvlib.volumes import Volumes
