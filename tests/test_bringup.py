@@ -70,9 +70,11 @@ def test_bringup_keeps_serving_when_a_volume_stops_and_takes_it_back(tmp_path):
     finally:
         http.close()        # TERM: gunicorn's graceful stop waits for idle keep-alive clients
         bringup.send_signal(signal.SIGTERM)
-        code = bringup.wait(30)
-        if again is not None:
-            os.killpg(again.pid, signal.SIGTERM)
-            again.wait(10)
+        try:
+            code = bringup.wait(30)
+        finally:            # the volume started by hand is not bringup.sh's to stop
+            if again is not None:
+                os.killpg(again.pid, signal.SIGTERM)
+                again.wait(10)
     assert code == 143
     assert not answers(master) and not answers(f"http://127.0.0.1:{base + 2}/") and not answers(s3)
