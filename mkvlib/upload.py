@@ -59,21 +59,34 @@ def put(volumes, targets, path, chunks, length=None, tmp=None, fence=None):
         raise
     outcomes, errors = {}, {}
     for volume, error in zip(targets, results):
-        if error is None:
-            outcomes[volume] = LANDED
-        elif isinstance(error, MoveUnknown):
-            outcomes[volume], errors[volume] = UNKNOWN, error
-        else:
-            errors[volume] = error
-            if getattr(error, "cleared", False):
-                outcomes[volume] = CLEARED
+        _note_move(volume, error, outcomes, errors)
     if errors:
         # an upload whose MOVE was refused stays one, taking space (on a full disk, say)
-        volumes.delete_uploads({v: names[v] for v in errors if v not in outcomes})
-        error = next(errors[v] for v in targets if v in errors)
-        error.outcomes = outcomes
-        raise error
+        _fail(volumes, targets, names, outcomes, errors, [v for v in errors if v not in outcomes])
     return md5, size
+
+
+def _note_move(volume, error, outcomes, errors):
+    """Note in `outcomes` what a MOVE onto the path left there (error None:
+    it landed; MoveUnknown: it may have; cleared: the file found there was
+    deleted, then the MOVE failed), and its error in `errors`."""
+    if error is None:
+        outcomes[volume] = LANDED
+        return
+    errors[volume] = error
+    if isinstance(error, MoveUnknown):
+        outcomes[volume] = UNKNOWN
+    elif getattr(error, "cleared", False):
+        outcomes[volume] = CLEARED
+
+
+def _fail(volumes, targets, names, outcomes, errors, unmoved):
+    """Delete the uploads of `unmoved` (never to be moved: they only take
+    space), then raise the first error in placement order, with `.outcomes`."""
+    volumes.delete_uploads({v: names[v] for v in unmoved})
+    error = next(errors[v] for v in targets if v in errors)
+    error.outcomes = outcomes
+    raise error
 
 
 def put_whole(volumes, targets, path, value, tmp=None, fence=None):
@@ -110,11 +123,7 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     if not errors:
         _move_unmoved(volumes, names, path, unmoved, again, outcomes, errors)
     if errors:
-        # an upload that was not moved stays one, taking space
-        volumes.delete_uploads({v: names[v] for v in unmoved if v not in outcomes})
-        error = next(errors[v] for v in targets if v in errors)
-        error.outcomes = outcomes
-        raise error
+        _fail(volumes, targets, names, outcomes, errors, [v for v in unmoved if v not in outcomes])
     return md5, size
 
 
@@ -157,13 +166,10 @@ def _move_unmoved(volumes, names, path, unmoved, fence, outcomes, errors):
         for v, delete_first in unmoved.items():
             try:
                 volumes.move(v, names[v], path, delete_first=delete_first, fence=fence)
-                outcomes[v] = LANDED
+                error = None
             except VolumeError as e:
-                errors[v] = e
-                if isinstance(e, MoveUnknown):
-                    outcomes[v] = UNKNOWN
-                elif e.cleared:
-                    outcomes[v] = CLEARED
+                error = e
+            _note_move(v, error, outcomes, errors)
     except BaseException as e:
         e.outcomes = {v: UNKNOWN for v in names}   # cut off among the MOVEs: any may have landed
         raise
