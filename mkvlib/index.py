@@ -423,6 +423,27 @@ class Index:
             self._note(db, key, dropped)
             return True
 
+    def note_many(self, notes):
+        """Index.note of several keys in one transaction: `notes` [(key,
+        volumes, upload name)] (rebalance.py's batches)."""
+        with self.db.write() as db:
+            for key, volumes, tmp in notes:
+                self._note(db, key, volumes, tmp)
+
+    def switch_many(self, switches, owner):
+        """switch_volumes(..., release=True) of several keys in one
+        transaction: `switches` [(key, volumes, dropped, written)]. Returns
+        the keys switched (the others' locks were lost: nothing changed)."""
+        done = []
+        with self.db.write() as db:
+            for key, volumes, dropped, written in switches:
+                cur = db.execute("UPDATE keys SET volumes = ?, lock_owner = NULL, lock_until = NULL"
+                                 " WHERE key = ? AND lock_owner = ?", (",".join(volumes), key, owner))
+                if cur.rowcount == 1:
+                    self._unnote(db, key, written)
+                    self._note(db, key, dropped)
+                    done.append(key)
+        return done
 
     # -- the identities of the volumes' disks
 

@@ -261,6 +261,76 @@ class Volumes:
                     listing(host, folders[i][1], *result)
         return results
 
+    # -- many files at once (rebalance.py's batches)
+
+    def _pipelined(self, method, calls):
+        """(status, body) or the VolumeError of a GET or HEAD of each
+        (volume, path) of `calls`, in order: each server's pipelined on one
+        connection, all servers' at once (as listdirs)."""
+        by_host = {}
+        for i, (volume, path) in enumerate(calls):
+            host, there = _on_host(volume, path)
+            by_host.setdefault(host, []).append((i, there))
+        got = pipelines(self.pool, {h: [p for _, p in asked] for h, asked in by_host.items()},
+                        TRANSFER_TIMEOUT, method=method)
+        results = [None] * len(calls)
+        for host, asked in by_host.items():
+            errors = [r for r in got[host] if isinstance(r, Exception)]
+            if len(errors) < len(asked):
+                self.health.answered(host)
+            error = self.failed(host, errors[0].cause, what=f"did not answer {method}") if errors else None
+            for (i, _), result in zip(asked, got[host]):
+                results[i] = error if isinstance(result, Exception) else result
+        return results
+
+    def has_pipelined(self, calls):
+        """has_many() of many (volume, path), pipelined: True, False or the VolumeError."""
+        return [r if isinstance(r, Exception) else found(volume, r[0])
+                for (volume, _), r in zip(calls, self._pipelined("HEAD", calls))]
+
+    def read_many(self, calls):
+        """The whole files at (volume, path) of `calls` (small ones: every
+        body is held at once), pipelined: bytes, None if missing, or the VolumeError."""
+        out = []
+        for (volume, _), r in zip(calls, self._pipelined("GET", calls)):
+            if not isinstance(r, Exception):
+                status, body = r
+                r = body if status == 200 else None if status == 404 else \
+                    VolumeError(f"volume {volume_host(volume)} answered GET with {status}")
+            out.append(r)
+        return out
+
+    def upload_and_move_many(self, puts, deadline):
+        """upload_and_move() of several paths: `puts` [(volume, upload
+        name, the bytes of its PUT, path)]; each server's uploads and MOVEs
+        go pipelined in one send on one connection (a server runs them in
+        order: each MOVE after its own upload), all servers' at once.
+        Returns, in order, (upload, move) of each, as upload_and_move()."""
+        by_host = {}
+        for i, (volume, name, put, path) in enumerate(puts):
+            host = volume_host(volume)
+            move = request("MOVE", host, name, self._move_headers(volume, path) + deadline_headers(deadline))
+            by_host.setdefault(host, []).append((i, put + move))
+        calls = [(host, b"".join(data for _, data in asked), 2 * len(asked)) for host, asked in by_host.items()]
+        try:
+            got = exchange(self.pool, calls, timeout=self.op_timeout)
+        except BaseException:   # cut off while its MOVEs were out: they may still run
+            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            raise
+        out = [None] * len(puts)
+        for (host, asked), (answers, error) in zip(by_host.items(), got):
+            for j, (i, _) in enumerate(asked):
+                # the answers of this upload and its MOVE; what ended the rest, for those after them
+                mine = answers[2 * j:2 * j + 2]
+                if not mine and error is None:   # it closed the connection before this upload: not run
+                    out[i] = (VolumeError(f"volume {host} closed the connection before an upload"), None)
+                else:
+                    out[i] = _upload_and_move_result(self, host, mine, None if len(mine) == 2 else error)
+        if any(isinstance(error, NoAnswer) for _, error in got):
+            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            self.settle()
+        return out
+
     # -- deletes
 
     def delete_many(self, calls, fence=None):
