@@ -5,7 +5,6 @@ uploads of writes that died before their MOVE (sweep). rebalance.py runs both.
 Every copy it removes is noted in the index (pending_deletes) until it is
 gone, so a run killed at any moment leaves the next run the same work."""
 import contextlib
-import email.utils
 import queue
 import sqlite3
 import threading
@@ -29,6 +28,7 @@ def sweep(volumes, hosts, progress):
     """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
     between their upload and its MOVE. A MOVE still queued somewhere can
     then never land."""
+    import email.utils    # here: most runs find no upload to date, and it is a tenth of the start-up
     for host in hosts:
         try:
             entries = volumes.listdir(host, TMP_DIR)

@@ -80,7 +80,8 @@ class Batches:
         asks = []
         for rec in plain:
             placement = job.placement(rec.key)
-            asks.append((rec, placement, [v for v in rec.volumes if any(job.same(v, p) for p in placement)]))
+            disks = {job.disk(p) for p in placement}   # job.same(a, b): a's disk is b's
+            asks.append((rec, placement, [v for v in rec.volumes if job.disk(v) in disks]))
         found = iter(job.volumes.has_pipelined([(v, key2path(rec.key)) for rec, _, kept in asks for v in kept]))
         moves = []
         for rec, placement, kept in asks:
@@ -100,11 +101,13 @@ class Batches:
         """The Move of a record whose kept copies are all there, or None
         if it is not a plain copy of a small value to volumes that are up."""
         job = self.job
-        targets = [p for p in placement if not any(job.same(p, v) for v in rec.volumes)]
+        disks = {job.disk(v) for v in rec.volumes}
+        targets = [p for p in placement if job.disk(p) not in disks]
         if not targets or rec.md5 is None or rec.size is None or rec.size > WHOLE_COPY \
                 or any(job.volumes.health.down(volume_host(t)) for t in targets):
             return None
-        dropped = [v for v in rec.volumes if v not in placement and not any(job.same(v, p) for p in placement)]
+        disks = {job.disk(p) for p in placement}
+        dropped = [v for v in rec.volumes if job.disk(v) not in disks]
         return Move(rec, placement, targets, dropped)
 
     def move(self, moves):

@@ -150,7 +150,7 @@ def put_whole_many(volumes, items):
         names = {v: upload_name(tmp, v) for v in targets}
         head = b"Content-Length: %d\r\n%s" % (size, volumes.write_headers)
         sending.append((i, md5, size, names))
-        out[i] = [(v, names[v], request("PUT", volume_host(v), names[v], head) + value, path) for v in targets]
+        out[i] = [(v, names[v], request("PUT", volume_host(v), names[v], head), value, path) for v in targets]
     puts = [put for i, _, _, _ in sending for put in out[i]]
     # cut off with their MOVEs out (interrupted), any may land: the caller's
     # notes of every target stay for the next run

@@ -302,16 +302,18 @@ class Volumes:
 
     def upload_and_move_many(self, puts, deadline):
         """upload_and_move() of several paths: `puts` [(volume, upload
-        name, the bytes of its PUT, path)]; each server's uploads and MOVEs
-        go pipelined in one send on one connection (a server runs them in
-        order: each MOVE after its own upload), all servers' at once.
+        name, the head of its PUT, the value, path)]; each server's uploads
+        and MOVEs go pipelined in one send on one connection (a server runs
+        them in order: each MOVE after its own upload), all servers' at once.
         Returns, in order, (upload, move) of each, as upload_and_move()."""
         by_host = {}
-        for i, (volume, name, put, path) in enumerate(puts):
+        for i, (volume, name, head, value, path) in enumerate(puts):
             host = volume_host(volume)
             move = request("MOVE", host, name, self._move_headers(volume, path) + deadline_headers(deadline))
-            by_host.setdefault(host, []).append((i, put + move))
-        calls = [(host, b"".join(data for _, data in asked), 2 * len(asked)) for host, asked in by_host.items()]
+            by_host.setdefault(host, []).append((i, (head, value, move)))
+        # one copy of the values: into each server's one send
+        calls = [(host, b"".join(part for _, parts in asked for part in parts), 2 * len(asked))
+                 for host, asked in by_host.items()]
         try:
             got = exchange(self.pool, calls, timeout=self.op_timeout)
         except BaseException:   # cut off while its MOVEs were out: they may still run
