@@ -48,11 +48,12 @@ def batches(records, n=BATCH, nbytes=BATCH_BYTES):
 
 
 class Move:
-    """One key of a batch: its records (as read, and as locked), placement,
-    the copies to write and to drop, the upload name."""
+    """One key of a batch: its record, placement, the copy read, the
+    copies to write and to drop, the upload name."""
 
-    def __init__(self, rec, placement, targets, dropped):
+    def __init__(self, rec, placement, source, targets, dropped):
         self.rec, self.placement, self.targets, self.dropped = rec, placement, targets, dropped
+        self.source = source        # the recorded copy the value is read from
         self.path, self.tmp = key2path(rec.key), new_tmp()
         self.lease = None
         self.value = None
@@ -81,15 +82,20 @@ class Batches:
         for rec in plain:
             placement = job.placement(rec.key)
             disks = {job.disk(p) for p in placement}   # job.same(a, b): a's disk is b's
-            asks.append((rec, placement, [v for v in rec.volumes if job.disk(v) in disks]))
-        found = iter(job.volumes.has_pipelined([(v, key2path(rec.key)) for rec, _, kept in asks for v in kept]))
+            kept = [v for v in rec.volumes if job.disk(v) in disks]
+            # a mover's value is read from a kept copy (else any): that GET,
+            # under the lock, says that copy is there; the other kept ones are asked
+            source = None if rec.volumes == placement else (kept or rec.volumes)[0]
+            asks.append((rec, placement, source, [v for v in kept if v != source]))
+        found = iter(job.volumes.has_pipelined([(v, key2path(rec.key)) for rec, _, _, asked in asks
+                                                for v in asked]))
         moves = []
-        for rec, placement, kept in asks:
-            there = all([next(found) is True for _ in kept])
-            move = self.plan(rec, placement) if there and rec.volumes != placement else None
+        for rec, placement, source, asked in asks:
+            there = all([next(found) is True for _ in asked])
+            move = self.plan(rec, placement, source) if there and source is not None else None
             if move is not None:
                 moves.append(move)
-            elif there and rec.volumes == placement:
+            elif there and source is None:
                 with job.looking(rec):
                     job.progress.count("unchanged")
             else:   # a copy missing or a volume silent, or not a plain copy: the one-key path
@@ -97,9 +103,10 @@ class Batches:
         if moves:
             self.move(moves)
 
-    def plan(self, rec, placement):
-        """The Move of a record whose kept copies are all there, or None
-        if it is not a plain copy of a small value to volumes that are up."""
+    def plan(self, rec, placement, source):
+        """The Move of a record whose other kept copies are all there, read
+        from `source`, or None if it is not a plain copy of a small value
+        to volumes that are up."""
         job = self.job
         disks = {job.disk(v) for v in rec.volumes}
         targets = [p for p in placement if job.disk(p) not in disks]
@@ -108,7 +115,7 @@ class Batches:
             return None
         disks = {job.disk(p) for p in placement}
         dropped = [v for v in rec.volumes if job.disk(v) not in disks]
-        return Move(rec, placement, targets, dropped)
+        return Move(rec, placement, source, targets, dropped)
 
     def move(self, moves):
         """Lock, note, read, copy, switch: each key ends switched, on the
@@ -151,7 +158,7 @@ class Batches:
         """The keys of `mine` (locked) copied and switched (and released)."""
         job = self.job
         job.index.note_many([(m.rec.key, m.targets, m.tmp) for m in mine])   # before a byte is sent
-        values = job.volumes.read_many([((m.rec.volumes[0]), m.path) for m in mine])
+        values = job.volumes.read_many([(m.source, m.path) for m in mine])
         for m, value in zip(mine, values):
             m.value = value if isinstance(value, bytes) else None
         sending = [m for m in mine if m.value is not None]
@@ -181,7 +188,7 @@ class Batches:
         """put_whole's fence of one key: the value is the record's, the lock still ours."""
         def check(md5, size):
             if md5 != m.rec.md5 or size != m.rec.size:
-                raise CopyFailed(f"{m.rec.volumes[0]} holds {size} bytes of md5 {md5}, "
+                raise CopyFailed(f"{m.source} holds {size} bytes of md5 {md5}, "
                                  f"not the recorded {m.rec.size} of {m.rec.md5}")
             self.job.fence(m.rec.key, m.lease)()
         return check
