@@ -15,6 +15,7 @@ went wrong."""
 import contextlib
 import sqlite3
 
+from mkvlib import pipelined
 from mkvlib.errors import MkvError
 from mkvlib.index import LIVE, UNLINKED
 from mkvlib.lease import Lease, lock_clock
@@ -87,7 +88,7 @@ class Batches:
             # under the lock, says that copy is there; the other kept ones are asked
             source = None if rec.volumes == placement else (kept or rec.volumes)[0]
             asks.append((rec, placement, source, [v for v in kept if v != source]))
-        found = iter(job.volumes.has_pipelined([(v, key2path(rec.key)) for rec, _, _, asked in asks
+        found = iter(pipelined.has_many(job.volumes, [(v, key2path(rec.key)) for rec, _, _, asked in asks
                                                 for v in asked]))
         moves = []
         for rec, placement, source, asked in asks:
@@ -158,7 +159,7 @@ class Batches:
         """The keys of `mine` (locked) copied and switched (and released)."""
         job = self.job
         job.index.note_many([(m.rec.key, m.targets, m.tmp) for m in mine])   # before a byte is sent
-        values = job.volumes.read_many([(m.source, m.path) for m in mine])
+        values = pipelined.read_many(job.volumes, [(m.source, m.path) for m in mine])
         for m, value in zip(mine, values):
             m.value = value if isinstance(value, bytes) else None
         sending = [m for m in mine if m.value is not None]

@@ -10,11 +10,12 @@ are removed, then the record. For each live or unlinked key, under the same
 per-key lock as the master's PUT and DELETE:
 
   1. look (HEAD, at once) at which recorded volumes have its file;
-  2. stream it from a recorded copy to each placement volume that the record
-     does not vouch for (chunk by chunk, never the whole value in memory):
-     into an upload, checked against the record's md5 and size, then MOVEd
-     over whatever sat there. A file found at a placement path is never
-     adopted: a stray, stale or late copy of an older value looks the same;
+  2. copy it from a recorded copy to each placement volume that the record
+     does not vouch for (a value of up to WHOLE_COPY read whole, a larger
+     one chunk by chunk, never whole in memory): into an upload, checked
+     against the record's md5 and size, then MOVEd over whatever sat there.
+     A file found at a placement path is never adopted: a stray, stale or
+     late copy of an older value looks the same;
   3. in one transaction, point the index at the placement only and note the
      copies it no longer uses (the index's pending_deletes table);
   4. GRACE (half a second) later (a redirect given out just before the switch
@@ -23,6 +24,8 @@ per-key lock as the master's PUT and DELETE:
      when no other process had the index open, neither right before the
      switch nor when the copies come due: then no one could have handed out
      a redirect to them (mkvlib.openers).
+
+Plain moves go a batch at a time (movebatch.py), by the same rules.
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment

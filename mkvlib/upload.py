@@ -4,6 +4,7 @@ MOVEd onto the key's path (Volumes.moves). Only the MOVE touches the path,
 so an upload a frozen volume finishes late stays an upload."""
 import hashlib
 
+from mkvlib import pipelined
 from mkvlib.errors import MoveUnknown, VolumeError
 from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request
 from mkvlib.http import target as http_target
@@ -131,7 +132,7 @@ def put_whole_many(volumes, items):
     """put_whole() of several values at once: `items` [(targets, path,
     value, tmp, fence)]. Every value's fence(md5, size) first (one that
     raises sends nothing), then every upload with its MOVE behind it, each
-    server's pipelined in one send (Volumes.upload_and_move_many); what
+    server's pipelined in one send (mkvlib.pipelined); what
     put_whole() sends again is sent again, value by value. Returns, in
     order, (md5, size) of each or the error put_whole() would raise, with
     `.outcomes`."""
@@ -154,7 +155,7 @@ def put_whole_many(volumes, items):
     puts = [put for i, _, _, _ in sending for put in out[i]]
     # cut off with their MOVEs out (interrupted), any may land: the caller's
     # notes of every target stay for the next run
-    results = iter(volumes.upload_and_move_many(puts, deadline))
+    results = iter(pipelined.upload_and_move_many(volumes, puts, deadline))
     for i, md5, size, names in sending:
         targets, path, _, _, fence = items[i]
         again = None if fence is None else (lambda f=fence, m=md5, n=size: f(m, n))

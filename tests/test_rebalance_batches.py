@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from mkvlib import pipelined
 from mkvlib.index import Index
 from mkvlib.placement import key2path, key2volume
 from mkvlib.settings import Settings
@@ -122,7 +123,7 @@ def test_pipelined_heads_say_of_each_file_whether_it_is_there_in_order(four):
     for k in there:
         four.plant(volume, k, b"x")
     asked = [(volume, key2path(b"/heads/%d" % i)) for i in range(40)]
-    assert Volumes().has_pipelined(asked) == [i % 2 == 0 for i in range(40)]
+    assert pipelined.has_many(Volumes(), asked) == [i % 2 == 0 for i in range(40)]
 
 
 def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_stray_and_skip_a_refused_one(four):
@@ -143,6 +144,17 @@ def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_str
             assert results[i][1] == len(b"value %d" % i)
             with open(path, "rb") as f:
                 assert f.read() == b"value %d" % i
+
+
+def test_pipelined_deletes_remove_each_file_and_take_a_missing_one_as_gone(four):
+    volume = four.volume_names()[2] + "/sv03"
+    keys = [b"/gone/%d" % i for i in range(30)]
+    for k in keys[::3]:
+        four.plant(volume, k, b"old copy")
+    fenced = []
+    results = pipelined.delete_many(Volumes(), [(volume, key2path(k)) for k in keys], fence=lambda: fenced.append(1))
+    assert results == [None] * 30 and fenced == [1]
+    assert not any(os.path.exists(four.file_of(volume, k)) for k in keys)
 
 
 def test_rebalance_starts_without_importing_gevent():
