@@ -58,6 +58,7 @@ class Move:
         self.path, self.tmp = key2path(rec.key), new_tmp()
         self.lease = None
         self.value = None
+        self.switched = False
 
 
 class Batches:
@@ -88,8 +89,13 @@ class Batches:
             # under the lock, says that copy is there; the other kept ones are asked
             source = None if rec.volumes == placement else (kept or rec.volumes)[0]
             asks.append((rec, placement, source, [v for v in kept if v != source]))
-        found = iter(pipelined.has_many(job.volumes, [(v, key2path(rec.key)) for rec, _, _, asked in asks
-                                                for v in asked]))
+        try:
+            found = iter(pipelined.has_many(job.volumes, [(v, key2path(rec.key)) for rec, _, _, asked in asks
+                                                          for v in asked]))
+        except Exception:    # whatever it was, the one-key path says it
+            for rec in plain:
+                job.first_look(rec)
+            return
         moves = []
         for rec, placement, source, asked in asks:
             there = all([next(found) is True for _ in asked])
@@ -144,8 +150,8 @@ class Batches:
                 m.lease = stack.enter_context(Lease(job.index, m.rec.key, job.owner, since=since))
             try:
                 switched = self.copy_and_switch(mine)
-            except (MkvError, sqlite3.Error):
-                switched = set()          # each on the one-key path, which says what is wrong
+            except Exception:             # never the run's end: each on the one-key path, which says what is wrong
+                switched = {m.rec.key for m in mine if m.switched}
             except BaseException:
                 for m in mine:   # a no-op for those switched
                     job.index.release(m.rec.key, job.owner)
@@ -178,7 +184,9 @@ class Batches:
         switched = set(job.index.switch_many([(m.rec.key, m.placement, m.dropped, m.targets) for m in landed],
                                              job.owner))
         for m in landed:
-            if m.rec.key in switched:
+            m.switched = m.rec.key in switched
+        for m in landed:
+            if m.switched:
                 with job.looking(m.rec):
                     if m.dropped:
                         job.drop_later(m.rec.key, m.dropped, quiet)
