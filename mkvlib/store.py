@@ -6,6 +6,7 @@ import sqlite3
 
 from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyMissing,
                            Unavailable, VolumeDown, VolumeError)
+from mkvlib.groupcommit import under_gevent
 from mkvlib.index import LIVE, UNLINKED, Index
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import check_storable, disk_of, fallback_path, key2path, new_tmp, volume_host
@@ -22,9 +23,14 @@ class Store:
     Opened lazily per process, so that each gunicorn worker has its own SQLite
     connection and HTTP pools, made after the fork."""
 
-    def __init__(self, settings: Settings, offload=None):
+    def __init__(self, settings: Settings, offload=None, group_commit=False):
+        """`offload`: see Volumes; `group_commit`: this process is a gevent
+        worker, whose concurrent index writes may share transactions
+        (mkvlib.groupcommit)."""
         self.settings = settings
         self.index = Index(settings.db)
+        if group_commit:
+            self.index.db.group = under_gevent(self.index.db)
         self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret, offload=offload)
         self.health = self.volumes.health
         self.prober = Prober(self.index, self.volumes, settings.volumes).start()
