@@ -1,6 +1,7 @@
 """What the master does with a key: locate it for a GET, put it, delete
 it, unlink it, over the index, the volumes and the prober."""
 import dataclasses
+import functools
 import random
 import sqlite3
 
@@ -16,6 +17,8 @@ from mkvlib import upload
 from mkvlib.upload import LANDED
 from mkvlib.volumes import Volumes
 
+PLACEMENTS_KEPT = 8192     # keys whose placement a Store keeps
+
 
 class Store:
     """What the master does with a key, over the index and the volumes.
@@ -28,6 +31,8 @@ class Store:
         worker, whose concurrent index writes may share transactions
         (mkvlib.groupcommit)."""
         self.settings = settings
+        # a key's placement depends on the key and the settings alone
+        self._placement = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(settings.placement)
         self.index = Index(settings.db)
         if group_commit:
             self.index.db.group = under_gevent(self.index.db)
@@ -36,7 +41,10 @@ class Store:
         self.prober = Prober(self.index, self.volumes, settings.volumes).start()
 
     def placement(self, key):
-        return self.settings.placement(key)
+        """The key's volumes, best first (a list its callers only read):
+        hashed once for the last PLACEMENTS_KEPT keys, so that the GET after
+        a PUT (Master.placement, for Key-Balance) does not hash it again."""
+        return self._placement(key)
 
     def locate(self, key):
         """(url to redirect to, record or None). KeyMissing if the key is not live
