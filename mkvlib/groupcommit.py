@@ -7,18 +7,19 @@ own BEGIN, COMMIT and WAL frames of the same few pages. Here a writer hands
 its transaction over as a function of the connection; the first one in
 yields once (pause(): every greenlet ready now runs up to its own write or
 its next wait), then runs every function handed over meanwhile, in order,
-in one transaction, each inside a SAVEPOINT of its own:
+in one transaction:
 
 - each function sees the effects of those before it, as if they had
   committed one after the other; no read of the process sees any of them
   before the COMMIT (the database's mutex is held from BEGIN to COMMIT, as
   for any write, and nothing yields in between);
-- a function that raises (KeyExists, KeyBusy, ...) is rolled back to its
-  savepoint alone and its caller gets the error; the others commit;
-- if SQLite itself fails after the BEGIN (a statement, or the COMMIT: a full
-  or failing disk), nothing of the group is written, and each function runs
-  again alone, in a transaction of its own: each caller gets exactly what it
-  would have got without group commit;
+- a function that raises (KeyExists, KeyBusy, ...) before it has changed a
+  row (the index's look before they write) gets its error; the others commit;
+- if one raises after it has changed rows, or SQLite itself fails after the
+  BEGIN (a statement, or the COMMIT: a full or failing disk), nothing of the
+  group is written, and each function runs again alone, in a transaction of
+  its own: each caller gets exactly what it would have got without group
+  commit;
 - each caller returns only once its own transaction has committed (or
   failed): what a caller does after the write (a request to a volume, an
   answer to a client) still comes after the write is durable, as before.
@@ -34,7 +35,12 @@ import sqlite3
 
 from mkvlib.errors import IndexBusy
 
-SAVEPOINT = "mkv_grouped"
+
+class WroteThenFailed(Exception):
+    """A grouped function raised after it had changed rows: the group is
+    rolled back and each function runs alone (no SAVEPOINT per function:
+    two statements more each, and the index's functions raise before they
+    write)."""
 
 
 class Job:
@@ -120,16 +126,17 @@ class GroupCommit:
             with self.database.write() as db:
                 began = True
                 for job in jobs:
-                    _run_saved(db, job)
+                    _run_grouped(db, job)
             for job in jobs:
                 job.done = True    # committed: what each found or raised holds
             return
-        except (sqlite3.Error, IndexBusy) as e:
+        except (sqlite3.Error, IndexBusy, WroteThenFailed) as e:
             if not began:   # the BEGIN failed (busy past busy_timeout, a read-only disk): as it would alone
                 for job in jobs:
                     job.finish(error=e)
                 return
-        # a statement or the COMMIT failed: nothing of the group is written; each on its own, as without it
+        # a statement or the COMMIT failed, or a function failed halfway: nothing
+        # of the group is written; each on its own, as without group commit
         for job in jobs:
             self._alone(job)
 
@@ -143,19 +150,20 @@ class GroupCommit:
             job.finish(value)
 
 
-def _run_saved(db, job):
-    """A job inside its own SAVEPOINT: rolled back alone if it raises an
-    error of its own; an error of SQLite's goes up (the group falls back).
-    Its outcome is kept, not yet done: that waits for the COMMIT."""
-    db.execute(f"SAVEPOINT {SAVEPOINT}")
+def _run_grouped(db, job):
+    """A job in the group's transaction. An error of its own before it
+    changed a row is its outcome; after, or an error of SQLite's, goes up
+    (the group falls back). Its outcome is kept, not yet done: that waits
+    for the COMMIT."""
+    before = db.total_changes
     try:
         job.value, job.error = job.fn(db), None
     except sqlite3.Error:
         raise
     except Exception as e:
-        db.execute(f"ROLLBACK TO {SAVEPOINT}")
+        if db.total_changes != before:
+            raise WroteThenFailed() from e
         job.value, job.error = None, e
-    db.execute(f"RELEASE {SAVEPOINT}")
 
 
 def under_gevent(database):

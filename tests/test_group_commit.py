@@ -48,7 +48,7 @@ def test_writes_wanted_at_once_share_one_transaction_and_all_commit(grouped):
         assert set(other.notes(k)) == set(VOLUMES)
 
 
-def test_a_write_that_fails_in_a_group_is_undone_alone_and_the_others_commit(grouped):
+def test_a_write_refused_in_a_group_before_it_writes_leaves_the_others_to_commit(grouped):
     index, other = grouped
     index.insert_live([(b"/g/live", VOLUMES, "m" * 32, 5)])
     done = all_at_once(lambda: index.start_put(b"/g/a", VOLUMES, "a", tmp="t"),
@@ -60,6 +60,20 @@ def test_a_write_that_fails_in_a_group_is_undone_alone_and_the_others_commit(gro
     assert other.get(b"/g/a").state == other.get(b"/g/c").state == WRITING
     live = other.get(b"/g/live")
     assert (live.state, live.lock_owner) == (LIVE, None) and other.notes(b"/g/live") == {}
+
+
+def test_a_write_that_fails_after_changing_rows_leaves_nothing_and_the_others_commit(grouped):
+    index, other = grouped
+
+    def note_then_fail(db):
+        db.execute("INSERT INTO pending_deletes (key, volume, since) VALUES (?, ?, 0)", (b"/g/half", VOLUMES[0]))
+        raise KeyExists("refused halfway")
+    done = all_at_once(lambda: index.start_put(b"/g/p", VOLUMES, "p", tmp="t"),
+                       lambda: index.db.transact(note_then_fail),
+                       lambda: index.start_put(b"/g/q", VOLUMES, "q", tmp="t"))
+    assert isinstance(done[1].exception, KeyExists)
+    assert other.notes(b"/g/half") == {}
+    assert other.get(b"/g/p").lock_owner == "p" and other.get(b"/g/q").lock_owner == "q"
 
 
 def test_an_sqlite_error_in_a_group_writes_each_of_the_others_alone(grouped):
