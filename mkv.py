@@ -185,7 +185,7 @@ class Master:
     @property
     def store(self) -> Store:
         if self._pid is not _PROCESS[0] and self._pid != "given":
-            self._store, self._pid = Store(self.settings, offload=in_a_thread), _PROCESS[0]
+            self._store, self._pid = Store(self.settings, offload=in_a_thread, group_commit=True), _PROCESS[0]
         return self._store
 
     HANDLERS = {"GET": "on_get", "HEAD": "on_get", "PUT": "on_put", "DELETE": "on_delete",

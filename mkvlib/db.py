@@ -43,6 +43,7 @@ class Database:
         self.path, self.schema, self.setup = path, schema, setup
         self.busy_timeout = busy_timeout
         self._mutex = threading.RLock()
+        self.group = None          # a GroupCommit for transact(), or None: each on its own
         self._last_checkpoint = self._last_look = self._last_reopen = time.monotonic()
         self.connection = self._open()
 
@@ -161,6 +162,16 @@ class Database:
         """`with db.write() as connection:` one BEGIN IMMEDIATE transaction,
         committed at the end of the block, rolled back if it raises."""
         return self._Tx(self, "IMMEDIATE")
+
+    def transact(self, fn):
+        """fn(connection) in a write transaction, committed once it returns,
+        rolled back if it raises; returns its value once committed. With a
+        group commit set (self.group, mkvlib.groupcommit), the transaction
+        may be shared with the writes of other greenlets of this process."""
+        if self.group is not None:
+            return self.group.run(fn)
+        with self.write() as db:
+            return fn(db)
 
     def _patience(self):
         """Tries while another process keeps SQLite busy: yields, then sleeps

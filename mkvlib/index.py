@@ -180,7 +180,8 @@ class Index:
         Returns a Claim: the replaced record (or None), the notes this call
         added, and every note of the key."""
         now = lock_clock()
-        with self.db.write() as db:
+
+        def claim(db):
             old = self._get(db, key)
             if old is not None:
                 if old.state == LIVE:
@@ -199,13 +200,14 @@ class Index:
             db.execute("INSERT OR REPLACE INTO keys (key, state, volumes, md5, size, lock_owner, lock_until)"
                        " VALUES (?, ?, ?, NULL, NULL, ?, ?)",
                        (key, WRITING, ",".join(volumes), owner, now + lease))
-        return Claim(old, list(added), notes)
+            return Claim(old, list(added), notes)
+        return self.db.transact(claim)
 
     def finish_put(self, key, owner, md5, size, resolved=()):
         """Make a claimed key live: its copies are vouched for now, so their
         notes go, with those of `resolved` (copies removed meanwhile). False
         if the claim was lost."""
-        with self.db.write() as db:
+        def finish(db):
             rows = db.execute("UPDATE keys SET state = ?, md5 = ?, size = ?, lock_owner = NULL, lock_until = NULL"
                               " WHERE key = ? AND lock_owner = ? AND state = ? RETURNING volumes",
                               (LIVE, md5, size, key, owner, WRITING)).fetchall()
@@ -213,13 +215,14 @@ class Index:
                 return False
             self._unnote(db, key, rows[0][0].split(",") + list(resolved))
             return True
+        return self.db.transact(finish)
 
     def abandon_put(self, key, owner, leftovers=(), resolved=()):
         """A claimed PUT failed: forget the key, or, if files may remain on the
         volumes `leftovers`, keep it as 'deleting' with those volumes, so that
         a DELETE (or rebalance.py) finishes the job. The notes of `resolved`
         (volumes whose path is known to hold nothing of the key) go."""
-        with self.db.write() as db:
+        def abandon(db):
             if leftovers:
                 cur = db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = NULL, size = NULL,"
                                  " lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
@@ -228,16 +231,18 @@ class Index:
                 cur = db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
             if cur.rowcount == 1:
                 self._unnote(db, key, resolved)
+        self.db.transact(abandon)
 
     def restore(self, key, owner, old, resolved=()):
         """Put back the record a claimed PUT replaced (nothing of the PUT
         reached a final path): it vouches for its copies again."""
-        with self.db.write() as db:
+        def put_back(db):
             cur = db.execute("UPDATE keys SET state = ?, volumes = ?, md5 = ?, size = ?, lock_owner = NULL,"
                              " lock_until = NULL WHERE key = ? AND lock_owner = ?",
                              (old.state, ",".join(old.volumes), old.md5, old.size, key, owner))
             if cur.rowcount == 1:
                 self._unnote(db, key, resolved)
+        self.db.transact(put_back)
 
     # -- notes of unvouched copies (the table pending_deletes; see SCHEMA)
 
@@ -297,7 +302,8 @@ class Index:
         """Mark a key deleted (invisible at once) and claim it while its
         replicas are removed. Returns its record."""
         now = lock_clock()
-        with self.db.write() as db:
+
+        def start(db):
             rec = self._get(db, key)
             if rec is None:
                 raise KeyMissing("no such key")
@@ -307,11 +313,11 @@ class Index:
                 raise KeyProtected("MKV_PROTECT is on: UNLINK the key before DELETE")
             db.execute("UPDATE keys SET state = ?, lock_owner = ?, lock_until = ? WHERE key = ?",
                        (DELETING, owner, now + lease, key))
-        return rec
+            return rec
+        return self.db.transact(start)
 
     def finish_delete(self, key, owner):
-        with self.db.write() as db:
-            db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner))
+        self.db.transact(lambda db: db.execute("DELETE FROM keys WHERE key = ? AND lock_owner = ?", (key, owner)))
 
     def lock(self, key, owner, lease=LOCK_LEASE):
         """Take the per-key lock without changing the state (for the tools).
@@ -329,15 +335,13 @@ class Index:
             return rec
 
     def renew(self, key, owner, lease=LOCK_LEASE):
-        with self.db.write() as db:
-            cur = db.execute("UPDATE keys SET lock_until = ? WHERE key = ? AND lock_owner = ?",
-                             (lock_clock() + lease, key, owner))
-            return cur.rowcount == 1
+        until = lock_clock() + lease    # from before the (maybe shared) transaction: never later than alone
+        return self.db.transact(lambda db: db.execute(
+            "UPDATE keys SET lock_until = ? WHERE key = ? AND lock_owner = ?", (until, key, owner)).rowcount == 1)
 
     def release(self, key, owner):
-        with self.db.write() as db:
-            db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL WHERE key = ? AND lock_owner = ?",
-                       (key, owner))
+        self.db.transact(lambda db: db.execute("UPDATE keys SET lock_owner = NULL, lock_until = NULL"
+                                               " WHERE key = ? AND lock_owner = ?", (key, owner)))
 
     # -- for the tools (rebuild.py, rebalance.py)
 

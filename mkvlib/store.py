@@ -1,11 +1,13 @@
 """What the master does with a key: locate it for a GET, put it, delete
 it, unlink it, over the index, the volumes and the prober."""
 import dataclasses
+import functools
 import random
 import sqlite3
 
 from mkvlib.errors import (DeleteIncomplete, EmptyValue, IndexBusy, KeyBusy, KeyMissing,
                            Unavailable, VolumeDown, VolumeError)
+from mkvlib.groupcommit import under_gevent
 from mkvlib.index import LIVE, UNLINKED, Index
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.placement import check_storable, disk_of, fallback_path, key2path, new_tmp, volume_host
@@ -15,6 +17,8 @@ from mkvlib import upload
 from mkvlib.upload import LANDED
 from mkvlib.volumes import Volumes
 
+PLACEMENTS_KEPT = 8192     # keys whose placement a Store keeps
+
 
 class Store:
     """What the master does with a key, over the index and the volumes.
@@ -22,15 +26,25 @@ class Store:
     Opened lazily per process, so that each gunicorn worker has its own SQLite
     connection and HTTP pools, made after the fork."""
 
-    def __init__(self, settings: Settings, offload=None):
+    def __init__(self, settings: Settings, offload=None, group_commit=False):
+        """`offload`: see Volumes; `group_commit`: this process is a gevent
+        worker, whose concurrent index writes may share transactions
+        (mkvlib.groupcommit)."""
         self.settings = settings
+        # a key's placement depends on the key and the settings alone
+        self._placement = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(settings.placement)
         self.index = Index(settings.db)
+        if group_commit:
+            self.index.db.group = under_gevent(self.index.db)
         self.volumes = Volumes(timeout=settings.voltimeout, secret=settings.secret, offload=offload)
         self.health = self.volumes.health
         self.prober = Prober(self.index, self.volumes, settings.volumes).start()
 
     def placement(self, key):
-        return self.settings.placement(key)
+        """The key's volumes, best first (a list its callers only read):
+        hashed once for the last PLACEMENTS_KEPT keys, so that the GET after
+        a PUT (Master.placement, for Key-Balance) does not hash it again."""
+        return self._placement(key)
 
     def locate(self, key):
         """(url to redirect to, record or None). KeyMissing if the key is not live
