@@ -33,6 +33,14 @@ def four(tmp_path):
     c.kill()
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Volumes for the tests of one call each (their keys their own)."""
+    c = Cluster(str(tmp_path_factory.mktemp("batches")), n_volumes=3, replicas=REPLICAS)
+    yield c
+    c.kill()
+
+
 def plant(c, names, n, prefix):
     """n keys planted on their placement over `names`, and recorded live: {key: value}."""
     index = Index(c.db())
@@ -117,19 +125,19 @@ def test_a_batch_whose_source_copy_vanished_copies_from_another_and_puts_it_back
         assert set(on_placement(four, names, k).values()) == {value}, k
 
 
-def test_pipelined_heads_say_of_each_file_whether_it_is_there_in_order(four):
-    volume = four.volume_names()[0] + "/sv01"
+def test_pipelined_heads_say_of_each_file_whether_it_is_there_in_order(shared):
+    volume = shared.volume_names()[0] + "/sv01"
     there = [b"/heads/%d" % i for i in range(0, 40, 2)]
     for k in there:
-        four.plant(volume, k, b"x")
+        shared.plant(volume, k, b"x")
     asked = [(volume, key2path(b"/heads/%d" % i)) for i in range(40)]
     assert pipelined.has_many(Volumes(), asked) == [i % 2 == 0 for i in range(40)]
 
 
-def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_stray_and_skip_a_refused_one(four):
-    volume = four.volume_names()[1] + "/sv02"
+def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_stray_and_skip_a_refused_one(shared):
+    volume = shared.volume_names()[1] + "/sv02"
     keys = [b"/many/%d" % i for i in range(6)]
-    four.plant(volume, keys[2], b"a stray")      # its MOVE meets a file: deleted, moved again
+    shared.plant(volume, keys[2], b"a stray")      # its MOVE meets a file: deleted, moved again
 
     def refuse(md5, size):
         raise RuntimeError("not this one")
@@ -137,7 +145,7 @@ def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_str
     results = put_whole_many(Volumes(), items)
     assert isinstance(results[4], RuntimeError) and results[4].outcomes == {}
     for i, k in enumerate(keys):
-        path = four.file_of(volume, k)
+        path = shared.file_of(volume, k)
         if i == 4:
             assert not os.path.exists(path)
         else:
@@ -146,15 +154,15 @@ def test_uploads_and_moves_of_many_paths_pipelined_land_each_value_replace_a_str
                 assert f.read() == b"value %d" % i
 
 
-def test_pipelined_deletes_remove_each_file_and_take_a_missing_one_as_gone(four):
-    volume = four.volume_names()[2] + "/sv03"
+def test_pipelined_deletes_remove_each_file_and_take_a_missing_one_as_gone(shared):
+    volume = shared.volume_names()[2] + "/sv03"
     keys = [b"/gone/%d" % i for i in range(30)]
     for k in keys[::3]:
-        four.plant(volume, k, b"old copy")
+        shared.plant(volume, k, b"old copy")
     fenced = []
     results = pipelined.delete_many(Volumes(), [(volume, key2path(k)) for k in keys], fence=lambda: fenced.append(1))
     assert results == [None] * 30 and fenced == [1]
-    assert not any(os.path.exists(four.file_of(volume, k)) for k in keys)
+    assert not any(os.path.exists(shared.file_of(volume, k)) for k in keys)
 
 
 def test_rebalance_starts_without_importing_gevent():
