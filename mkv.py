@@ -238,10 +238,15 @@ class Master:
         volumes = ",".join(rec.volumes)
         return found_head(rec.md5, volumes, volumes == self.parts(key)[0], url)
 
-    def answer_plain(self, key):
-        """(status line, headers) of a plain GET or HEAD of `key` (no query)
-        in one index statement (Store.find), with the very headers of
-        found_headers and Falcon; None if Store.find leaves it to them."""
+    def answer_plain(self, environ):
+        """(status line, headers) of a plain GET or HEAD (of a key, no query)
+        in one index statement (Store.find), the very headers found_headers
+        and Falcon give it; None for any other request, and when Store.find
+        leaves the answer to them. Raises what the index raises."""
+        path = environ.get("PATH_INFO", "")    # plain_key's test, inline: each call counts here
+        if environ["REQUEST_METHOD"] not in READS or environ.get("QUERY_STRING") or path[:1] != "/":
+            return None
+        key = path.encode("latin-1")
         found = self.store.find(key)
         if found is None:
             return None
@@ -399,7 +404,7 @@ def fast_paths(master, app):
                 master.store.delete(key)
                 start_response("204 No Content", [])
             else:
-                start_response(*(master.answer_plain(key) or (FOUND, master.found_headers(key) + FOUND_TAIL)))
+                start_response(*(master.answer_plain(environ) or (FOUND, master.found_headers(key) + FOUND_TAIL)))
         except Exception as e:
             if method in READS and (type(e) is KeyMissing or   # the common 404 first
                                     isinstance(e, MkvError) and status_of(e) == falcon.HTTP_404):
@@ -408,19 +413,9 @@ def fast_paths(master, app):
             environ[DEFERRED_ERROR] = e
             return app(environ, start_response)
         return []
-
-    def quick(environ):
-        """mkvlib.metrics.Counted's quick answer: a plain GET or HEAD that
-        Master.answer_plain answers, else None: serve() then answers it the
-        whole way, and renders any error as every other one."""
-        path = environ.get("PATH_INFO", "")    # plain_key's test, inline: each call counts here
-        if environ["REQUEST_METHOD"] not in READS or environ.get("QUERY_STRING") or path[:1] != "/":
-            return None
-        try:
-            return master.answer_plain(path.encode("latin-1"))
-        except Exception:
-            return None    # asked again by serve(), whose answer the client gets
-    serve.falcon_app, serve.quick = app, quick
+    # mkvlib.metrics.Counted answers a plain GET or HEAD with it, without
+    # its wrapping (and asks serve() again if it raises)
+    serve.falcon_app, serve.quick = app, master.answer_plain
     return serve
 
 

@@ -299,15 +299,18 @@ class Lookup:
         self.lockless = greenlets_only()
         self._connection = self._cursor = None
 
-    def rows(self, params):
+    def first(self, *params):
+        """The first row of the statement with `params`, or None."""
         database = self.database
         connection = database.connection          # a reopen replaces it
         if self.lockless and not connection.in_transaction:
             if connection is not self._connection:
                 self._connection, self._cursor = connection, connection.cursor()
             try:
-                return self._cursor.execute(self.sql, params).fetchall()
+                rows = self._cursor.execute(self.sql, params).fetchall()
+                return rows[0] if rows else None
             except sqlite3.OperationalError as e:
                 if not is_busy(e):
                     raise
-        return database.read(self.sql, params)    # busy (Database.read waits and retries), or locked
+        rows = database.read(self.sql, params)    # busy (Database.read waits and retries), or locked
+        return rows[0] if rows else None

@@ -122,7 +122,10 @@ class Index:
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
         self.db = Database(path, SCHEMA, setup=upgrade, busy_timeout=busy_timeout)
-        self._live = Lookup(self.db, LIVE_OF_KEY)
+        # live(key): (volumes as stored, comma-separated; md5 or None) of a
+        # live key, else None: a plain GET's one statement (a bound method
+        # of mkvlib.db.Lookup: no call of ours in between)
+        self.live = Lookup(self.db, LIVE_OF_KEY).first
 
     def close(self):
         self.db.close()
@@ -136,12 +139,6 @@ class Index:
     def get(self, key: bytes):
         rows = self.db.read(f"SELECT {COLUMNS} FROM keys WHERE key = ?", (key,))
         return Record.from_row(rows[0]) if rows else None
-
-    def live(self, key: bytes):
-        """(volumes as stored, comma-separated; md5 or None) of a live key,
-        else None: a plain GET's lookup, one statement (mkvlib.db.Lookup)."""
-        rows = self._live.rows((key,))
-        return rows[0] if rows else None
 
     def list(self, prefix: bytes, start: bytes = b"", limit=None, state=LIVE):
         """Keys with `prefix`, from `start` on, in byte order; returns (keys, next)

@@ -88,7 +88,8 @@ class Counted:
     body and no query (mkv's plain GET or HEAD), else None. Those are
     answered and counted here without the wrapping below (half of the
     counting's cost): the same row of the tally, and in_flight, which no
-    one can look at before such a request ends, left alone."""
+    one can look at before such a request ends, left alone. A quick answer
+    that raises is asked of the app, which renders its error as any other."""
 
     def __init__(self, app, boot=None):
         self.app = app
@@ -104,7 +105,10 @@ class Counted:
         if self._flusher_pid != _PROCESS[0]:
             self._start_flusher()
         started = perf_counter()
-        answer = self.quick(environ) if self.quick is not None else None
+        try:
+            answer = self.quick(environ) if self.quick is not None else None
+        except Exception:
+            answer = None
         if answer is not None:
             status, headers = answer
             start_response(status, headers)
