@@ -236,7 +236,7 @@ class Master:
         if rec is None or rec.state != LIVE:
             return [("location", url)]    # MKV_FALLBACK's
         volumes = ",".join(rec.volumes)
-        return found_head(rec.md5, volumes, volumes == self.parts(key)[0], url)
+        return found_head(rec.md5, volumes, volumes == self.parts(key)[0], url, ())
 
     def answer_plain(self, environ):
         """(status line, headers) of a plain GET or HEAD (of a key, no query)
@@ -254,7 +254,7 @@ class Master:
             return NOT_FOUND, list(MISSING_HEADERS)
         volumes, md5, volume = found
         placement, path = self.parts(key)
-        return FOUND, found_head(md5, volumes, volumes == placement, "http://" + volume + path) + FOUND_TAIL
+        return FOUND, found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
@@ -353,12 +353,13 @@ FOUND, NOT_FOUND = "302 Found", "404 Not Found"
 BALANCE = {True: "balanced", False: "unbalanced"}
 
 
-def found_head(md5, volumes, balanced, url):
-    """The headers of a 302 to a live key, in their order (Content-Length aside)."""
+def found_head(md5, volumes, balanced, url, tail):
+    """The headers of a 302 to a live key, in their order, then `tail`."""
     # the url is made of the volume's name and base64: nothing to encode
     if md5:
-        return [("content-md5", md5), ("key-volumes", volumes), ("key-balance", BALANCE[balanced]), ("location", url)]
-    return [("key-volumes", volumes), ("key-balance", BALANCE[balanced]), ("location", url)]
+        return [("content-md5", md5), ("key-volumes", volumes), ("key-balance", BALANCE[balanced]),
+                ("location", url), *tail]
+    return [("key-volumes", volumes), ("key-balance", BALANCE[balanced]), ("location", url), *tail]
 
 
 def plain_key(environ):

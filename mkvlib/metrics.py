@@ -113,9 +113,9 @@ class Counted:
             status, headers = answer
             start_response(status, headers)
             method = environ["REQUEST_METHOD"]
-            row = self._quick_rows.get((method, status)) or self._quick_row(environ, method, status)
+            key = self._quick_rows.get((method, status)) or self._quick_row(environ, method, status)
             length = environ.get("CONTENT_LENGTH")
-            self.tally.add(row, perf_counter() - started, int(length) if length and length.isdigit() else 0, 0)
+            self.tally.add(key, perf_counter() - started, int(length) if length and length.isdigit() else 0, 0)
             return []
         seen = []
 
