@@ -303,14 +303,17 @@ class Lookup:
         """The first row of the statement with `params`, or None."""
         database = self.database
         connection = database.connection          # a reopen replaces it
-        if self.lockless and not connection.in_transaction:
-            if connection is not self._connection:
-                self._connection, self._cursor = connection, connection.cursor()
+        if self.lockless:
             try:
-                rows = self._cursor.execute(self.sql, params).fetchall()
-                return rows[0] if rows else None
+                if not connection.in_transaction:
+                    if connection is not self._connection:
+                        self._connection, self._cursor = connection, connection.cursor()
+                    rows = self._cursor.execute(self.sql, params).fetchall()
+                    return rows[0] if rows else None
             except sqlite3.OperationalError as e:
                 if not is_busy(e):
                     raise
+            except sqlite3.ProgrammingError:
+                pass    # closed by a reopen under way (which holds the mutex): read after it
         rows = database.read(self.sql, params)    # busy (Database.read waits and retries), or locked
         return rows[0] if rows else None

@@ -124,11 +124,45 @@ print(seen)
 """
 
 
-def test_a_lookup_never_sees_a_row_another_greenlet_has_not_committed(tmp_path):
-    script = tmp_path / "lookup.py"
-    script.write_text(textwrap.dedent(LOOKUP_UNDER_GEVENT))
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "index.sqlite3")], cwd=ROOT,
+def under_gevent(tmp_path, script):
+    """What `script` prints, run in a process that gevent has patched, on an index in tmp_path."""
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    out = subprocess.run([sys.executable, str(path), str(tmp_path / "index.sqlite3")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_a_lookup_never_sees_a_row_another_greenlet_has_not_committed(tmp_path):
     # the reader waited for the transaction's end (the mutex), and found nothing
-    assert out.stdout.strip() == "['rolled back', None]"
+    assert under_gevent(tmp_path, LOOKUP_UNDER_GEVENT) == "['rolled back', None]"
+
+
+LOOKUP_DURING_A_REOPEN = """
+from gevent import monkey
+monkey.patch_all()
+import gevent, sqlite3, sys
+from mkvlib.index import Index, LIVE
+index = Index(sys.argv[1])
+index.db.connection.execute("INSERT INTO keys (key, state, volumes) VALUES (?, ?, 'v:1')", (b"/k", LIVE))
+index.live(b"/k")                          # its cursor made on the first connection
+seen = []
+
+def reopen():                              # as Database._reopen_if_writable, waiting in the middle
+    with index.db._mutex:
+        index.db.connection.close()
+        gevent.sleep(0.1)
+        index.db.connection = sqlite3.connect(sys.argv[1], isolation_level=None, check_same_thread=False)
+
+def reader():
+    gevent.sleep(0.02)
+    seen.append(index.live(b"/k"))
+
+gevent.joinall([gevent.spawn(reopen), gevent.spawn(reader)])
+print(seen)
+"""
+
+
+def test_a_lookup_during_a_reopen_of_the_index_reads_after_it(tmp_path):
+    assert under_gevent(tmp_path, LOOKUP_DURING_A_REOPEN) == "[('v:1', None)]"
