@@ -75,12 +75,18 @@ def disk_ids(settings):
     return {h: i for h, i in zip(settings.volumes, found) if isinstance(i, str)}
 
 
+def app_module(server):
+    """The module of the app gunicorn serves: "mkv", "s3" (the S3 gateway),
+    "benchkit.bare" (bench.py's bare function)..."""
+    return (getattr(server.app, "app_uri", None) or "").partition(":")[0]
+
+
 def serves_the_master(server):
     """True for `gunicorn mkv:app`. The S3 gateway (s3:app) and bench.py's
     bare app read this file too, but the run folder (emptied at a start,
     removed at exit) and the admin listener belong to the master that
     shares their index."""
-    return (getattr(server.app, "app_uri", None) or "").partition(":")[0] == "mkv"
+    return app_module(server) == "mkv"
 
 
 def on_starting(server):
@@ -163,7 +169,7 @@ def post_worker_init(worker):
     boot = getattr(worker.wsgi, "boot", None)
     if boot is not None:
         boot()
-    if not serves_the_master(worker):   # the S3 gateway relays GetObject's bytes itself (mkvlib.relay)
+    if app_module(worker) == "s3":   # the S3 gateway relays GetObject's bytes itself (mkvlib.relay)
         from mkvlib.relay import install_sent_counter
         install_sent_counter(worker)
 

@@ -28,7 +28,8 @@ from mkvlib.index import LIST_MAX, LIVE, UNLINKED
 from mkvlib.logs import use_format
 from mkvlib.metrics import counted
 from mkvlib.settings import SECRET_HEADER, Settings
-from mkvlib.store import Store
+from mkvlib.placement import key2path
+from mkvlib.store import MISSING, Store
 from mkvlib.volumes import CHUNK
 
 log = logging.getLogger("mkv")
@@ -38,7 +39,7 @@ READ_PIECE = 64 << 10        # bytes read from a client at once, at least (see r
 READ_SLACK = 16              # how many times slower than its last read a client may get at once
 PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole chunk before going on
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
-PLACEMENTS_KEPT = 8192       # keys whose placement a worker keeps, for Key-Balance (hashes per volume)
+PLACEMENTS_KEPT = 8192       # keys whose placement and path a worker keeps (an md5 per volume, and one)
 
 ERROR_STATUS = {
     Unauthorized: falcon.HTTP_401,
@@ -175,10 +176,10 @@ class Master:
 
     def __init__(self, settings: Settings, store=None):
         self.settings = settings
-        # a key's placement depends on the key and the settings alone: the
-        # GETs of a hot key hash it once (an md5 per volume was a fifth of a
-        # GET's time in the app)
-        self.placement = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(lambda key: self.store.placement(key))
+        # a key's placement and path depend on the key and the settings
+        # alone: the GETs of a hot key hash it once (an md5 per volume was a
+        # fifth of a GET's time in the app)
+        self.parts = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(self._parts)
         self._store = store
         self._pid = None if store is None else "given"   # a store given is used as it is
 
@@ -223,20 +224,37 @@ class Master:
         resp.status = falcon.HTTP_302
         resp.content_length = 0
 
+    def _parts(self, key):
+        """(the key's placement as Key-Volumes would show it, its path on a volume)."""
+        return ",".join(self.store.placement(key)), key2path(key)
+
     def found_headers(self, key):
         """The headers of the 302 to a GET or HEAD of `key` (Content-Length
         aside): Content-Md5, Key-Volumes, Key-Balance of a live key, and
         Location. Raises what Store.locate raises (KeyMissing: 404)."""
         url, rec = self.store.locate(key)
-        headers = []
-        if rec is not None and rec.state == LIVE:
-            if rec.md5:
-                headers.append(("content-md5", rec.md5))
-            headers.append(("key-volumes", ",".join(rec.volumes)))
-            balanced = rec.volumes == self.placement(key)
-            headers.append(("key-balance", "balanced" if balanced else "unbalanced"))
-        headers.append(("location", url))   # made of the volume's name and base64: nothing to encode
-        return headers
+        if rec is None or rec.state != LIVE:
+            return [("location", url)]    # MKV_FALLBACK's
+        volumes = ",".join(rec.volumes)
+        return found_head(rec.md5, volumes, volumes == self.parts(key)[0], url, ())
+
+    def answer_plain(self, environ):
+        """(status line, headers) of a plain GET or HEAD (of a key, no query)
+        in one index statement (Store.find), the very headers found_headers
+        and Falcon give it; None for any other request, and when Store.find
+        leaves the answer to them. Raises what the index raises."""
+        path = environ.get("PATH_INFO", "")    # plain_key's test, inline: each call counts here
+        if environ["REQUEST_METHOD"] not in READS or environ.get("QUERY_STRING") or path[:1] != "/":
+            return None
+        key = path.encode("latin-1")
+        found = self.store.find(key)
+        if found is None:
+            return None
+        if found is MISSING:
+            return NOT_FOUND, list(MISSING_HEADERS)
+        volumes, md5, volume = found
+        placement, path = self.parts(key)
+        return FOUND, found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
@@ -331,6 +349,17 @@ TEXT = ("content-type", "text/plain; charset=utf-8")
 FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302 and the 201
 MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
 READS, WRITES = ("GET", "HEAD"), ("PUT", "DELETE")
+FOUND, NOT_FOUND = "302 Found", "404 Not Found"
+BALANCE = {True: "balanced", False: "unbalanced"}
+
+
+def found_head(md5, volumes, balanced, url, tail):
+    """The headers of a 302 to a live key, in their order, then `tail`."""
+    # the url is made of the volume's name and base64: nothing to encode
+    if md5:
+        return [("content-md5", md5), ("key-volumes", volumes), ("key-balance", BALANCE[balanced]),
+                ("location", url), *tail]
+    return [("key-volumes", volumes), ("key-balance", BALANCE[balanced]), ("location", url), *tail]
 
 
 def plain_key(environ):
@@ -376,16 +405,18 @@ def fast_paths(master, app):
                 master.store.delete(key)
                 start_response("204 No Content", [])
             else:
-                start_response("302 Found", master.found_headers(key) + FOUND_TAIL)
+                start_response(*(master.answer_plain(environ) or (FOUND, master.found_headers(key) + FOUND_TAIL)))
         except Exception as e:
             if method in READS and (type(e) is KeyMissing or   # the common 404 first
                                     isinstance(e, MkvError) and status_of(e) == falcon.HTTP_404):
-                start_response("404 Not Found", list(MISSING_HEADERS))
+                start_response(NOT_FOUND, list(MISSING_HEADERS))
                 return []
             environ[DEFERRED_ERROR] = e
             return app(environ, start_response)
         return []
-    serve.falcon_app = app
+    # mkvlib.metrics.Counted answers a plain GET or HEAD with it, without
+    # its wrapping (and asks serve() again if it raises)
+    serve.falcon_app, serve.quick = app, master.answer_plain
     return serve
 
 

@@ -5,6 +5,7 @@ is writable again. Knows nothing of what the tables hold."""
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 
@@ -275,3 +276,55 @@ class Database:
                 done = False
             if done:
                 self._last_checkpoint = now
+
+
+def greenlets_only() -> bool:
+    """True when this process's threads are gevent's greenlets (the master's
+    workers: gunicorn.conf.py monkey-patches before anything else): one OS
+    thread, where another greenlet runs only while this one waits on I/O or
+    a gevent lock, never in the middle of a Python call into SQLite. (gevent's
+    real threads, mkv.in_a_thread's, only hash: they never touch the index.)"""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("threading")
+
+
+class Lookup:
+    """One read statement run very often (a GET's lookup of its key), at
+    about half the cost of Database.read: on a cursor of its own (a new
+    cursor per query was half of SQLite's time), and without the mutex
+    where that is safe.
+
+    The mutex keeps a read out of another thread's open transaction on the
+    shared connection, where it would see uncommitted rows. Among greenlets
+    (greenlets_only()), a lookup runs whole before any other greenlet runs:
+    nothing in it waits on I/O. So it needs the mutex only while a
+    transaction is open on the connection (in_transaction: a writer that
+    waited in the middle of one, which no writer does today): then it reads
+    as Database.read does, mutex and all. Each lookup is its own read
+    transaction (fetchall steps the statement to its end, which resets it),
+    so it sees every commit of every process made before it started.
+    Elsewhere (tools, threads) it is Database.read."""
+
+    def __init__(self, database, sql):
+        self.database, self.sql = database, sql
+        self.lockless = greenlets_only()
+        self._connection = self._cursor = None
+
+    def first(self, *params):
+        """The first row of the statement with `params`, or None."""
+        database = self.database
+        connection = database.connection          # a reopen replaces it
+        if self.lockless:
+            try:
+                if not connection.in_transaction:
+                    if connection is not self._connection:
+                        self._connection, self._cursor = connection, connection.cursor()
+                    rows = self._cursor.execute(self.sql, params).fetchall()
+                    return rows[0] if rows else None
+            except sqlite3.OperationalError as e:
+                if not is_busy(e):
+                    raise
+            except sqlite3.ProgrammingError:
+                pass    # closed by a reopen under way (which holds the mutex): read after it
+        rows = database.read(self.sql, params)    # busy (Database.read waits and retries), or locked
+        return rows[0] if rows else None

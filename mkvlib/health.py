@@ -75,7 +75,7 @@ class Table:
             os.close(fd)
 
     def get(self, host):
-        return ROW.unpack_from(self.row(host))
+        return ROW.unpack_from(self._rows.get(host) or self.row(host))   # a GET asks: no call it can spare
 
     def set(self, host, field, value):
         struct.pack_into("d", self.row(host), field * 8, value)
@@ -97,8 +97,9 @@ def is_up(row, now, fresh=PROBE_FRESH, retry_after=DOWN_RETRY):
     """A redirect target: the last look of the prober (of any process) had a
     good answer, a moment ago, from the disk the index knows, and no request
     failed since its last answer. What the page and the metrics show."""
+    # is_down, inline: a GET asks this
     return (now - row[PROBED] < fresh and row[PROBED] > row[MISSED] and not row[REPLACED]
-            and not is_down(row, now, retry_after))
+            and not (row[FAILED] > row[ANSWERED] and now < row[FAILED] + retry_after))
 
 
 class Health:

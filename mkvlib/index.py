@@ -5,7 +5,7 @@ PUT; start and finish a DELETE; lock, note, list."""
 import dataclasses
 import time
 
-from mkvlib.db import BUSY_TIMEOUT, Database
+from mkvlib.db import BUSY_TIMEOUT, Database, Lookup
 from mkvlib.errors import KeyBusy, KeyExists, KeyMissing, KeyProtected
 from mkvlib.lease import LOCK_LEASE, boot_id, lock_clock
 
@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS volume_ids (
 """
 COLUMNS = "key, state, volumes, md5, size, lock_owner, lock_until"
 NOTES_OF_KEY = "SELECT volume, tmp FROM pending_deletes WHERE key = ?"
+LIVE_OF_KEY = f"SELECT volumes, md5 FROM keys WHERE key = ? AND state = '{LIVE}'"   # a GET's one statement
 # state meanings:
 #   writing   a PUT is streaming replicas; invisible; expired lock = a PUT that died
 #   live      every replica written; GET redirects to it
@@ -121,6 +122,10 @@ class Index:
     def __init__(self, path, busy_timeout=BUSY_TIMEOUT):
         self.path = path
         self.db = Database(path, SCHEMA, setup=upgrade, busy_timeout=busy_timeout)
+        # live(key): (volumes as stored, comma-separated; md5 or None) of a
+        # live key, else None: a plain GET's one statement (a bound method
+        # of mkvlib.db.Lookup: no call of ours in between)
+        self.live = Lookup(self.db, LIVE_OF_KEY).first
 
     def close(self):
         self.db.close()

@@ -18,6 +18,7 @@ from mkvlib.upload import LANDED
 from mkvlib.volumes import Volumes
 
 PLACEMENTS_KEPT = 8192     # keys whose placement a Store keeps
+MISSING = "missing"   # Store.find: no live key, and no MKV_FALLBACK to send the client to
 
 
 class Store:
@@ -45,6 +46,26 @@ class Store:
         hashed once for the last PLACEMENTS_KEPT keys, so that the GET after
         a PUT (Master.placement, for Key-Balance) does not hash it again."""
         return self._placement(key)
+
+    def find(self, key):
+        """A plain GET's answer in one index statement: (volumes as the index
+        has them, md5, the volume to send the client to) of a live key, a
+        replica drawn at random (as locate's shuffle, each alike) that the
+        prober vouches for now; MISSING if no key is live and there is no
+        MKV_FALLBACK. None if only locate() can tell: a fallback, MKV_GET_CHECK,
+        or a drawn replica not vouched for (locate then tries every one, so a
+        GET never goes to a volume the health view has down while another is up)."""
+        row = self.index.live(key)
+        if row is None:
+            return None if self.settings.fallback else MISSING
+        volumes, md5 = row
+        if self.settings.get_check or not volumes:
+            return None
+        replicas = volumes.split(",")
+        volume = replicas[int(random.random() * len(replicas))]
+        if not self.health.may_read(volume_host(volume)):
+            return None
+        return volumes, md5, volume
 
     def locate(self, key):
         """(url to redirect to, record or None). KeyMissing if the key is not live
