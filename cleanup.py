@@ -5,12 +5,12 @@ uploads of writes that died before their MOVE (sweep). rebalance.py runs both.
 Every copy it removes is noted in the index (pending_deletes) until it is
 gone, so a run killed at any moment leaves the next run the same work."""
 import contextlib
-import email.utils
 import queue
 import sqlite3
 import threading
 import time
 
+from mkvlib import pipelined
 from mkvlib.errors import KeyBusy, MkvError, VolumeError
 from mkvlib.index import DELETING, WRITING
 from mkvlib.lease import Lease, lock_clock
@@ -29,6 +29,7 @@ def sweep(volumes, hosts, progress):
     """Remove uploads under TMP_DIR older than SWEEP_AGE: writes that died
     between their upload and its MOVE. A MOVE still queued somewhere can
     then never land."""
+    import email.utils    # here: most runs find no upload to date, and it is a tenth of the start-up
     for host in hosts:
         try:
             entries = volumes.listdir(host, TMP_DIR)
@@ -222,8 +223,8 @@ class Deleters:
 def delete_noted_copies(volumes, plan, fence):
     """Volumes.delete_copies of many keys at once: `plan` {key: {volume:
     upload name or None}}; first every upload whose MOVE may still be on
-    its way, then, once fence(key) of each key holds, every file, each in
-    one fan. Returns {(key, volume): reason} of those not deleted for sure."""
+    its way (a fan), then, once fence(key) of each key holds, every file
+    (pipelined, one connection per volume). Returns {(key, volume): reason} of those not deleted for sure."""
     calls = [(k, v, tmp) for k, copies in plan.items() for v, tmp in copies.items()]
     failed = {(k, v): f"volume {volume_host(v)} is down" for k, v, _ in calls if volumes.health.down(volume_host(v))}
     uploads = [(k, v, tmp) for k, v, tmp in calls if tmp and (k, v) not in failed]
@@ -237,7 +238,7 @@ def delete_noted_copies(volumes, plan, fence):
     def fences():
         for k in dict.fromkeys(k for k, _ in asked):
             fence(k)()
-    for (k, v), error in zip(asked, volumes.delete_many([(v, key2path(k)) for k, v in asked], fences)):
+    for (k, v), error in zip(asked, pipelined.delete_many(volumes, [(v, key2path(k)) for k, v in asked], fences)):
         if error is not None:
             failed[(k, v)] = str(error)
     return failed

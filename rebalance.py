@@ -10,11 +10,12 @@ are removed, then the record. For each live or unlinked key, under the same
 per-key lock as the master's PUT and DELETE:
 
   1. look (HEAD, at once) at which recorded volumes have its file;
-  2. stream it from a recorded copy to each placement volume that the record
-     does not vouch for (chunk by chunk, never the whole value in memory):
-     into an upload, checked against the record's md5 and size, then MOVEd
-     over whatever sat there. A file found at a placement path is never
-     adopted: a stray, stale or late copy of an older value looks the same;
+  2. copy it from a recorded copy to each placement volume that the record
+     does not vouch for (a value of up to WHOLE_COPY read whole, a larger
+     one chunk by chunk, never whole in memory): into an upload, checked
+     against the record's md5 and size, then MOVEd over whatever sat there.
+     A file found at a placement path is never adopted: a stray, stale or
+     late copy of an older value looks the same;
   3. in one transaction, point the index at the placement only and note the
      copies it no longer uses (the index's pending_deletes table);
   4. GRACE (half a second) later (a redirect given out just before the switch
@@ -23,6 +24,8 @@ per-key lock as the master's PUT and DELETE:
      when no other process had the index open, neither right before the
      switch nor when the copies come due: then no one could have handed out
      a redirect to them (mkvlib.openers).
+
+Plain moves go a batch at a time (movebatch.py), by the same rules.
 
 Every copy that exists is always either in the key's record or noted in
 pending_deletes (noted before a byte is sent), so a run killed at any moment
@@ -33,6 +36,7 @@ reads to it. The exit status is 0 only when every key sits on its placement
 and every noted copy is gone.
 """
 import argparse
+import contextlib
 import functools
 import sqlite3
 import sys
@@ -46,9 +50,10 @@ from mkvlib.index import DELETING, LIVE, UNLINKED, WRITING
 from mkvlib.lease import FENCE_FRESH, LOCK_LEASE, Lease, lock_clock, new_owner
 from mkvlib.openers import others_have_open
 from mkvlib.placement import check_named_once, disk_of, key2path, new_tmp, volume_host
-from mkvlib.upload import put
+from mkvlib.upload import put, put_whole
 from mkvlib.volumes import CHUNK
 from cleanup import Deleters, sweep
+from movebatch import WHOLE_COPY, Batches, CopyFailed, batches
 import tools
 
 PROG = "rebalance"
@@ -60,10 +65,6 @@ PROG = "rebalance"
 GRACE = 0.5
 SUMMARY = ["seen", "moved", "repaired", "purged", "unchanged", "skipped", "busy", "failed"]
 DRY_SUMMARY = ["seen", "would copy", "would remove", "would purge", "unchanged", "failed"]
-
-
-class CopyFailed(MkvError):
-    pass
 
 
 class Rebalance:
@@ -111,7 +112,8 @@ class Rebalance:
             else:
                 self.noted.add(key)
                 self.deletes.put(since + GRACE, key, [volume])
-        tools.each_in_threads(self.index.scan(), self.first_look, workers)
+        # a batch at a time: plain moves together (movebatch), the others one by one
+        tools.each_in_threads(batches(self.index.scan()), Batches(self).look, workers, feed=1)
         for key in self.again:    # once more, now that the others are done
             rec = self.index.get(key)
             if rec is not None:
@@ -164,10 +166,20 @@ class Rebalance:
             found = self._disks[volume] = disk_of(volume, self.ids)
         return found
 
-    def first_look(self, rec):
+    @contextlib.contextmanager
+    def looking(self, rec):
+        """Counts a key seen, and done at the end; one key's trouble never stops the run."""
         self.progress.count("seen")
         self.progress.add(keys=1)
         try:
+            yield
+        except Exception as e:
+            self.fail(rec.key, f"{type(e).__name__}: {e}")
+        finally:
+            self.progress.add(done=1)
+
+    def first_look(self, rec):
+        with self.looking(rec):
             if rec.state not in (LIVE, UNLINKED):
                 if rec.locked() and rec.lock_owner != self.owner and not tools.owner_is_dead(rec.lock_owner):
                     return self.progress.count("skipped")   # being written or deleted: the master's
@@ -177,10 +189,6 @@ class Rebalance:
                     and self.all_there(rec.key, rec.volumes):
                 return self.progress.count("unchanged")
             self.lock_and_move(rec)
-        except Exception as e:   # one key's trouble never stops the run
-            self.fail(rec.key, f"{type(e).__name__}: {e}")
-        finally:
-            self.progress.add(done=1)
 
     def all_there(self, key, volumes):
         path = key2path(key)
@@ -212,6 +220,10 @@ class Rebalance:
             return self.later(rec.key)
         if rec is None:
             return self.progress.count("unchanged")   # deleted meanwhile
+        self.move_locked(rec, since, final)
+
+    def move_locked(self, rec, since, final=False):
+        """move() of a key this run locked at lock_clock() `since`; released at the end."""
         released = False
         try:
             with Lease(self.index, rec.key, self.owner, since=since) as lease:
@@ -331,13 +343,21 @@ class Rebalance:
             if not self.index.switch_volumes(key, self.owner, placement, dropped, written=targets, release=True):
                 raise KeyBusy("lost the lock on the key while moving it")
             if dropped:   # after the release: the deleter takes the lock in turn
-                self.deletes.put(time.time() + GRACE, key, dropped, quiet=quiet)
+                self.drop_later(key, dropped, quiet)
+        self.count_move(rec, placement, targets)
+        return switch
+
+    def drop_later(self, key, dropped, quiet):
+        """The copies `dropped` of a key just switched go GRACE from now (at
+        once if `quiet`, no other process had the index open, and still none has)."""
+        self.deletes.put(time.time() + GRACE, key, dropped, quiet=quiet)
+
+    def count_move(self, rec, placement, targets):
         repaired = any(v in rec.volumes for v in targets)   # a recorded copy had vanished or was noted
         moved = set(rec.volumes) != set(placement)
         for name, yes in (("repaired", repaired), ("moved", moved), ("unchanged", not (repaired or moved))):
             if yes:
                 self.progress.count(name)
-        return switch
 
     def copy(self, rec, sources, targets, path, lease):
         """Stream the value from the first source that gives a good copy to
@@ -366,7 +386,7 @@ class Rebalance:
             ok, tmp = False, new_tmp()
             self.index.note(rec.key, targets, tmp)   # switch_volumes drops these notes
             try:
-                md5, size = put(self.volumes, targets, path, r.stream(CHUNK), r.length, tmp=tmp, fence=fence)
+                md5, size = send_copy(self.volumes, targets, path, r, tmp, fence)
                 ok = True
             except KeyBusy:
                 raise
@@ -391,6 +411,20 @@ class Rebalance:
         marked = multipart.expire(self.index.db, self.upload_age)
         if marked:
             self.progress.message(f"{PROG}: {marked} part(s) of abandoned S3 multipart uploads to remove")
+
+def send_copy(volumes, targets, path, download, tmp, fence):
+    """put() of what `download` reads to `targets`: (md5, size). A value of
+    up to WHOLE_COPY bytes is read whole, checked by fence(md5, size) before
+    a byte is sent, and sent with its MOVE behind it (put_whole: one round
+    trip a volume instead of two); a larger one is streamed (put: checked
+    once its uploads are complete, before their MOVEs)."""
+    if download.length is not None and download.length <= WHOLE_COPY:
+        value = b"".join(download.stream(CHUNK))
+        if len(value) != download.length:   # the volume closed early: what came is not the file
+            raise CopyFailed(f"read {len(value)} bytes of {download.length}")
+        return put_whole(volumes, targets, path, value, tmp=tmp, fence=fence)
+    return put(volumes, targets, path, download.stream(CHUNK), download.length, tmp=tmp, fence=fence)
+
 
 def holders(volumes, forget, names, path):
     """({name: True if it has the file, False if not, None if it did not

@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from mkvlib import progress as published
 from mkvlib.errors import KeyBusy, SettingsError
@@ -57,14 +56,20 @@ def open_volumes(settings, workers) -> Volumes:
                    secret=settings.secret, offload=hash_aside)
 
 
-_HASHERS = ThreadPoolExecutor(2, thread_name_prefix="md5")
+_HASHERS_LOCK = threading.Lock()
+_HASHERS = []          # the pool of hash_aside, made on first use (most values are hashed whole)
 
 
 def hash_aside(fn, arg):
     """Volumes' offload for the tools: fn(arg) (an md5 update of a large
     chunk, which lets go of the GIL) in another thread while the chunk is
     sent; returns the function that waits for it (as the master's PUT does)."""
-    return _HASHERS.submit(fn, arg).result
+    if not _HASHERS:
+        with _HASHERS_LOCK:
+            if not _HASHERS:
+                from concurrent.futures import ThreadPoolExecutor
+                _HASHERS.append(ThreadPoolExecutor(2, thread_name_prefix="md5"))
+    return _HASHERS[0].submit(fn, arg).result
 
 
 FEED = 2   # items a worker of each_in_threads takes at a time: few, or the last ones make a tail

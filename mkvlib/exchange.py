@@ -54,13 +54,14 @@ def exchange(pool, calls, timeout=None):
     return out
 
 
-def pipelines(pool, by_host, timeout, window=128):
-    """GETs of many paths: {host: [path]} -> {host: [result]}, each
-    result (status, body) or the error (Unreachable, NoAnswer). Each
+def pipelines(pool, by_host, timeout, window=128, method="GET"):
+    """GETs (or HEADs: `method`) of many paths: {host: [path]} -> {host:
+    [result]}, each result (status, body) or the error (Unreachable,
+    NoAnswer). Each
     server's requests go pipelined on one keep-alive connection (nginx
     answers pipelined requests in order), at most `window` unanswered at
     a time, and all servers' at once."""
-    pipes = {host: Pipeline(pool, host, paths, timeout, window) for host, paths in by_host.items()}
+    pipes = {host: Pipeline(pool, host, paths, timeout, window, method) for host, paths in by_host.items()}
     for pipe in pipes.values():
         pipe.send()
     for pipe in pipes.values():
@@ -73,18 +74,19 @@ class Pipeline:
     taken from (and given back to) the pool's idle ones. A connection that
     the server closed (an idle one it timed out, or its keepalive_requests
     reached) is replaced and what it had not answered is sent again: a GET
-    changes nothing."""
+    changes nothing (nor does a HEAD)."""
 
     # bytes of requests sent and not answered: less than the socket buffers
     # of both ends hold, so sendall() returns even while the server waits for
     # us to read its answers
     MAX_BYTES = 32768
 
-    def __init__(self, pool, host, paths, timeout, window):
+    def __init__(self, pool, host, paths, timeout, window, method="GET"):
         self.pool, self.host, self.timeout, self.window = pool, host, timeout, window
         self.results = [None] * len(paths)
+        self.heads = method == "HEAD"    # answers without a body
         # (result index, request) not sent yet, next one last
-        self.todo = [(i, request("GET", host, p)) for i, p in enumerate(paths)][::-1]
+        self.todo = [(i, request(method, host, p)) for i, p in enumerate(paths)][::-1]
         self.sent = []            # sent on self.conn and not answered yet, oldest first
         self.conn = None
 
@@ -119,7 +121,7 @@ class Pipeline:
                 self.send()
                 continue
             try:
-                status, body, keep = self.conn.answer()
+                status, body, keep = self.conn.answer(to_head=self.heads)
             except (OSError, ValueError) as e:
                 self.broken(e)
                 continue

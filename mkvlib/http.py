@@ -15,15 +15,17 @@ import re
 import select
 import socket
 import struct
+import sys
 import termios
 import time
 from urllib.parse import quote
 
-try:   # the system's poll, not gevent's: a look that never waits needs no greenlet switch
-    from gevent.monkey import get_original
-    _poll = get_original("select", "poll")
-except ImportError:
-    from select import poll as _poll
+# the system's poll, not gevent's: a look that never waits needs no greenlet
+# switch. gevent is not imported for it (a tool never patches anything, and
+# importing gevent is a fifth of a tool's start-up): a process that has
+# patched select has gevent.monkey loaded, and gets the original from it.
+_monkey = sys.modules.get("gevent.monkey")
+_poll = _monkey.get_original("select", "poll") if _monkey is not None else select.poll
 
 KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 SEND_SLICE = 256 << 10     # bytes of an upload a server must take within the socket's timeout

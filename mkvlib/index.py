@@ -432,6 +432,23 @@ class Index:
             self._note(db, key, dropped)
             return True
 
+    def note_many(self, notes):
+        """Index.note of each (key, volumes, upload name) of `notes`, in one transaction (rebalance's batches)."""
+        with self.db.write() as db:
+            for key, volumes, tmp in notes:
+                self._note(db, key, volumes, tmp)
+
+    def switch_many(self, switches, owner):
+        """switch_volumes(..., release=True) of each (key, volumes, dropped, written) in one transaction."""
+        done = []     # the keys switched (the others' locks were lost: nothing changed)
+        with self.db.write() as db:
+            for key, volumes, dropped, written in switches:
+                if db.execute("UPDATE keys SET volumes = ?, lock_owner = NULL, lock_until = NULL WHERE key = ?"
+                              " AND lock_owner = ?", (",".join(volumes), key, owner)).rowcount == 1:
+                    self._unnote(db, key, written)
+                    self._note(db, key, dropped)
+                    done.append(key)
+        return done
 
     # -- the identities of the volumes' disks
 

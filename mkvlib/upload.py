@@ -4,6 +4,7 @@ MOVEd onto the key's path (Volumes.moves). Only the MOVE touches the path,
 so an upload a frozen volume finishes late stays an upload."""
 import hashlib
 
+from mkvlib import pipelined
 from mkvlib.errors import MoveUnknown, VolumeError
 from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request
 from mkvlib.http import target as http_target
@@ -125,6 +126,52 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     if errors:
         _fail(volumes, targets, names, outcomes, errors, [v for v in unmoved if v not in outcomes])
     return md5, size
+
+
+def put_whole_many(volumes, items):
+    """put_whole() of several values at once: `items` [(targets, path,
+    value, tmp, fence)]. Every value's fence(md5, size) first (one that
+    raises sends nothing), then every upload with its MOVE behind it, each
+    server's pipelined in one send (mkvlib.pipelined); what
+    put_whole() sends again is sent again, value by value. Returns, in
+    order, (md5, size) of each or the error put_whole() would raise, with
+    `.outcomes`."""
+    deadline = write_deadline(move_window(volumes))
+    out, sending = [None] * len(items), []
+    for i, (targets, path, value, tmp, fence) in enumerate(items):
+        md5, size = hashlib.md5(value).hexdigest(), len(value)
+        try:
+            if fence is not None:
+                fence(md5, size)
+        except Exception as e:
+            e.outcomes = {}      # nothing sent
+            out[i] = e
+            continue
+        tmp = tmp or new_tmp()
+        names = {v: upload_name(tmp, v) for v in targets}
+        head = b"Content-Length: %d\r\n%s" % (size, volumes.write_headers)
+        sending.append((i, md5, size, names))
+        out[i] = [(v, names[v], request("PUT", volume_host(v), names[v], head), value, path) for v in targets]
+    puts = [put for i, _, _, _ in sending for put in out[i]]
+    # cut off with their MOVEs out (interrupted), any may land: the caller's
+    # notes of every target stay for the next run
+    results = iter(pipelined.upload_and_move_many(volumes, puts, deadline))
+    for i, md5, size, names in sending:
+        targets, path, _, _, fence = items[i]
+        again = None if fence is None else (lambda f=fence, m=md5, n=size: f(m, n))
+        mine = [next(results) for _ in targets]
+        try:
+            outcomes, errors, unmoved = _whole_outcomes(targets, mine)
+            if not errors:
+                _move_unmoved(volumes, names, path, unmoved, again, outcomes, errors)
+            if errors:
+                _fail(volumes, targets, names, outcomes, errors, [v for v in unmoved if v not in outcomes])
+            out[i] = (md5, size)
+        except Exception as e:
+            if not hasattr(e, "outcomes"):
+                e.outcomes = {v: UNKNOWN for v in targets}
+            out[i] = e
+    return out
 
 
 def move_window(volumes):

@@ -4,6 +4,7 @@ the master's own port stays the users'."""
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import requests
 
 from mkvlib.health import PROBE_FRESH
+from mkvlib.runfolder import run_folder
 from conftest import ROOT, Http, free_port, wait_until
 
 
@@ -125,15 +127,24 @@ def test_a_rebalance_shows_its_progress_in_a_scrape_while_it_runs(admin_cluster)
         assert http.put(c.url(f"/progress{i}"), data=b"v").status_code == 201
     env = dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(), MKV_REPLICAS="3",
                MKV_SUBVOLUMES="2")
-    # one worker: the run takes long enough to be seen half done
+    published = os.path.join(run_folder(c.db()), "tool-rebalance.json")
+    if os.path.exists(published):
+        os.unlink(published)
     p = subprocess.Popen([sys.executable, "rebalance.py", "--workers", "1"], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a run takes a fraction of a second: it is frozen while the scrapes look,
+    # once it has said it runs (the file it publishes, written first thing)
+    wait_until(lambda: os.path.exists(published) or p.poll() is not None, 30, "rebalance to publish", every=0.002)
     seen = []
-    while p.poll() is None:
-        s = scrape(c)
-        if value(s, "mkv_tool_running", tool="rebalance") == 1:
-            seen.append(value(s, "mkv_tool_keys_done", tool="rebalance"))
-        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            s = scrape(c)
+            if value(s, "mkv_tool_running", tool="rebalance") == 1:
+                seen.append(value(s, "mkv_tool_keys_done", tool="rebalance"))
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    p.wait(timeout=120)
     assert p.returncode == 0, p.stderr.read()
     assert seen, "no scrape saw rebalance running"
     done = scrape(c)
