@@ -192,37 +192,86 @@ def fast_environ(req, sock, client, server, cfg, base):
 
 class PlainResponse(gunicorn_wsgi.Response):
     """gunicorn's Response, which checks every header of every answer by
-    regular expressions: a header name it has seen pass is known here, and
-    only its value is checked. Anything else goes through gunicorn's own
-    process_headers, which also refuses what it refuses."""
+    regular expressions and builds its head from a list of pieces: here a
+    status line and a header name seen to pass gunicorn's checks are known,
+    and only the values are checked, in one pass; the head is formatted in
+    one piece, byte for byte what gunicorn's send_headers writes (status
+    line, Server, Date, Connection, Transfer-Encoding, the app's headers;
+    tests/test_worker.py compares the two). Anything else goes through
+    gunicorn's own start_response and process_headers, which also refuse
+    what they refuse."""
 
     known = {}           # header name -> its lower case: a token, not hop-by-hop
-    KNOWN_MAX = 256      # names an app could make up, kept at most
+    statuses = {}        # status line -> its code: passed STATUS_RE, a body allowed
+    KNOWN_MAX = 256      # names (and statuses) an app could make up, kept at most
+
+    def start_response(self, status, headers, exc_info=None):
+        code = self.statuses.get(status) if exc_info is None and self.status is None else None
+        if code is None:
+            write = super().start_response(status, headers, exc_info)
+            self.learn_status(status)
+            return write
+        self.status, self.status_code = status, code
+        self.process_headers(headers)
+        # gunicorn's _response_omits_body for a status with a body (learn_status)
+        self._omits_body = self.req.method == "HEAD" or code == 304
+        self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body
+        return self.write
+
+    def learn_status(self, status):
+        """Keep a status gunicorn's start_response took that needs none of its
+        special cases (1xx, 204: no Content-Length; an unparsable code)."""
+        code = self.status_code
+        if (type(status) is str and code is not None and 200 <= code and code != 204
+                and len(self.statuses) < self.KNOWN_MAX and status.split()[0] == str(code)):
+            self.statuses[status] = code
 
     def process_headers(self, headers):
-        known = self.known
+        known, kept, length = self.known, [], None
         for name, value in headers:
             # printable ASCII (space to '~') passes HEADER_VALUE_RE, and is
             # nearly every value: told at about half the cost of the regex
-            if name not in known or type(value) is not str or not (
+            lower = known.get(name) if type(name) is str else None
+            if lower is None or type(value) is not str or not (
                     value.isascii() and value.isprintable() or HEADER_VALUE_RE.fullmatch(value)):
                 self.learn(headers)
                 return super().process_headers(headers)
-        for name, value in headers:
             value = value.strip(" \t")
-            if known[name] == "content-length":
-                self.response_length = int(value)
-            self.headers.append((name, value))
+            if lower == "content-length":
+                length = int(value)
+            kept.append((name, value))
+        self.headers.extend(kept)
+        if length is not None:
+            self.response_length = length
 
     def is_chunked(self):
         """gunicorn's, but for uwsgi, which a FastRequest never comes from (fast_reading)."""
         return self.response_length is None and self.req.version > (1, 0) and not self._omits_body
+
+    def send_headers(self):
+        """gunicorn's send_headers (and default_headers), formatted at once."""
+        if self.headers_sent:
+            return
+        if self.upgrade:
+            return super().send_headers()
+        version = self.req.version
+        head = HEAD % (version[0], version[1], self.status, self.version, util.http_date(),
+                       "close" if self.should_close() else "keep-alive",
+                       CHUNKED if self.chunked else "", "".join(map(HEADER.__mod__, self.headers)))
+        util.write(self.sock, head.encode("latin-1"))
+        self.headers_sent = True
 
     def learn(self, headers):
         for name, _ in headers:
             if (type(name) is str and name not in self.known and len(self.known) < self.KNOWN_MAX
                     and TOKEN_RE.fullmatch(name) and not util.is_hoppish(name)):
                 self.known[name] = name.lower()
+
+
+# gunicorn's response head (Response.default_headers and send_headers), whole
+HEAD = "HTTP/%s.%s %s\r\nServer: %s\r\nDate: %s\r\nConnection: %s\r\n%s%s\r\n"
+HEADER = "%s: %s\r\n"
+CHUNKED = "Transfer-Encoding: chunked\r\n"
 
 
 def http_date_per_second(http_date):
