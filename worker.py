@@ -202,6 +202,7 @@ class PlainResponse(gunicorn_wsgi.Response):
     what they refuse."""
 
     known = {}           # header name -> its lower case: a token, not hop-by-hop
+    length_names = set()     # the names of known that are Content-Length
     statuses = {}        # status line -> its code: passed STATUS_RE, a body allowed
     KNOWN_MAX = 256      # names (and statuses) an app could make up, kept at most
 
@@ -227,6 +228,27 @@ class PlainResponse(gunicorn_wsgi.Response):
             self.statuses[status] = code
 
     def process_headers(self, headers):
+        """gunicorn's, told at once for the usual answer (every name known, no
+        name twice, every value printable ASCII with no space at either end:
+        what gunicorn passes unchanged), else header by header."""
+        try:
+            pairs = dict(headers) if type(headers) is list else None
+            values = "\n".join(pairs.values())          # TypeError if one is not a str
+        except (TypeError, ValueError, AttributeError):
+            pairs = values = None
+        if (pairs is None or len(pairs) != len(headers) or not self.known.keys() >= pairs.keys()
+                or not values.isascii() or " \n" in values or "\n " in values
+                or values[:1] == " " or values[-1:] == " "
+                or len(values.encode().translate(None, CONTROLS)) != len(values) - len(pairs) + 1):
+            return self.process_each(headers)
+        lengths = pairs.keys() & self.length_names
+        if len(lengths) > 1:
+            return self.process_each(headers)
+        if lengths:
+            self.response_length = int(pairs[lengths.pop()])
+        self.headers.extend(pairs.items())
+
+    def process_each(self, headers):
         known, kept, length = self.known, [], None
         for name, value in headers:
             # printable ASCII (space to '~') passes HEADER_VALUE_RE, and is
@@ -266,12 +288,15 @@ class PlainResponse(gunicorn_wsgi.Response):
             if (type(name) is str and name not in self.known and len(self.known) < self.KNOWN_MAX
                     and TOKEN_RE.fullmatch(name) and not util.is_hoppish(name)):
                 self.known[name] = name.lower()
+                if name.lower() == "content-length":
+                    self.length_names.add(name)
 
 
 # gunicorn's response head (Response.default_headers and send_headers), whole
 HEAD = "HTTP/%s.%s %s\r\nServer: %s\r\nDate: %s\r\nConnection: %s\r\n%s%s\r\n"
 HEADER = "%s: %s\r\n"
 CHUNKED = "Transfer-Encoding: chunked\r\n"
+CONTROLS = bytes(range(32)) + b"\x7f"     # no header value of the usual answer has one
 
 
 def http_date_per_second(http_date):
@@ -340,7 +365,7 @@ class MkvWorker(GeventWorker):
         """gunicorn's AsyncWorker.handle_request, step for step, for a
         FastRequest: its environ made by fast_environ, its answer by
         PlainResponse; the request's time taken only for an access log."""
-        logged = self.log.access_log_enabled if hasattr(self.log, "access_log_enabled") else True
+        logged = getattr(self.log, "access_log_enabled", True)   # a property: read once
         request_start = datetime.now() if logged else None
         environ, resp = {}, None
         try:

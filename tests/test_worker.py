@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import ROOT, TIMEOUT, Cluster, wait_until
 
@@ -317,8 +317,44 @@ def test_the_workers_answer_heads_are_gunicorns_byte_for_byte(monkeypatch):
     monkeypatch.setattr(util, "http_date", lambda timestamp=None: "Wed, 02 Dec 2026 08:00:00 GMT")
     monkeypatch.setattr(worker.PlainResponse, "known", {})       # learned afresh below, then used
     monkeypatch.setattr(worker.PlainResponse, "statuses", {})
+    monkeypatch.setattr(worker.PlainResponse, "length_names", set())
     expected = served(ASKED, by_gunicorns_response)
     assert expected.count(b"HTTP/1.") == 12 and b"Transfer-Encoding: chunked" in expected
     assert served(ASKED, by_mkvs_worker) == expected
     assert {"302 Found", "404 Not Found", "200 OK"} <= worker.PlainResponse.statuses.keys()
     assert {"key-volumes", "content-length", "X-Made-Up"} <= worker.PlainResponse.known.keys()
+
+
+HEADER_NAMES = st.sampled_from(["Location", "content-length", "X-A"] * 5 + [
+    "Content-Length", "Connection", "Bad Name", "", b"X-A", 5])
+HEADER_VALUES = st.one_of(st.sampled_from(["0", "5", " 5 ", "x", "", " ", "a\tb", "\tx", "x\r\ny", "caf\xe9", "\u0100",
+                                           "a  b", "http://h/p", b"x", None]),
+                          st.text(alphabet="ab 5\t\n\x01\x7f\xe9", max_size=5))
+
+
+KNOWN_NAMES = [("Location", "x"), ("content-length", "0"), ("X-A", "x"), ("Content-Length", "0")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5), st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
+@example(KNOWN_NAMES, [("X-A", " x"), ("Location", "y")])
+@example(KNOWN_NAMES, [("X-A", "x "), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a\tb"), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a"), ("X-A", "b")])
+@example(KNOWN_NAMES, [("content-length", "5"), ("Content-Length", "6")])
+@example(KNOWN_NAMES, [("Content-Length", "6"), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a\r\nb: c")])
+@example(KNOWN_NAMES, [("Location", b"x")])
+def test_the_workers_answer_keeps_and_refuses_headers_as_gunicorns_does(learned, headers):
+    def processed(response):
+        try:
+            response.process_headers(learned)     # names seen before: what the fast reading knows
+        except Exception:
+            pass
+        response.headers, response.response_length = [], None
+        try:
+            response.process_headers(list(headers))
+        except Exception as e:
+            return type(e).__name__
+        return response.headers, response.response_length
+    assert processed(worker.PlainResponse(None, None, CFG)) == processed(gunicorn_wsgi.Response(None, None, CFG))
