@@ -233,20 +233,24 @@ class PlainResponse(gunicorn_wsgi.Response):
         what gunicorn passes unchanged), else header by header."""
         try:
             pairs = dict(headers) if type(headers) is list else None
-            values = "\n".join(pairs.values())          # TypeError if one is not a str
+            values = "|".join(pairs.values())           # TypeError if one is not a str
         except (TypeError, ValueError, AttributeError):
             pairs = values = None
         if (pairs is None or len(pairs) != len(headers) or not self.known.keys() >= pairs.keys()
-                or not values.isascii() or " \n" in values or "\n " in values
-                or values[:1] == " " or values[-1:] == " "
-                or len(values.encode().translate(None, CONTROLS)) != len(values) - len(pairs) + 1):
+                or not values.isascii() or " |" in values or "| " in values
+                or values[:1] == " " or values[-1:] == " "):
+            return self.process_each(headers)
+        encoded = values.encode()
+        if encoded.translate(PRINTABLE) != encoded:      # a control byte
             return self.process_each(headers)
         lengths = pairs.keys() & self.length_names
         if len(lengths) > 1:
             return self.process_each(headers)
         if lengths:
             self.response_length = int(pairs[lengths.pop()])
-        self.headers.extend(pairs.items())
+        # the app's own pairs: as gunicorn's (name, value) when they are tuples
+        # (send_headers formats them); a list of two is formatted by gunicorn's
+        self.headers.extend(headers)
 
     def process_each(self, headers):
         known, kept, length = self.known, [], None
@@ -276,10 +280,13 @@ class PlainResponse(gunicorn_wsgi.Response):
             return
         if self.upgrade:
             return super().send_headers()
+        try:
+            headers = "".join(map(HEADER.__mod__, self.headers))
+        except TypeError:      # a pair not a tuple (process_headers keeps the app's)
+            return super().send_headers()
         version = self.req.version
         head = HEAD % (version[0], version[1], self.status, self.version, util.http_date(),
-                       "close" if self.should_close() else "keep-alive",
-                       CHUNKED if self.chunked else "", "".join(map(HEADER.__mod__, self.headers)))
+                       "close" if self.should_close() else "keep-alive", CHUNKED if self.chunked else "", headers)
         util.write(self.sock, head.encode("latin-1"))
         self.headers_sent = True
 
@@ -296,7 +303,8 @@ class PlainResponse(gunicorn_wsgi.Response):
 HEAD = "HTTP/%s.%s %s\r\nServer: %s\r\nDate: %s\r\nConnection: %s\r\n%s%s\r\n"
 HEADER = "%s: %s\r\n"
 CHUNKED = "Transfer-Encoding: chunked\r\n"
-CONTROLS = bytes(range(32)) + b"\x7f"     # no header value of the usual answer has one
+# each control byte (and DEL) made another: no header value of the usual answer has one
+PRINTABLE = bytes(c ^ 0x40 if c < 32 or c == 127 else c for c in range(256))
 
 
 def http_date_per_second(http_date):
