@@ -7,9 +7,10 @@ Everything but the reading of a plain request is gunicorn's gevent worker:
 its accept loop, heartbeat and worker timeout, graceful stop, keep-alive
 timeout, body readers, request handling (serve_plain is its handle_request
 step for step: hooks, access log, max_requests) and Response (status line,
-Server, Date, Connection, chunking; PlainResponse only skips the checks of a
-header name already seen to pass them), with connections.py's budget and
-send timeout on top, as under `-k gevent`.
+Server, Date, Connection, chunking; PlainResponse skips the checks of a status
+line and header names already seen to pass them, and formats the head in one
+piece, byte for byte gunicorn's), with connections.py's budget and send
+timeout on top, as under `-k gevent`.
 
 The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
 path with a few ordinary headers. read_request() reads those itself, with a
@@ -194,7 +195,7 @@ class PlainResponse(gunicorn_wsgi.Response):
     """gunicorn's Response, which checks every header of every answer by
     regular expressions and builds its head from a list of pieces: here a
     status line and a header name seen to pass gunicorn's checks are known,
-    and only the values are checked, in one pass; the head is formatted in
+    and only the values are checked, all at once; the head is formatted in
     one piece, byte for byte what gunicorn's send_headers writes (status
     line, Server, Date, Connection, Transfer-Encoding, the app's headers;
     tests/test_worker.py compares the two). Anything else goes through
