@@ -247,7 +247,8 @@ class Master:
         if environ["REQUEST_METHOD"] not in READS or environ.get("QUERY_STRING") or path[:1] != "/":
             return None
         key = path.encode("latin-1")
-        found = self.store.find(key)
+        # the store property's test, inline
+        found = (self._store if self._pid is _PROCESS[0] else self.store).find(key)
         if found is None:
             return None
         if found is MISSING:

@@ -7,9 +7,10 @@ Everything but the reading of a plain request is gunicorn's gevent worker:
 its accept loop, heartbeat and worker timeout, graceful stop, keep-alive
 timeout, body readers, request handling (serve_plain is its handle_request
 step for step: hooks, access log, max_requests) and Response (status line,
-Server, Date, Connection, chunking; PlainResponse only skips the checks of a
-header name already seen to pass them), with connections.py's budget and
-send timeout on top, as under `-k gevent`.
+Server, Date, Connection, chunking; PlainResponse skips the checks of a status
+line and header names already seen to pass them, and formats the head in one
+piece, byte for byte gunicorn's), with connections.py's budget and send
+timeout on top, as under `-k gevent`.
 
 The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
 path with a few ordinary headers. read_request() reads those itself, with a
@@ -192,37 +193,119 @@ def fast_environ(req, sock, client, server, cfg, base):
 
 class PlainResponse(gunicorn_wsgi.Response):
     """gunicorn's Response, which checks every header of every answer by
-    regular expressions: a header name it has seen pass is known here, and
-    only its value is checked. Anything else goes through gunicorn's own
-    process_headers, which also refuses what it refuses."""
+    regular expressions and builds its head from a list of pieces: here a
+    status line and a header name seen to pass gunicorn's checks are known,
+    and only the values are checked, all at once; the head is formatted in
+    one piece, byte for byte what gunicorn's send_headers writes (status
+    line, Server, Date, Connection, Transfer-Encoding, the app's headers;
+    tests/test_worker.py compares the two). Anything else goes through
+    gunicorn's own start_response and process_headers, which also refuse
+    what they refuse."""
 
     known = {}           # header name -> its lower case: a token, not hop-by-hop
-    KNOWN_MAX = 256      # names an app could make up, kept at most
+    length_names = set()     # the names of known that are Content-Length
+    statuses = {}        # status line -> its code: passed STATUS_RE, a body allowed
+    KNOWN_MAX = 256      # names (and statuses) an app could make up, kept at most
+
+    def start_response(self, status, headers, exc_info=None):
+        code = self.statuses.get(status) if exc_info is None and self.status is None else None
+        if code is None:
+            write = super().start_response(status, headers, exc_info)
+            self.learn_status(status)
+            return write
+        self.status, self.status_code = status, code
+        self.process_headers(headers)
+        # gunicorn's _response_omits_body for a status with a body (learn_status)
+        self._omits_body = self.req.method == "HEAD" or code == 304
+        self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body
+        return self.write
+
+    def learn_status(self, status):
+        """Keep a status gunicorn's start_response took that needs none of its
+        special cases (1xx, 204: no Content-Length; an unparsable code)."""
+        code = self.status_code
+        if (type(status) is str and code is not None and 200 <= code and code != 204
+                and len(self.statuses) < self.KNOWN_MAX and status.split()[0] == str(code)):
+            self.statuses[status] = code
 
     def process_headers(self, headers):
-        known = self.known
+        """gunicorn's, told at once for the usual answer (every name known, no
+        name twice, every value printable ASCII with no space at either end:
+        what gunicorn passes unchanged), else header by header."""
+        try:
+            pairs = dict(headers) if type(headers) is list else None
+            values = "|".join(pairs.values())           # TypeError if one is not a str
+        except (TypeError, ValueError, AttributeError):
+            pairs = values = None
+        if (pairs is None or len(pairs) != len(headers) or not self.known.keys() >= pairs.keys()
+                or not values.isascii() or " |" in values or "| " in values
+                or values[:1] == " " or values[-1:] == " "):
+            return self.process_each(headers)
+        encoded = values.encode()
+        if encoded.translate(PRINTABLE) != encoded:      # a control byte
+            return self.process_each(headers)
+        lengths = pairs.keys() & self.length_names
+        if len(lengths) > 1:
+            return self.process_each(headers)
+        if lengths:
+            self.response_length = int(pairs[lengths.pop()])
+        # the app's own pairs: as gunicorn's (name, value) when they are tuples
+        # (send_headers formats them); a list of two is formatted by gunicorn's
+        self.headers.extend(headers)
+
+    def process_each(self, headers):
+        known, kept, length = self.known, [], None
         for name, value in headers:
             # printable ASCII (space to '~') passes HEADER_VALUE_RE, and is
             # nearly every value: told at about half the cost of the regex
-            if name not in known or type(value) is not str or not (
+            lower = known.get(name) if type(name) is str else None
+            if lower is None or type(value) is not str or not (
                     value.isascii() and value.isprintable() or HEADER_VALUE_RE.fullmatch(value)):
                 self.learn(headers)
                 return super().process_headers(headers)
-        for name, value in headers:
             value = value.strip(" \t")
-            if known[name] == "content-length":
-                self.response_length = int(value)
-            self.headers.append((name, value))
+            if lower == "content-length":
+                length = int(value)
+            kept.append((name, value))
+        self.headers.extend(kept)
+        if length is not None:
+            self.response_length = length
 
     def is_chunked(self):
         """gunicorn's, but for uwsgi, which a FastRequest never comes from (fast_reading)."""
         return self.response_length is None and self.req.version > (1, 0) and not self._omits_body
+
+    def send_headers(self):
+        """gunicorn's send_headers (and default_headers), formatted at once."""
+        if self.headers_sent:
+            return
+        if self.upgrade:
+            return super().send_headers()
+        try:
+            headers = "".join(map(HEADER.__mod__, self.headers))
+        except TypeError:      # a pair not a tuple (process_headers keeps the app's)
+            return super().send_headers()
+        version = self.req.version
+        head = HEAD % (version[0], version[1], self.status, self.version, util.http_date(),
+                       "close" if self.should_close() else "keep-alive", CHUNKED if self.chunked else "", headers)
+        util.write(self.sock, head.encode("latin-1"))
+        self.headers_sent = True
 
     def learn(self, headers):
         for name, _ in headers:
             if (type(name) is str and name not in self.known and len(self.known) < self.KNOWN_MAX
                     and TOKEN_RE.fullmatch(name) and not util.is_hoppish(name)):
                 self.known[name] = name.lower()
+                if name.lower() == "content-length":
+                    self.length_names.add(name)
+
+
+# gunicorn's response head (Response.default_headers and send_headers), whole
+HEAD = "HTTP/%s.%s %s\r\nServer: %s\r\nDate: %s\r\nConnection: %s\r\n%s%s\r\n"
+HEADER = "%s: %s\r\n"
+CHUNKED = "Transfer-Encoding: chunked\r\n"
+# each control byte (and DEL) made another: no header value of the usual answer has one
+PRINTABLE = bytes(c ^ 0x40 if c < 32 or c == 127 else c for c in range(256))
 
 
 def http_date_per_second(http_date):
@@ -291,7 +374,7 @@ class MkvWorker(GeventWorker):
         """gunicorn's AsyncWorker.handle_request, step for step, for a
         FastRequest: its environ made by fast_environ, its answer by
         PlainResponse; the request's time taken only for an access log."""
-        logged = self.log.access_log_enabled if hasattr(self.log, "access_log_enabled") else True
+        logged = getattr(self.log, "access_log_enabled", True)   # a property: read once
         request_start = datetime.now() if logged else None
         environ, resp = {}, None
         try:

@@ -171,7 +171,9 @@ class Health:
             self.watched.append(host)
             if self.look is not None:
                 self.look([host])
-        return is_up(self.table.get(host), time.monotonic(), self.fresh, self.retry_after)
+        rows = self.table._rows   # Table.get, inline: a GET asks
+        return is_up(ROW.unpack_from(rows.get(host) or self.table.row(host)), time.monotonic(),
+                     self.fresh, self.retry_after)
 
     def may_ask(self, host):
         """False while `host` is known down; after DOWN_RETRY, True once (a

@@ -69,10 +69,15 @@ class Tally:
     def __init__(self):
         self.rows = {}
 
-    def add(self, key, seconds, got, sent):
+    def row(self, key):
+        """The row of `key`, made if new."""
         row = self.rows.get(key)
         if row is None:
             row = self.rows[key] = [0, 0.0, 0, 0] + [0] * (len(BUCKETS) + 1)
+        return row
+
+    def add(self, key, seconds, got, sent):
+        row = self.rows.get(key) or self.row(key)
         row[0] += 1
         row[1] += seconds
         row[2] += got
@@ -114,8 +119,16 @@ class Counted:
             start_response(status, headers)
             method = environ["REQUEST_METHOD"]
             key = self._quick_rows.get((method, status)) or self._quick_row(environ, method, status)
+            seconds = perf_counter() - started
+            # Tally.add, inline (a GET's every call counts); no body sent
+            tally = self.tally
+            row = tally.rows.get(key) or tally.row(key)
+            row[0] += 1
+            row[1] += seconds
+            row[4 + bisect_left(BUCKETS, seconds)] += 1
             length = environ.get("CONTENT_LENGTH")
-            self.tally.add(key, perf_counter() - started, int(length) if length and length.isdigit() else 0, 0)
+            if length and length.isdigit():
+                row[2] += int(length)
             return []
         seen = []
 

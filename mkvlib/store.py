@@ -63,7 +63,7 @@ class Store:
             return None
         replicas = volumes.split(",")
         volume = replicas[int(random.random() * len(replicas))]
-        if not self.health.may_read(volume_host(volume)):
+        if not self.health.may_read(volume.partition("/")[0]):    # volume_host, inline
             return None
         return volumes, md5, volume
 

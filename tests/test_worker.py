@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from conftest import ROOT, TIMEOUT, Cluster, wait_until
 
@@ -19,6 +19,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import SocketUnreader
 
+import mkv
 import worker
 
 ADDR, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 3000)
@@ -250,3 +251,110 @@ def test_request_hooks_of_ones_own_are_kept_and_gunicorns_do_nothing_defaults_sk
         pass
     cfg.set("post_request", mine)
     assert worker.request_hooks(cfg, Logger(cfg))[1] is not None
+
+
+# ---------------------------------------------------------------- the answer's head, byte for byte
+
+FOUND = mkv.found_head("7265f4d211b56873a381d321f586e4a9", "127.0.0.1:3001/sv01,127.0.0.1:3002/sv02", True,
+                       "http://127.0.0.1:3002/sv02/1c/a0/L2s=", mkv.FOUND_TAIL)
+ANSWERS = {"/found": (mkv.FOUND, FOUND, []), "/missing": (mkv.NOT_FOUND, mkv.MISSING_HEADERS, []),
+           "/chunked": ("200 OK", [("X-Made-Up", " a  b "), ("Content-Type", "text/plain")], [b"hi"])}
+ASKED = b"".join(b"%s %s HTTP/1.%s\r\nHost: x\r\n%s\r\n" % request for request in [
+    (b"GET", b"/found", b"1", b""), (b"GET", b"/found", b"1", b""), (b"HEAD", b"/found", b"1", b""),
+    (b"GET", b"/missing", b"1", b""), (b"GET", b"/missing", b"1", b""), (b"HEAD", b"/missing", b"1", b""),
+    (b"GET", b"/chunked", b"1", b""), (b"GET", b"/chunked", b"1", b""), (b"HEAD", b"/chunked", b"1", b""),
+    (b"GET", b"/found", b"0", b"Connection: keep-alive\r\n"), (b"HEAD", b"/found", b"0", b"Connection: keep-alive\r\n"),
+    (b"GET", b"/missing", b"1", b"Connection: close\r\n")])
+
+
+def answering(environ, start_response):
+    """mkv's own 302 and 404 (their headers as mkv.py makes them), and a chunked answer."""
+    status, headers, body = ANSWERS[environ["PATH_INFO"]]
+    start_response(status, list(headers))
+    return list(body)
+
+
+def served(data, serve):
+    """Every byte answered to `data` sent on one connection, then closed."""
+    ours, theirs = socket.socketpair()
+    try:
+        ours.sendall(data)
+        ours.shutdown(socket.SHUT_WR)
+        serve(theirs)
+        theirs.close()
+        got = b""
+        while piece := ours.recv(65536):
+            got += piece
+        return got
+    finally:
+        ours.close()
+
+
+def by_gunicorns_response(sock):
+    """gunicorn's handle_request, in short: its Request, environ and Response."""
+    unreader = SocketUnreader(sock)
+    for number in range(1, 100):
+        req = Request(CFG, unreader, ADDR, number)
+        resp, environ = gunicorn_wsgi.create(req, sock, ADDR, SERVER, CFG)
+        for item in answering(environ, resp.start_response):
+            resp.write(item)
+        resp.close()
+        if resp.should_close():
+            return
+
+
+def by_mkvs_worker(sock):
+    from gunicorn.glogging import Logger
+    w = object.__new__(worker.MkvWorker)    # its serve loop, without a master's fork and signals
+    w.cfg, w.log, w.wsgi, w.heads, w.base_environ = CFG, Logger(CFG), answering, HEADS, BASE
+    w.pre_request_hook = w.post_request_hook = None
+    w.nr, w.max_requests, w.alive = 0, 1 << 40, True
+    w.serve(socket.socket(), sock, ADDR)
+
+
+def test_the_workers_answer_heads_are_gunicorns_byte_for_byte(monkeypatch):
+    from gunicorn import util
+    monkeypatch.setattr(util, "http_date", lambda timestamp=None: "Wed, 02 Dec 2026 08:00:00 GMT")
+    monkeypatch.setattr(worker.PlainResponse, "known", {})       # learned afresh below, then used
+    monkeypatch.setattr(worker.PlainResponse, "statuses", {})
+    monkeypatch.setattr(worker.PlainResponse, "length_names", set())
+    expected = served(ASKED, by_gunicorns_response)
+    assert expected.count(b"HTTP/1.") == 12 and b"Transfer-Encoding: chunked" in expected
+    assert served(ASKED, by_mkvs_worker) == expected
+    assert {"302 Found", "404 Not Found", "200 OK"} <= worker.PlainResponse.statuses.keys()
+    assert {"key-volumes", "content-length", "X-Made-Up"} <= worker.PlainResponse.known.keys()
+
+
+HEADER_NAMES = st.sampled_from(["Location", "content-length", "X-A"] * 5 + [
+    "Content-Length", "Connection", "Bad Name", "", b"X-A", 5])
+HEADER_VALUES = st.one_of(st.sampled_from(["0", "5", " 5 ", "x", "", " ", "a\tb", "\tx", "x\r\ny", "caf\xe9", "\u0100",
+                                           "a  b", "http://h/p", b"x", None]),
+                          st.text(alphabet="ab 5\t\n\x01\x7f\xe9", max_size=5))
+
+
+KNOWN_NAMES = [("Location", "x"), ("content-length", "0"), ("X-A", "x"), ("Content-Length", "0")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5), st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=5))
+@example(KNOWN_NAMES, [("X-A", " x"), ("Location", "y")])
+@example(KNOWN_NAMES, [("X-A", "x "), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a\tb"), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a"), ("X-A", "b")])
+@example(KNOWN_NAMES, [("content-length", "5"), ("Content-Length", "6")])
+@example(KNOWN_NAMES, [("Content-Length", "6"), ("content-length", "5")])
+@example(KNOWN_NAMES, [("X-A", "a\r\nb: c")])
+@example(KNOWN_NAMES, [("Location", b"x")])
+def test_the_workers_answer_keeps_and_refuses_headers_as_gunicorns_does(learned, headers):
+    def processed(response):
+        try:
+            response.process_headers(learned)     # names seen before: what the fast reading knows
+        except Exception:
+            pass
+        response.headers, response.response_length = [], None
+        try:
+            response.process_headers(list(headers))
+        except Exception as e:
+            return type(e).__name__
+        return response.headers, response.response_length
+    assert processed(worker.PlainResponse(None, None, CFG)) == processed(gunicorn_wsgi.Response(None, None, CFG))
