@@ -98,6 +98,7 @@ class Rebuild(Workload):
 
 class Rebalance(Workload):
     name, goal, sizes = "rebalance", 1.0, (300, 1500)
+    goal_vs_go = True    # issue 17: at least as fast as the original on the same move
     title = "rebalance 3 -> 4 volumes ({keys:,} keys of 10 B to 300 KB)"
     note = ("wall time (no master has the index open: rebalance.py removes old copies without its grace); "
             "limit: one sendfile copy per moved replica; Go: its rebalance over an index its rebuild made")

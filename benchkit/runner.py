@@ -6,6 +6,8 @@ import time
 
 from benchkit.common import say
 
+MET = {True: "yes", False: "no", None: "needs --peer"}   # the "met" column
+
 
 def run(bench, cls, rounds):
     """(the table row of workload class `cls`, whether it ran without failing)."""
@@ -57,7 +59,7 @@ def measure(w, rounds):
         go_text, go_ratio = go["text"], f"{w.ratio(mkv, go):.2f}"
     w.notes.append(f"load {min(w.load):.1f} to {max(w.load):.1f}")
     return (w.title, mkv["text"], limit["text"], f"{ratio:.3f}", w.goal_text(),
-            "yes" if w.met(mkv, limit, ratio, go) else "no", go_text, go_ratio, "; ".join(dict.fromkeys(w.notes)))
+            MET[w.met(mkv, limit, ratio, go)], go_text, go_ratio, "; ".join(dict.fromkeys(w.notes)))
 
 
 def _load():

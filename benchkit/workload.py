@@ -54,11 +54,16 @@ class Workload:
         mkv, limit = mkv["value"], limit["value"]
         return limit / mkv if self.lower_is_better else mkv / limit
 
+    goal_vs_go = False   # True: the goal is a ratio to the Go original's best round, not to the limit
+
     def goal_text(self):
-        return f">= {self.goal}"
+        return f"mkv/Go >= {self.goal}" if self.goal_vs_go else f">= {self.goal}"
 
     def met(self, mkv, limit, ratio, go=None):
-        return ratio >= self.goal
+        """True or False; None when the goal is against Go and Go did not run."""
+        if not self.goal_vs_go:
+            return ratio >= self.goal
+        return None if go is None else self.ratio(mkv, go) >= self.goal
 
     def served(self, w, expect):
         """The rate of the answers of the tallied wrk run `w` that had the

@@ -42,6 +42,7 @@ class GoThrash(Thrash):
     """The original's own tools/thrasher.go (10,000 keys of about 25 bytes,
     PUT, GET through the redirect, DELETE, 16 at once) against each master."""
     name, goal, sizes, needs_peer = "gothrash", 0.6, None, True
+    goal_vs_go = True
     title = "the original's tools/thrasher.go (10,000 keys, 16 at once)"
     note = "goal: mkv/Go; limit: thrasher.py --direct --size 25 (its values' size), 10,000 keys"
 
@@ -67,12 +68,6 @@ class GoThrash(Thrash):
 
     def limit(self):
         return self.run(["--direct", ",".join(self.b.cluster().volume_names()), "--size", "25"])
-
-    def goal_text(self):
-        return f"mkv/Go >= {self.goal}"
-
-    def met(self, mkv, limit, ratio, go=None):
-        return go is not None and mkv["value"] / go["value"] >= self.goal
 
 
 class BigPut(Workload):

@@ -29,6 +29,17 @@ def test_bench_quick_prints_table_rows_with_a_ratio_and_the_machine():
     assert re.search(r"^machine: \d+ cores \(nproc\), .+, Linux .+ -k worker\.MkvWorker -w 2", p.stdout, re.M), p.stdout
 
 
+def test_rebalance_is_judged_against_the_go_original_not_the_copy_limit():
+    from benchkit.repair import Rebalance
+    w = Rebalance.__new__(Rebalance)     # the judging alone: no cluster
+    mkv, limit = {"value": 210.9}, {"value": 1722.0}    # MB/s moved
+    ratio = w.ratio(mkv, limit)
+    assert w.goal_text() == "mkv/Go >= 1.0"
+    assert w.met(mkv, limit, ratio, go={"value": 209.8}) is True
+    assert w.met(mkv, limit, ratio, go={"value": 230.0}) is False
+    assert w.met(mkv, limit, ratio, go=None) is None      # printed "needs --peer"
+
+
 def test_bench_refuses_an_unknown_workload():
     p = subprocess.run([sys.executable, "bench.py", "--only", "get,nosuch"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
