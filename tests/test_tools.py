@@ -450,8 +450,16 @@ def test_rebalance_killed_halfway_and_run_again_converges_and_a_third_run_moves_
         return sum(index[k.encode()][1] == ",".join(key2volume(k.encode(), three, 2, 10))
                    for k in data)
     already = placed()
+
+    def moved_some():
+        if placed() >= already + 20:
+            # frozen the moment it is seen (batched runs are quick): the kill
+            # below lands here, halfway, however busy the machine is
+            proc.send_signal(signal.SIGSTOP)
+            return True
+        return proc.poll() is not None
     try:
-        wait_until(lambda: placed() >= already + 20 or proc.poll() is not None, 60, "rebalance to move keys")
+        wait_until(moved_some, 60, "rebalance to move keys", every=0.005)
         assert proc.poll() is None, "rebalance finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
     finally:
