@@ -9,7 +9,7 @@ from mkvlib.errors import VolumeError
 from mkvlib.exchange import exchange, pipelines
 from mkvlib.http import NoAnswer, request
 from mkvlib.placement import volume_host
-from mkvlib.volumes import (CLOCK_SKEW, TRANSFER_TIMEOUT, _on_host, _upload_and_move_result, deadline_headers,
+from mkvlib.volumes import (CLOCK_SKEW, TRANSFER_TIMEOUT, on_host, upload_and_move_result, deadline_headers,
                             found, refused, write_deadline)
 
 
@@ -17,7 +17,7 @@ def _by_host(calls):
     """{host: [(index in calls, path on that server)]} of (volume, path) calls."""
     by_host = {}
     for i, (volume, path) in enumerate(calls):
-        host, there = _on_host(volume, path)
+        host, there = on_host(volume, path)
         by_host.setdefault(host, []).append((i, there))
     return by_host
 
@@ -83,7 +83,7 @@ def upload_and_move_many(volumes, puts, deadline):
     by_host = {}
     for i, (volume, name, head, value, path) in enumerate(puts):
         host = volume_host(volume)
-        move = request("MOVE", host, name, volumes._move_headers(volume, path) + deadline_headers(deadline))
+        move = request("MOVE", host, name, volumes.move_headers(volume, path) + deadline_headers(deadline))
         by_host.setdefault(host, []).append((i, (head, value, move)))
     # one copy of the values: into each server's one send
     got = _send(volumes, [(host, b"".join(part for _, parts in asked for part in parts), 2 * len(asked))
@@ -95,7 +95,7 @@ def upload_and_move_many(volumes, puts, deadline):
             if not mine and error is None:     # it closed the connection before this upload: not run
                 out[i] = (VolumeError(f"volume {host} closed the connection before an upload"), None)
             else:
-                out[i] = _upload_and_move_result(volumes, host, mine, None if len(mine) == 2 else error)
+                out[i] = upload_and_move_result(volumes, host, mine, None if len(mine) == 2 else error)
     _settle(volumes, got, deadline)
     return out
 
@@ -111,7 +111,7 @@ def delete_many(volumes, calls, fence=None):
     late = volumes.write_headers + deadline_headers(deadline)
     by_host = {}
     for i, (volume, path) in enumerate(calls):
-        host, there = _on_host(volume, path)
+        host, there = on_host(volume, path)
         by_host.setdefault(host, []).append((i, request("DELETE", host, there, late)))
     got = _send(volumes, [(h, b"".join(r for _, r in asked), len(asked)) for h, asked in by_host.items()], deadline)
     out = [None] * len(calls)

@@ -71,7 +71,7 @@ def found(volume, status):
     return VolumeError(f"volume {volume_host(volume)} answered HEAD with {status}")
 
 
-def _on_host(volume, path):
+def on_host(volume, path):
     """(host, path on that server) of `path` in `volume` (its svXX folder first)."""
     host = volume_host(volume)
     return host, volume[len(host):] + path
@@ -130,7 +130,7 @@ class Volumes:
             deadline = deadline or write_deadline(timeout)
             late = deadline_headers(deadline)
         try:
-            got = self.pool.fan(method, [_on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
+            got = self.pool.fan(method, [on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
         except BaseException:
             if late:   # cut off (GreenletExit, say) while its requests were out: they may still run
                 self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
@@ -211,7 +211,7 @@ class Volumes:
         """A streaming GET of a file: a Download (.length, .stream(CHUNK),
         .close()); None if the file is missing. `headers`: extra header
         lines (a Range: the Download then holds that part, a 206)."""
-        host, there = _on_host(volume, path)
+        host, there = on_host(volume, path)
         try:
             status, got = self.pool.open(host, there, TRANSFER_TIMEOUT, headers)
         except Unreachable as e:
@@ -246,7 +246,7 @@ class Volumes:
         once (Pool.pipelines)."""
         by_host = {}
         for i, (volume, path) in enumerate(folders):
-            host, there = _on_host(volume, path.rstrip("/") + "/")
+            host, there = on_host(volume, path.rstrip("/") + "/")
             by_host.setdefault(host, []).append((i, there))
         got = pipelines(self.pool, {h: [p for _, p in asked] for h, asked in by_host.items()},
                         TRANSFER_TIMEOUT, window)
@@ -316,7 +316,7 @@ class Volumes:
     def moves(self, volumes, names, path, fence=None, deadline=None):
         """MOVE each volume's upload onto `path` at once, as move() does: None
         for each that landed, else the VolumeError (MoveUnknown: it may have landed)."""
-        calls = [(volume_host(v), names[v], self._move_headers(v, path)) for v in volumes]
+        calls = [(volume_host(v), names[v], self.move_headers(v, path)) for v in volumes]
         out = []
         moved = self._fan("MOVE", calls, timeout=self.op_timeout, kind=MoveUnknown, deadline=deadline)
         for volume, result in zip(volumes, moved):
@@ -348,21 +348,21 @@ class Volumes:
         calls = []
         for volume, (name, put) in uploads.items():
             host = volume_host(volume)
-            move = request("MOVE", host, name, self._move_headers(volume, path) + deadline_headers(deadline))
+            move = request("MOVE", host, name, self.move_headers(volume, path) + deadline_headers(deadline))
             calls.append((host, put + move, 2))
         try:
             got = exchange(self.pool, calls, timeout=self.op_timeout)
         except BaseException:   # cut off (GreenletExit, say) while its MOVEs were out: they may still run
             self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
             raise
-        out = [_upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
+        out = [upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
         if any(isinstance(error, NoAnswer) for _, error in got):
             self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
             self.settle()
         return out
 
-    def _move_headers(self, volume, path, overwrite=False):
-        host, there = _on_host(volume, path)
+    def move_headers(self, volume, path, overwrite=False):
+        host, there = on_host(volume, path)
         return b"Destination: %s\r\nOverwrite: %s\r\n%s" % (http_target(there), b"T" if overwrite else b"F",
                                                             self.write_headers)
 
@@ -374,7 +374,7 @@ class Volumes:
         since its last look at its lock). VolumeError: nothing moved;
         MoveUnknown: no answer (and it will not land later)."""
         host = volume_host(volume)
-        headers = self._move_headers(volume, path)
+        headers = self.move_headers(volume, path)
         cleared = False                 # a file at the path was deleted: a failure now says so
         try:
             for _ in range(MOVE_TRIES):
@@ -403,7 +403,7 @@ class Volumes:
         key and has noted the path (mkvlib.replace). VolumeError: nothing
         moved; MoveUnknown: no answer (and it will not land later)."""
         host = volume_host(volume)
-        headers = self._move_headers(volume, path, overwrite=True)
+        headers = self.move_headers(volume, path, overwrite=True)
         deadline = write_deadline(self.op_timeout)
         if fence is not None:
             fence()
@@ -413,7 +413,7 @@ class Volumes:
             raise refused(volume, "MOVE", status, body)
 
 
-def _upload_and_move_result(volumes, host, answers, error):
+def upload_and_move_result(volumes, host, answers, error):
     """(upload, move) of one volume, from exchange()'s (answers, error)."""
     if isinstance(error, Unreachable):
         return volumes.failed(host, error.cause), None
