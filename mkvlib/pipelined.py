@@ -6,10 +6,10 @@ the same way (mkvlib.volumes) and the same rule for writes: a MOVE or
 DELETE is never sent twice, carries a deadline, and one left unanswered
 makes the call return only once that deadline has passed (Volumes.settle)."""
 from mkvlib.errors import VolumeError
-from mkvlib.exchange import exchange, pipelines
-from mkvlib.http import NoAnswer, request
+from mkvlib.exchange import pipelines
+from mkvlib.http import request
 from mkvlib.placement import volume_host
-from mkvlib.volumes import (CLOCK_SKEW, TRANSFER_TIMEOUT, on_host, upload_and_move_result, deadline_headers,
+from mkvlib.volumes import (TRANSFER_TIMEOUT, on_host, upload_and_move_result, deadline_headers,
                             found, refused, write_deadline)
 
 
@@ -58,23 +58,6 @@ def read_many(volumes, calls):
     return out
 
 
-def _send(volumes, calls, deadline):
-    """exchange() of [(host, data, n)] carrying MOVEs or DELETEs with
-    `deadline`: a cut-off leaves them unsettled (they may still run)."""
-    try:
-        return exchange(volumes.pool, calls, timeout=volumes.op_timeout)
-    except BaseException:   # cut off while its writes were out: they may still run
-        volumes.unsettled_until = max(volumes.unsettled_until, deadline + 1 + CLOCK_SKEW)
-        raise
-
-
-def _settle(volumes, got, deadline):
-    """Return once no write of `got` left unanswered can still run."""
-    if any(isinstance(error, NoAnswer) for _, error in got):
-        volumes.unsettled_until = max(volumes.unsettled_until, deadline + 1 + CLOCK_SKEW)
-        volumes.settle()
-
-
 def upload_and_move_many(volumes, puts, deadline):
     """Volumes.upload_and_move of several paths: `puts` [(volume, upload
     name, the head of its PUT, the value, path)]; a server runs its
@@ -86,7 +69,7 @@ def upload_and_move_many(volumes, puts, deadline):
         move = request("MOVE", host, name, volumes.move_headers(volume, path) + deadline_headers(deadline))
         by_host.setdefault(host, []).append((i, (head, value, move)))
     # one copy of the values: into each server's one send
-    got = _send(volumes, [(host, b"".join(part for _, parts in asked for part in parts), 2 * len(asked))
+    got = volumes.exchange_writes([(host, b"".join(part for _, parts in asked for part in parts), 2 * len(asked))
                           for host, asked in by_host.items()], deadline)
     out = [None] * len(puts)
     for (host, asked), (answers, error) in zip(by_host.items(), got):
@@ -96,7 +79,7 @@ def upload_and_move_many(volumes, puts, deadline):
                 out[i] = (VolumeError(f"volume {host} closed the connection before an upload"), None)
             else:
                 out[i] = upload_and_move_result(volumes, host, mine, None if len(mine) == 2 else error)
-    _settle(volumes, got, deadline)
+    volumes.settle_unanswered(got, deadline)
     return out
 
 
@@ -113,7 +96,7 @@ def delete_many(volumes, calls, fence=None):
     for i, (volume, path) in enumerate(calls):
         host, there = on_host(volume, path)
         by_host.setdefault(host, []).append((i, request("DELETE", host, there, late)))
-    got = _send(volumes, [(h, b"".join(r for _, r in asked), len(asked)) for h, asked in by_host.items()], deadline)
+    got = volumes.exchange_writes([(h, b"".join(r for _, r in asked), len(asked)) for h, asked in by_host.items()], deadline)
     out = [None] * len(calls)
     for (host, asked), (answers, error) in zip(by_host.items(), got):
         if answers:
@@ -127,5 +110,5 @@ def delete_many(volumes, calls, fence=None):
             else:                 # marked down once, by the first it did not answer
                 out[i] = volumes.failed(host, getattr(error, "cause", error), mark=j == len(answers),
                                         what="did not answer DELETE")
-    _settle(volumes, got, deadline)
+    volumes.settle_unanswered(got, deadline)
     return out

@@ -118,6 +118,29 @@ class Volumes:
         unanswered (its caller killed, say) can still run."""
         time.sleep(max(0.0, self.unsettled_until - time.time()))
 
+    def may_run_until(self, deadline):
+        """A MOVE or DELETE carrying `deadline` went out and got no answer:
+        it may still run until the volume's clock passes its deadline (a
+        second's rounding in nginx, and skew). settle() waits for that."""
+        self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+
+    def exchange_writes(self, calls, deadline):
+        """exchange() of [(host, data, n)] whose requests include MOVEs or
+        DELETEs carrying `deadline`: cut off (GreenletExit, say) while they
+        were out, they may still run."""
+        try:
+            return exchange(self.pool, calls, timeout=self.op_timeout)
+        except BaseException:
+            self.may_run_until(deadline)
+            raise
+
+    def settle_unanswered(self, got, deadline):
+        """Return once no write of exchange_writes' answers `got` that went
+        unanswered can still run."""
+        if any(isinstance(error, NoAnswer) for _, error in got):
+            self.may_run_until(deadline)
+            self.settle()
+
     def _fan(self, method, calls, timeout=None, mark=True, kind=None, deadline=None):
         """Pool.fan of (volume, path, header lines) calls: in order, (status,
         body) or the error: VolumeDown if the request could not be sent,
@@ -133,7 +156,7 @@ class Volumes:
             got = self.pool.fan(method, [on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
         except BaseException:
             if late:   # cut off (GreenletExit, say) while its requests were out: they may still run
-                self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+                self.may_run_until(deadline)
             raise
         out = []
         for (volume, _, _), result in zip(calls, got):
@@ -146,9 +169,7 @@ class Volumes:
                 self.health.answered(host)
             out.append(result)
         if late and any(isinstance(r, NoAnswer) for r in got):
-            # sent and unanswered: it may still run, until the volume's clock
-            # passes its deadline (a second's rounding in nginx, and skew)
-            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
+            self.may_run_until(deadline)    # sent and unanswered: it may still run
             self.settle()
         return out
 
@@ -350,15 +371,9 @@ class Volumes:
             host = volume_host(volume)
             move = request("MOVE", host, name, self.move_headers(volume, path) + deadline_headers(deadline))
             calls.append((host, put + move, 2))
-        try:
-            got = exchange(self.pool, calls, timeout=self.op_timeout)
-        except BaseException:   # cut off (GreenletExit, say) while its MOVEs were out: they may still run
-            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
-            raise
+        got = self.exchange_writes(calls, deadline)
         out = [upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
-        if any(isinstance(error, NoAnswer) for _, error in got):
-            self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
-            self.settle()
+        self.settle_unanswered(got, deadline)
         return out
 
     def move_headers(self, volume, path, overwrite=False):
