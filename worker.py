@@ -26,6 +26,7 @@ it exactly as under `-k gevent` (gunicorn.conf.py's one-line errors included).
 So the subset only ever holds requests gunicorn accepts, read as it reads
 them (tests/test_worker.py compares the two environs).
 """
+import io
 import logging
 import os
 import re
@@ -150,10 +151,32 @@ class HeadReader:
             elif name in self.special:
                 return None
             headers.append((name, value.strip(" \t")))
-        if end + 4 < len(buf):
-            unreader.unread(buf[end + 4:])
-        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length,
-                           Body(LengthReader(unreader, length)), number, "http")
+        rest = end + 4
+        if 0 < length <= len(buf) - rest:    # the whole body came with its head: a small PUT's
+            body = BodyInHand(buf[rest:rest + length])
+            rest += length
+        else:
+            body = Body(LengthReader(unreader, length))
+        if rest < len(buf):
+            unreader.unread(buf[rest:])
+        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length, body, number, "http")
+
+
+class BodyInHand(io.BytesIO):
+    """A request body that came whole in the reads of its head (a small
+    PUT's, nearly always): read from memory as gunicorn's Body reads it, no
+    socket read and no timer, and handed over whole by in_hand() to an app
+    that asks (mkv.put_value: one PUT of a small value costs no read loop)."""
+
+    failed = False    # as gunicorn's Body: reading it never fails (finished() looks)
+
+    def in_hand(self):
+        """The whole body, if none of it was read yet (it is read now); else None."""
+        if self.tell():
+            return None
+        value = self.getvalue()
+        self.seek(len(value))
+        return value
 
 
 def fast_environ(req, sock, client, server, cfg, base):
