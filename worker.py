@@ -70,14 +70,23 @@ class FastRequest:
         self.path, _, self.query = uri.partition("?")
         self.length, self.body, self.req_number, self.scheme = length, body, number, scheme
         self.must_close = False
+        self.closes = None    # what the head says, once asked (see should_close)
 
     def force_close(self):
         self.must_close = True
 
     def should_close(self):
-        """gunicorn's Message.should_close, the first Connection header deciding."""
+        """gunicorn's Message.should_close, the first Connection header deciding.
+        The worker asks three times per request (its answer's head, after the
+        answer, before the next request): the head is looked at once."""
         if self.must_close:
             return True
+        if self.closes is None:
+            self.closes = self.head_closes()
+        return self.closes
+
+    def head_closes(self):
+        """Whether the head asks for the connection to close."""
         for name, value in self.headers:
             if name == "CONNECTION":
                 value = value.lower().strip(" \t")
