@@ -330,7 +330,10 @@ class Master:
         if length is not None and length > VALUE_MAX:
             # passed on, it would be the volumes' 400 and our 502 for the client's lie
             raise falcon.HTTPContentTooLarge(title=f"Content-Length over {VALUE_MAX}: no volume takes it")
-        md5, size = self.store.put(key, read_body(stream, length), length)
+        # a body the server read whole with the head (worker.BodyInHand) needs no read loop
+        in_hand = getattr(stream, "in_hand", None)
+        value = in_hand() if in_hand is not None and length else None
+        md5, size = self.store.put(key, (value,) if value else read_body(stream, length), length)
         return md5
 
     def on_delete(self, req, resp, key, query):

@@ -26,6 +26,7 @@ it exactly as under `-k gevent` (gunicorn.conf.py's one-line errors included).
 So the subset only ever holds requests gunicorn accepts, read as it reads
 them (tests/test_worker.py compares the two environs).
 """
+import io
 import logging
 import os
 import re
@@ -69,14 +70,23 @@ class FastRequest:
         self.path, _, self.query = uri.partition("?")
         self.length, self.body, self.req_number, self.scheme = length, body, number, scheme
         self.must_close = False
+        self.closes = None    # what the head says, once asked (see should_close)
 
     def force_close(self):
         self.must_close = True
 
     def should_close(self):
-        """gunicorn's Message.should_close, the first Connection header deciding."""
+        """gunicorn's Message.should_close, the first Connection header deciding.
+        The worker asks three times per request (its answer's head, after the
+        answer, before the next request): the head is looked at once."""
         if self.must_close:
             return True
+        if self.closes is None:
+            self.closes = self.head_closes()
+        return self.closes
+
+    def head_closes(self):
+        """Whether the head asks for the connection to close."""
         for name, value in self.headers:
             if name == "CONNECTION":
                 value = value.lower().strip(" \t")
@@ -150,10 +160,32 @@ class HeadReader:
             elif name in self.special:
                 return None
             headers.append((name, value.strip(" \t")))
-        if end + 4 < len(buf):
-            unreader.unread(buf[end + 4:])
-        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length,
-                           Body(LengthReader(unreader, length)), number, "http")
+        rest = end + 4
+        if 0 < length <= len(buf) - rest:    # the whole body came with its head: a small PUT's
+            body = BodyInHand(buf[rest:rest + length])
+            rest += length
+        else:
+            body = Body(LengthReader(unreader, length))
+        if rest < len(buf):
+            unreader.unread(buf[rest:])
+        return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length, body, number, "http")
+
+
+class BodyInHand(io.BytesIO):
+    """A request body that came whole in the reads of its head (a small
+    PUT's, nearly always): read from memory as gunicorn's Body reads it, no
+    socket read and no timer, and handed over whole by in_hand() to an app
+    that asks (mkv.put_value: one PUT of a small value costs no read loop)."""
+
+    failed = False    # as gunicorn's Body: reading it never fails (finished() looks)
+
+    def in_hand(self):
+        """The whole body, if none of it was read yet (it is read now); else None."""
+        if self.tell():
+            return None
+        value = self.getvalue()
+        self.seek(len(value))
+        return value
 
 
 def fast_environ(req, sock, client, server, cfg, base):

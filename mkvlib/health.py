@@ -31,6 +31,8 @@ PROBE_FRESH = 2.5          # seconds the prober's last good answer keeps a volum
 # 1.0 while it answers with an identity the index does not know.
 ANSWERED, FAILED, PROBED, MISSED, REPLACED = range(5)
 ROW = struct.Struct("5d")
+ANSWER_TIMES = struct.Struct("2d")   # a row's first two times: ANSWERED, FAILED
+TIME = struct.Struct("d")
 SHARED_ENV = "MKV_HEALTH_DIR"   # set by the master's start (gunicorn.conf.py) for its workers
 COUNTS = collections.Counter()   # (host, answered?) -> requests since take_counts(), for the metrics
 
@@ -80,6 +82,15 @@ class Table:
     def set(self, host, field, value):
         struct.pack_into("d", self.row(host), field * 8, value)
 
+    def answer_now(self, host, now):
+        """Set the row's ANSWERED time to `now`; True if it had failed after
+        its answer before (get() and set() in one step: every answer of a
+        volume to every request comes here)."""
+        buf = self._rows.get(host) or self.row(host)
+        answered, failed = ANSWER_TIMES.unpack_from(buf)
+        TIME.pack_into(buf, ANSWERED * 8, now)
+        return failed > answered
+
     def hosts(self):
         """Every host a process of this master has a row for."""
         if self.folder is None:
@@ -122,10 +133,8 @@ class Health:
 
     def answered(self, host):
         COUNTS[host, True] += 1
-        row = self.table.get(host)
-        if row[FAILED] > row[ANSWERED]:
+        if self.table.answer_now(host, time.monotonic()):
             log.warning("volume %s is back up", host)
-        self.table.set(host, ANSWERED, time.monotonic())
 
     # -- what the prober tells
 

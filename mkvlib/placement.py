@@ -2,6 +2,7 @@
 minikeyvalue's on-disk format bit for bit; which keys a volume can store.
 Pure functions: no I/O."""
 import base64
+import functools
 import hashlib
 import itertools
 import os
@@ -47,6 +48,7 @@ def key2volume(key: bytes, volumes, replicas: int, subvolumes: int) -> list:
     return chosen
 
 
+@functools.lru_cache(maxsize=4096)   # a few volume names, asked many times per request
 def volume_host(volume: str) -> str:
     """host:port of a volume string such as 'localhost:3001/sv08'."""
     return volume.split("/", 1)[0]

@@ -139,11 +139,13 @@ class Store:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
             try:
-                # copies that the replaced record or failed writes left outside the placement
-                strays = self._strays(claim.notes, volumes)
-                failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner, lease))
-                # resolved: gone, or our own copy under another name of its disk
-                resolved = [v for v in claim.notes if v not in volumes and v not in failed]
+                resolved = []
+                if len(claim.notes) > len(volumes):   # else every note is of our own copies
+                    # copies that the replaced record or failed writes left outside the placement
+                    strays = self._strays(claim.notes, volumes)
+                    failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner, lease))
+                    # resolved: gone, or our own copy under another name of its disk
+                    resolved = [v for v in claim.notes if v not in volumes and v not in failed]
                 done = self.index.finish_put(key, owner, md5, size, resolved)
             except BaseException:
                 # every copy landed, but the value is not recorded (the index

@@ -263,3 +263,57 @@ def test_an_answer_framed_in_a_way_http_does_not_allow_fails_the_request(answer)
         assert volumes.pool.idle(peer.name) == 0    # no socket in an unknown state is kept
     finally:
         peer.close()
+
+
+def answers_read(data, answer):
+    """What answer(conn) makes of `data` arriving on a connection: each
+    answer in turn, then the error that ended them."""
+    from mkvlib.http import Conn
+    ours, theirs = socket.socketpair()
+    try:
+        ours.sendall(data)
+        ours.shutdown(socket.SHUT_WR)
+        theirs.settimeout(1)
+        conn, got = Conn(theirs), []
+        while True:
+            try:
+                got.append(answer(conn))
+            except (OSError, ValueError) as e:
+                return got + [type(e).__name__]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+NGINX_HEAD = b"HTTP/1.1 %s\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 09:30:00 GMT\r\n"
+
+
+@pytest.mark.parametrize("data", [
+    NGINX_HEAD % b"201 Created" + b"Content-Length: 0\r\nLocation: http://x/.tmp/a\r\nConnection: keep-alive\r\n\r\n"
+    + NGINX_HEAD % b"204 No Content" + b"Connection: keep-alive\r\n\r\n",
+    NGINX_HEAD % b"412 Precondition Failed" + b"Content-Type: text/html\r\nContent-Length: 5\r\n"
+    b"Connection: keep-alive\r\n\r\nhello" + NGINX_HEAD % b"404 Not Found" + b"Content-Length: 3\r\n\r\nabc",
+    NGINX_HEAD % b"200 OK" + b"Content-Length: 10\r\n\r\nshort",               # cut off mid-body
+    NGINX_HEAD % b"201 Created" + b"Content-Length: 0\r\nConnection: close\r\n\r\n",
+    NGINX_HEAD % b"201 Created" + b"Connection: Keep-Alive, Upgrade\r\nContent-Length: 0\r\n\r\n",
+    NGINX_HEAD % b"200 OK" + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\n[]\r\n0\r\n\r\n",
+    NGINX_HEAD % b"100 Continue" + b"\r\n" + NGINX_HEAD % b"201 Created" + b"Content-Length: 0\r\n\r\n",
+    NGINX_HEAD % b"200 OK" + b"Content-Length: 0x2\r\n\r\n[]",
+    NGINX_HEAD % b"200 OK" + b"\r\nbody until the close",
+    NGINX_HEAD % b"2000 Odd" + b"Content-Length: 0\r\n\r\n",
+    NGINX_HEAD % b"200\r\nContent-Length: 1" + b"\r\n\r\nx",                 # a status line without a reason
+    b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx",
+    b"HTTP/1.1 20x OK\r\nContent-Length: 1\r\n\r\nx",
+])
+def test_nginxs_usual_answer_read_in_one_step_is_what_the_full_reader_makes_of_it(data):
+    assert answers_read(data, lambda conn: conn.answer()) == answers_read(data, lambda conn: conn.answer_slowly())
+    heads = answers_read(data, lambda conn: conn.answer(to_head=True))
+    assert heads == answers_read(data, lambda conn: conn.answer_slowly(to_head=True))
+
+
+def test_a_volumes_usual_answer_is_read_in_one_step_without_the_full_reader():
+    from mkvlib.http import Conn
+    conn = Conn(None)    # no socket: the answer is in hand
+    conn.buf = NGINX_HEAD % b"201 Created" + b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\nokHTTP/1.1"
+    assert conn.usual_answer(False) == (201, b"ok", True)
+    assert conn.buf[conn.pos:] == b"HTTP/1.1"

@@ -137,6 +137,21 @@ def test_a_request_head_sent_a_byte_at_a_time_is_read_whole():
         theirs.close()
 
 
+def test_a_body_that_came_with_its_head_is_handed_over_whole_and_the_next_request_kept():
+    data = b"PUT /k HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /next HTTP/1.1\r\n\r\n"
+    ours, theirs = socket.socketpair()
+    try:
+        ours.sendall(data)
+        unreader = SocketUnreader(theirs)
+        req = HEADS.read_request(unreader, ADDR, 1)
+        assert req.body.in_hand() == b"hello"
+        assert req.body.read() == b"" and req.body.in_hand() is None and worker.finished(req)
+        assert HEADS.read_request(unreader, ADDR, 2).path == "/next"
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_the_master_runs_mkvs_worker_unless_k_says_otherwise():
     def worker_class(*args):
         p = subprocess.run([sys.executable, "-m", "gunicorn", *args, "--print-config", "mkv:app"], cwd=ROOT,
