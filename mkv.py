@@ -24,6 +24,7 @@ from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, Ind
 import mkvlib.index
 import mkvlib.listing
 from mkvlib.db import is_full
+from mkvlib.frozenheaders import FrozenHeaders
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
 from mkvlib.logs import use_format
 from mkvlib.metrics import counted
@@ -40,6 +41,7 @@ READ_SLACK = 16              # how many times slower than its last read a client
 PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole chunk before going on
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
 PLACEMENTS_KEPT = 8192       # keys whose placement and path a worker keeps (an md5 per volume, and one)
+ANSWERS_KEPT = 1024          # keys whose 302s a worker keeps made (about 2 KB a key)
 
 ERROR_STATUS = {
     Unauthorized: falcon.HTTP_401,
@@ -180,6 +182,9 @@ class Master:
         # alone: the GETs of a hot key hash it once (an md5 per volume was a
         # fifth of a GET's time in the app)
         self.parts = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(self._parts)
+        # key -> (volumes, md5, {volume: the 302's FrozenHeaders}) of the row
+        # its last plain GET read: the same answer while the row stays the same
+        self.answers = {}
         self._store = store
         self._pid = None if store is None else "given"   # a store given is used as it is
 
@@ -252,10 +257,32 @@ class Master:
         if found is None:
             return None
         if found is MISSING:
-            return NOT_FOUND, list(MISSING_HEADERS)
+            return NOT_FOUND, MISSING_ANSWER
         volumes, md5, volume = found
+        kept = self.answers.get(key)
+        if kept is None or kept[0] != volumes or kept[1] != md5:
+            kept = self.keep_answers(key, volumes, md5)
+        head = kept[2].get(volume)
+        return FOUND, head if head is not None else self.found_answer(key, kept, volume)
+
+    def keep_answers(self, key, volumes, md5):
+        """A new entry of self.answers for the row (volumes, md5) of `key`,
+        the oldest entry dropped when ANSWERS_KEPT are kept."""
+        answers = self.answers
+        answers.pop(key, None)
+        if len(answers) >= ANSWERS_KEPT:
+            del answers[next(iter(answers))]
+        kept = answers[key] = (volumes, md5, {})
+        return kept
+
+    def found_answer(self, key, kept, volume):
+        """The 302 to `volume` of the row `kept` of `key` (what found_headers
+        and Falcon give it), kept in it."""
+        volumes, md5, heads = kept
         placement, path = self.parts(key)
-        return FOUND, found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
+        head = heads[volume] = FrozenHeaders(found_head(md5, volumes, volumes == placement, "http://" + volume + path,
+                                                        FOUND_TAIL))
+        return head
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
@@ -349,6 +376,7 @@ SECRET_ENVIRON = "HTTP_" + SECRET_HEADER.upper().replace("-", "_")
 TEXT = ("content-type", "text/plain; charset=utf-8")
 FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302 and the 201
 MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
+MISSING_ANSWER = FrozenHeaders(MISSING_HEADERS)    # the same list for every 404 of a fast path
 READS, WRITES = ("GET", "HEAD"), ("PUT", "DELETE")
 FOUND, NOT_FOUND = "302 Found", "404 Not Found"
 BALANCE = {True: "balanced", False: "unbalanced"}
@@ -410,7 +438,7 @@ def fast_paths(master, app):
         except Exception as e:
             if method in READS and (type(e) is KeyMissing or   # the common 404 first
                                     isinstance(e, MkvError) and status_of(e) == falcon.HTTP_404):
-                start_response(NOT_FOUND, list(MISSING_HEADERS))
+                start_response(NOT_FOUND, MISSING_ANSWER)
                 return []
             environ[DEFERRED_ERROR] = e
             return app(environ, start_response)

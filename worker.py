@@ -44,6 +44,8 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
+from mkvlib.frozenheaders import FrozenHeaders
+
 # the request line of the subset: a method of mkv's or S3's, an origin-form
 # target of printable ASCII but '#' (no fragment to split off) not starting
 # '//' (which urlsplit reads as a host), HTTP/1.0 or 1.1
@@ -207,14 +209,26 @@ class PlainResponse(gunicorn_wsgi.Response):
     statuses = {}        # status line -> its code: passed STATUS_RE, a body allowed
     KNOWN_MAX = 256      # names (and statuses) an app could make up, kept at most
 
+    block = None         # the app's headers formatted, from a FrozenHeaders list checked before
+
     def start_response(self, status, headers, exc_info=None):
         code = self.statuses.get(status) if exc_info is None and self.status is None else None
         if code is None:
+            self.block = None    # gunicorn's start_response may add to the headers already taken
             write = super().start_response(status, headers, exc_info)
             self.learn_status(status)
             return write
         self.status, self.status_code = status, code
-        self.process_headers(headers)
+        form = headers.server_form if type(headers) is FrozenHeaders else None
+        if form is not None and form[0] is self.known:
+            # this very list passed process_headers' checks before (it cannot
+            # have changed since, and a name known stays known)
+            self.headers.extend(headers)
+            if form[1] is not None:
+                self.response_length = form[1]
+            self.block = form[2]
+        else:
+            self.process_headers(headers)
         # gunicorn's _response_omits_body for a status with a body (learn_status)
         self._omits_body = self.req.method == "HEAD" or code == 304
         self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body
@@ -233,7 +247,7 @@ class PlainResponse(gunicorn_wsgi.Response):
         name twice, every value printable ASCII with no space at either end:
         what gunicorn passes unchanged), else header by header."""
         try:
-            pairs = dict(headers) if type(headers) is list else None
+            pairs = dict(headers) if type(headers) is list or type(headers) is FrozenHeaders else None
             values = "|".join(pairs.values())           # TypeError if one is not a str
         except (TypeError, ValueError, AttributeError):
             pairs = values = None
@@ -247,11 +261,17 @@ class PlainResponse(gunicorn_wsgi.Response):
         lengths = pairs.keys() & self.length_names
         if len(lengths) > 1:
             return self.process_each(headers)
-        if lengths:
-            self.response_length = int(pairs[lengths.pop()])
+        length = int(pairs[lengths.pop()]) if lengths else None
+        if length is not None:
+            self.response_length = length
         # the app's own pairs: as gunicorn's (name, value) when they are tuples
         # (send_headers formats them); a list of two is formatted by gunicorn's
         self.headers.extend(headers)
+        if type(headers) is FrozenHeaders and headers.server_form is None:
+            try:    # what start_response takes at once the next times this list is answered
+                headers.server_form = (self.known, length, "".join(map(HEADER.__mod__, headers)))
+            except TypeError:
+                pass    # a pair not a tuple: formatted by gunicorn's send_headers each time
 
     def process_each(self, headers):
         known, kept, length = self.known, [], None
@@ -281,10 +301,12 @@ class PlainResponse(gunicorn_wsgi.Response):
             return
         if self.upgrade:
             return super().send_headers()
-        try:
-            headers = "".join(map(HEADER.__mod__, self.headers))
-        except TypeError:      # a pair not a tuple (process_headers keeps the app's)
-            return super().send_headers()
+        headers = self.block
+        if headers is None:
+            try:
+                headers = "".join(map(HEADER.__mod__, self.headers))
+            except TypeError:      # a pair not a tuple (process_headers keeps the app's)
+                return super().send_headers()
         version = self.req.version
         head = HEAD % (version[0], version[1], self.status, self.version, util.http_date(),
                        "close" if self.should_close() else "keep-alive", CHUNKED if self.chunked else "", headers)

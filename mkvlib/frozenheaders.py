@@ -1,0 +1,31 @@
+"""A WSGI header list that cannot change once made.
+
+An app that answers many requests with the very same headers (the master's
+302 to a hot key, its 404) can hand start_response the same list each time;
+a server may then check and format it once and keep what it made on the list
+(server_form, the server's own to set and read: worker.PlainResponse keeps
+its checked, formatted head there). To every other server (gunicorn's own
+Response under `-k gevent`) it is a list like any other."""
+
+
+def _refuse(self, *args, **kwargs):
+    raise TypeError("a FrozenHeaders list cannot change once made")
+
+
+class FrozenHeaders(list):
+    """[(name, value), ...], fixed at creation."""
+
+    __slots__ = ("server_form",)
+
+    def __init__(self, pairs=()):
+        if hasattr(self, "server_form"):
+            _refuse(self)      # list.__init__ again would refill it
+        super().__init__(pairs)
+        self.server_form = None
+
+    # every way a list changes in place
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+
+    def __reduce_ex__(self, protocol):
+        return (FrozenHeaders, (list(self),))    # a copy is a new list, its server form its own
