@@ -259,30 +259,26 @@ class Master:
         if found is MISSING:
             return NOT_FOUND, MISSING_ANSWER
         volumes, md5, volume = found
-        kept = self.answers.get(key)
-        if kept is None or kept[0] != volumes or kept[1] != md5:
-            kept = self.keep_answers(key, volumes, md5)
-        head = kept[2].get(volume)
-        return FOUND, head if head is not None else self.found_answer(key, kept, volume)
-
-    def keep_answers(self, key, volumes, md5):
-        """A new entry of self.answers for the row (volumes, md5) of `key`,
-        the oldest entry dropped when ANSWERS_KEPT are kept."""
         answers = self.answers
-        answers.pop(key, None)
+        row = answers.get(key)
+        if row is not None and row[0] == volumes and row[1] == md5:
+            head = row[2].get(volume)
+            if head is None:
+                head = row[2][volume] = FrozenHeaders(self.found_head_of(key, volumes, md5, volume))
+            return FOUND, head
+        # a row seen the first time: its answers are kept from its second GET
+        # on (most keys of a big index are read once); a dict store, so a
+        # reader has the old row or the new one, whole
         if len(answers) >= ANSWERS_KEPT:
-            del answers[next(iter(answers))]
-        kept = answers[key] = (volumes, md5, {})
-        return kept
+            answers.clear()     # a hot key is kept again from its next two GETs
+        answers[key] = (volumes, md5, {})
+        return FOUND, self.found_head_of(key, volumes, md5, volume)
 
-    def found_answer(self, key, kept, volume):
-        """The 302 to `volume` of the row `kept` of `key` (what found_headers
-        and Falcon give it), kept in it."""
-        volumes, md5, heads = kept
+    def found_head_of(self, key, volumes, md5, volume):
+        """The headers of the 302 to `volume` of a key whose row is (volumes,
+        md5), Content-Length and Content-Type last: what Falcon gives it."""
         placement, path = self.parts(key)
-        head = heads[volume] = FrozenHeaders(found_head(md5, volumes, volumes == placement, "http://" + volume + path,
-                                                        FOUND_TAIL))
-        return head
+        return found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the

@@ -229,6 +229,8 @@ class PlainResponse(gunicorn_wsgi.Response):
             self.block = form[2]
         else:
             self.process_headers(headers)
+            if type(headers) is FrozenHeaders and headers.server_form is not None:
+                self.block = headers.server_form[2]    # checked just now: formatted once
         # gunicorn's _response_omits_body for a status with a body (learn_status)
         self._omits_body = self.req.method == "HEAD" or code == 304
         self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body

@@ -15,13 +15,12 @@ def _refuse(self, *args, **kwargs):
 class FrozenHeaders(list):
     """[(name, value), ...], fixed at creation."""
 
-    __slots__ = ("server_form",)
+    server_form = None
 
     def __init__(self, pairs=()):
-        if hasattr(self, "server_form"):
+        if self or self.server_form is not None:
             _refuse(self)      # list.__init__ again would refill it
         super().__init__(pairs)
-        self.server_form = None
 
     # every way a list changes in place
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse

@@ -58,6 +58,26 @@ def test_a_plain_read_has_falcons_very_status_and_headers(lean, method):
     assert headers["location"].startswith(f"http://{placed[0]}/")
 
 
+def test_a_keys_answer_is_made_once_and_made_anew_the_moment_its_row_changes(lean):
+    app, master, settings = lean
+    key, (one, other) = b"/lean/kept", settings.volumes[:2]
+    record(settings, key, [one], "ab" * 16)
+    environ = falcon.testing.create_environ(path="/lean/kept")
+    first, second, third = (master.answer_plain(dict(environ)) for _ in range(3))
+    assert first == second == answer_of(app.falcon_app, dict(environ))[:2]
+    assert third[1] is second[1]       # kept from the key's second GET on: the worker checks it once
+    for md5, volumes in [("cd" * 16, one), ("cd" * 16, other), (None, other)]:   # as a PUT, a move, a rebuild
+        with Index(settings.db).db.write() as db:                              # in another process
+            db.execute("UPDATE keys SET md5 = ?, volumes = ? WHERE key = ?", (md5, volumes, key))
+        for _ in range(3):
+            answer = master.answer_plain(dict(environ))
+            assert answer == answer_of(app.falcon_app, dict(environ))[:2]
+            assert dict(answer[1]).get("content-md5") == md5 and f"http://{volumes}/" in dict(answer[1])["location"]
+    with Index(settings.db).db.write() as db:
+        db.execute("UPDATE keys SET state = 'unlinked' WHERE key = ?", (key,))
+    assert master.answer_plain(dict(environ)) == (mkv.NOT_FOUND, mkv.MISSING_HEADERS)
+
+
 def test_a_read_whose_drawn_replica_is_down_goes_to_one_that_is_up(lean):
     app, master, settings = lean
     volumes = list(settings.volumes[:2])
