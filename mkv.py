@@ -262,23 +262,23 @@ class Master:
         answers = self.answers
         row = answers.get(key)
         if row is not None and row[0] == volumes and row[1] == md5:
-            head = row[2].get(volume)
-            if head is None:
-                head = row[2][volume] = FrozenHeaders(self.found_head_of(key, volumes, md5, volume))
-            return FOUND, head
-        # a row seen the first time: its answers are kept from its second GET
-        # on (most keys of a big index are read once); a dict store, so a
-        # reader has the old row or the new one, whole
-        if len(answers) >= ANSWERS_KEPT:
-            answers.clear()     # a hot key is kept again from its next two GETs
-        answers[key] = (volumes, md5, {})
-        return FOUND, self.found_head_of(key, volumes, md5, volume)
-
-    def found_head_of(self, key, volumes, md5, volume):
-        """The headers of the 302 to `volume` of a key whose row is (volumes,
-        md5), Content-Length and Content-Type last: what Falcon gives it."""
+            heads = row[2]
+            head = heads.get(volume)
+            if head is not None:
+                return FOUND, head
+        else:
+            # a row seen the first time: its answers are kept from its second
+            # GET on (most keys of a big index are read once); a dict store, so
+            # a reader has the old row or the new one, whole
+            if len(answers) >= ANSWERS_KEPT:
+                answers.clear()     # a hot key is kept again from its next two GETs
+            answers[key] = (volumes, md5, {})
+            heads = None
         placement, path = self.parts(key)
-        return found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
+        head = found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
+        if heads is not None:
+            head = heads[volume] = FrozenHeaders(head)
+        return FOUND, head
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
