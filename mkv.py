@@ -24,7 +24,7 @@ from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, Ind
 import mkvlib.index
 import mkvlib.listing
 from mkvlib.db import is_full
-from mkvlib.frozenheaders import FrozenHeaders
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
 from mkvlib.logs import use_format
 from mkvlib.metrics import counted
@@ -257,7 +257,7 @@ class Master:
         if found is None:
             return None
         if found is MISSING:
-            return NOT_FOUND, MISSING_ANSWER
+            return NOT_FOUND, MISSING_ANSWER if TAKEN in environ else list(MISSING_HEADERS)
         volumes, md5, volume = found
         answers = self.answers
         row = answers.get(key)
@@ -265,7 +265,7 @@ class Master:
             heads = row[2]
             head = heads.get(volume)
             if head is not None:
-                return FOUND, head
+                return FOUND, head if TAKEN in environ else list(head)
         else:
             # a row seen the first time: its answers are kept from its second
             # GET on (most keys of a big index are read once); a dict store, so
@@ -277,7 +277,7 @@ class Master:
         placement, path = self.parts(key)
         head = found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
         if heads is not None:
-            head = heads[volume] = FrozenHeaders(head)
+            heads[volume] = FrozenHeaders(head)
         return FOUND, head
 
     def on_list(self, req, resp, key, query, listing):
@@ -372,7 +372,7 @@ SECRET_ENVIRON = "HTTP_" + SECRET_HEADER.upper().replace("-", "_")
 TEXT = ("content-type", "text/plain; charset=utf-8")
 FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302 and the 201
 MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
-MISSING_ANSWER = FrozenHeaders(MISSING_HEADERS)    # the same list for every 404 of a fast path
+MISSING_ANSWER = FrozenHeaders(MISSING_HEADERS)    # the same list for every 404 of a worker that takes it
 READS, WRITES = ("GET", "HEAD"), ("PUT", "DELETE")
 FOUND, NOT_FOUND = "302 Found", "404 Not Found"
 BALANCE = {True: "balanced", False: "unbalanced"}
@@ -434,7 +434,7 @@ def fast_paths(master, app):
         except Exception as e:
             if method in READS and (type(e) is KeyMissing or   # the common 404 first
                                     isinstance(e, MkvError) and status_of(e) == falcon.HTTP_404):
-                start_response(NOT_FOUND, MISSING_ANSWER)
+                start_response(NOT_FOUND, list(MISSING_HEADERS))
                 return []
             environ[DEFERRED_ERROR] = e
             return app(environ, start_response)

@@ -16,7 +16,8 @@ The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
 path with a few ordinary headers. read_request() reads those itself, with a
 few regular expressions over the whole head (gunicorn's parser spends most of
 a GET's time, per line and per header, in Python), and builds the WSGI
-environ gunicorn would. Anything outside that subset, however small the
+environ gunicorn would (with mkvlib.frozenheaders.TAKEN: PlainResponse takes
+a FrozenHeaders list). Anything outside that subset, however small the
 doubt (another method, a '#' or a byte outside printable ASCII, a
 Transfer-Encoding, Expect, Upgrade or forwarding header, a header name with
 '_', a repeated Host or Content-Length, a head over the limits, a bare LF, a
@@ -44,7 +45,7 @@ from gunicorn.http.unreader import SocketUnreader
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
 
-from mkvlib.frozenheaders import FrozenHeaders
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 
 # the request line of the subset: a method of mkv's or S3's, an origin-form
 # target of printable ASCII but '#' (no fragment to split off) not starting
@@ -156,6 +157,13 @@ class HeadReader:
             unreader.unread(buf[end + 4:])
         return FastRequest(m.group(1), m.group(2), (1, int(m.group(3))), headers, length,
                            Body(LengthReader(unreader, length)), number, "http")
+
+
+def fast_base_environ(cfg):
+    """What every FastRequest's environ starts from: gunicorn's, greenlets
+    counted as threads, and TAKEN: PlainResponse takes a FrozenHeaders list
+    (and keeps on it what it checked once)."""
+    return dict(gunicorn_wsgi.base_environ(cfg), **{"wsgi.multithread": True, TAKEN: True})
 
 
 def fast_environ(req, sock, client, server, cfg, base):
@@ -379,7 +387,7 @@ class MkvWorker(GeventWorker):
         self.fast = fast_reading(self.cfg)
         if self.fast:
             self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
-            self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
+            self.base_environ = fast_base_environ(self.cfg)
             self.pre_request_hook, self.post_request_hook = request_hooks(self.cfg, self.log)
             if getattr(util.http_date, "gunicorn_http_date", None) is None:
                 util.http_date = http_date_per_second(util.http_date)

@@ -38,7 +38,6 @@ def serve(which, port, connections):
     import gevent.pool
     from gunicorn.config import Config
     from gunicorn.glogging import Logger
-    from gunicorn.http import wsgi as gunicorn_wsgi
     import connections as budget
     import worker
     cfg = Config()
@@ -52,7 +51,7 @@ def serve(which, port, connections):
     w = object.__new__(worker.MkvWorker)   # its serve loop, without a master's fork and signals
     w.cfg, w.log, w.wsgi, w.fast, w.server_class = cfg, Logger(cfg), app, True, None
     w.heads = worker.HeadReader(cfg, cfg.secure_scheme_headers)
-    w.base_environ = dict(gunicorn_wsgi.base_environ(cfg), **{"wsgi.multithread": True})
+    w.base_environ = worker.fast_base_environ(cfg)
     w.pre_request_hook, w.post_request_hook = worker.request_hooks(cfg, w.log)
     w.nr, w.max_requests, w.alive = 0, 1 << 40, True
     worker.util.http_date = worker.http_date_per_second(worker.util.http_date)

@@ -4,8 +4,14 @@ An app that answers many requests with the very same headers (the master's
 302 to a hot key, its 404) can hand start_response the same list each time;
 a server may then check and format it once and keep what it made on the list
 (server_form, the server's own to set and read: worker.PlainResponse keeps
-its checked, formatted head there). To every other server (gunicorn's own
-Response under `-k gevent`) it is a list like any other."""
+its checked, formatted head there).
+
+PEP 3333 asks for the headers as a list of type list, and a strict checker
+(wsgiref.validate, which Falcon's test client runs) refuses a subclass: an
+app hands one only to a server whose environ says it takes one (TAKEN), and a
+plain list to any other."""
+
+TAKEN = "mkv.frozen_headers"     # environ key: True if this server's start_response takes a FrozenHeaders
 
 
 def _refuse(self, *args, **kwargs):

@@ -21,10 +21,10 @@ from gunicorn.http.unreader import SocketUnreader
 
 import mkv
 import worker
-from mkvlib.frozenheaders import FrozenHeaders
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 
 ADDR, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 3000)
-OPAQUE = {"wsgi.input", "gunicorn.socket", "wsgi.errors", "wsgi.early_hints", "wsgi.file_wrapper"}
+OPAQUE = {"wsgi.input", "gunicorn.socket", "wsgi.errors", "wsgi.early_hints", "wsgi.file_wrapper", TAKEN}
 
 
 def gunicorn_config():
@@ -35,7 +35,7 @@ def gunicorn_config():
 
 CFG = gunicorn_config()
 HEADS = worker.HeadReader(CFG, CFG.secure_scheme_headers)
-BASE = dict(gunicorn_wsgi.base_environ(CFG), **{"wsgi.multithread": True})
+BASE = worker.fast_base_environ(CFG)
 
 
 def reading(data, read):
@@ -371,6 +371,12 @@ def test_a_frozen_header_list_is_kept_or_refused_as_gunicorns_response_does_ever
     theirs = taken(gunicorn_wsgi.Response(Req(), None, CFG))
     for _ in range(3):
         assert taken(worker.PlainResponse(Req(), None, CFG)) == theirs
+
+
+def test_mkvs_worker_tells_the_app_it_takes_a_frozen_header_list():
+    req = worker.FastRequest("GET", "/k", (1, 1), [("HOST", "x")], 0, None, 1, "http")
+    assert worker.fast_environ(req, None, ADDR, SERVER, CFG, BASE)[TAKEN] is True
+    assert TAKEN not in gunicorn_wsgi.base_environ(CFG)    # gunicorn's Response is given plain lists
 
 
 def test_a_frozen_header_list_cannot_change_once_made():
