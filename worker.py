@@ -237,8 +237,9 @@ class PlainResponse(gunicorn_wsgi.Response):
             self.block = form[2]
         else:
             self.process_headers(headers)
-            if type(headers) is FrozenHeaders and headers.server_form is not None:
-                self.block = headers.server_form[2]    # checked just now: formatted once
+            form = headers.server_form if type(headers) is FrozenHeaders else None
+            if form is not None and form[0] is self.known:
+                self.block = form[2]    # checked just now: formatted once
         # gunicorn's _response_omits_body for a status with a body (learn_status)
         self._omits_body = self.req.method == "HEAD" or code == 304
         self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body
@@ -277,7 +278,7 @@ class PlainResponse(gunicorn_wsgi.Response):
         # the app's own pairs: as gunicorn's (name, value) when they are tuples
         # (send_headers formats them); a list of two is formatted by gunicorn's
         self.headers.extend(headers)
-        if type(headers) is FrozenHeaders and headers.server_form is None:
+        if type(headers) is FrozenHeaders:
             try:    # what start_response takes at once the next times this list is answered
                 headers.server_form = (self.known, length, "".join(map(HEADER.__mod__, headers)))
             except TypeError:
