@@ -24,6 +24,7 @@ from mkvlib.errors import (BadKey, ClientGone, DeleteIncomplete, EmptyValue, Ind
 import mkvlib.index
 import mkvlib.listing
 from mkvlib.db import is_full
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 from mkvlib.index import LIST_MAX, LIVE, UNLINKED
 from mkvlib.logs import use_format
 from mkvlib.metrics import counted
@@ -40,6 +41,7 @@ READ_SLACK = 16              # how many times slower than its last read a client
 PASS_ON_EVERY = 5.0          # seconds a slow client's bytes wait for a whole chunk before going on
 VALUE_MAX = (1 << 63) - 1    # bytes: the largest Content-Length a volume (nginx, an off_t) takes
 PLACEMENTS_KEPT = 8192       # keys whose placement and path a worker keeps (an md5 per volume, and one)
+ANSWERS_KEPT = 1024          # keys whose 302s a worker keeps made (about 2 KB a key)
 
 ERROR_STATUS = {
     Unauthorized: falcon.HTTP_401,
@@ -180,6 +182,9 @@ class Master:
         # alone: the GETs of a hot key hash it once (an md5 per volume was a
         # fifth of a GET's time in the app)
         self.parts = functools.lru_cache(maxsize=PLACEMENTS_KEPT)(self._parts)
+        # key -> (volumes, md5, {volume: the 302's FrozenHeaders}) of the row
+        # its last plain GET read: the same answer while the row stays the same
+        self.answers = {}
         self._store = store
         self._pid = None if store is None else "given"   # a store given is used as it is
 
@@ -252,10 +257,28 @@ class Master:
         if found is None:
             return None
         if found is MISSING:
-            return NOT_FOUND, list(MISSING_HEADERS)
+            return NOT_FOUND, MISSING_ANSWER if TAKEN in environ else list(MISSING_HEADERS)
         volumes, md5, volume = found
+        answers = self.answers
+        row = answers.get(key)
+        if row is not None and row[0] == volumes and row[1] == md5:
+            heads = row[2]
+            head = heads.get(volume)
+            if head is not None:
+                return FOUND, head if TAKEN in environ else list(head)
+        else:
+            # a row seen the first time: its answers are kept from its second
+            # GET on (most keys of a big index are read once); a dict store, so
+            # a reader has the old row or the new one, whole
+            if len(answers) >= ANSWERS_KEPT:
+                answers.clear()     # a hot key is kept again from its next two GETs
+            answers[key] = (volumes, md5, {})
+            heads = None
         placement, path = self.parts(key)
-        return FOUND, found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
+        head = found_head(md5, volumes, volumes == placement, "http://" + volume + path, FOUND_TAIL)
+        if heads is not None:
+            heads[volume] = FrozenHeaders(head)
+        return FOUND, head
 
     def on_list(self, req, resp, key, query, listing):
         """Keys with the prefix `key`, as JSON text; percent-encoded (quote of the
@@ -352,6 +375,7 @@ SECRET_ENVIRON = "HTTP_" + SECRET_HEADER.upper().replace("-", "_")
 TEXT = ("content-type", "text/plain; charset=utf-8")
 FOUND_TAIL = [("content-length", "0"), TEXT]      # Falcon's order for the 302 and the 201
 MISSING_HEADERS = [TEXT, ("content-length", "0")]  # and for the 404 (serialize_error's)
+MISSING_ANSWER = FrozenHeaders(MISSING_HEADERS)    # the same list for every 404 of a worker that takes it
 READS, WRITES = ("GET", "HEAD"), ("PUT", "DELETE")
 FOUND, NOT_FOUND = "302 Found", "404 Not Found"
 BALANCE = {True: "balanced", False: "unbalanced"}

@@ -16,7 +16,8 @@ The head: most requests are a plain GET, HEAD, PUT, DELETE or UNLINK of a
 path with a few ordinary headers. read_request() reads those itself, with a
 few regular expressions over the whole head (gunicorn's parser spends most of
 a GET's time, per line and per header, in Python), and builds the WSGI
-environ gunicorn would. Anything outside that subset, however small the
+environ gunicorn would (with mkvlib.frozenheaders.TAKEN: PlainResponse takes
+a FrozenHeaders list). Anything outside that subset, however small the
 doubt (another method, a '#' or a byte outside printable ASCII, a
 Transfer-Encoding, Expect, Upgrade or forwarding header, a header name with
 '_', a repeated Host or Content-Length, a head over the limits, a bare LF, a
@@ -44,6 +45,8 @@ from gunicorn.http.wsgi import HEADER_VALUE_RE
 from gunicorn.http.unreader import SocketUnreader
 from gunicorn import util
 from gunicorn.workers.ggevent import GeventWorker
+
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 
 # the request line of the subset: a method of mkv's or S3's, an origin-form
 # target of printable ASCII but '#' (no fragment to split off) not starting
@@ -188,6 +191,13 @@ class BodyInHand(io.BytesIO):
         return value
 
 
+def fast_base_environ(cfg):
+    """What every FastRequest's environ starts from: gunicorn's, greenlets
+    counted as threads, and TAKEN: PlainResponse takes a FrozenHeaders list
+    (and keeps on it what it checked once)."""
+    return dict(gunicorn_wsgi.base_environ(cfg), **{"wsgi.multithread": True, TAKEN: True})
+
+
 def fast_environ(req, sock, client, server, cfg, base):
     """The environ gunicorn.http.wsgi.create builds for a FastRequest
     (a TCP listener, no SCRIPT_NAME, no proxy protocol, no Expect)."""
@@ -239,14 +249,29 @@ class PlainResponse(gunicorn_wsgi.Response):
     statuses = {}        # status line -> its code: passed STATUS_RE, a body allowed
     KNOWN_MAX = 256      # names (and statuses) an app could make up, kept at most
 
+    block = None         # the app's headers formatted, from a FrozenHeaders list checked before
+
     def start_response(self, status, headers, exc_info=None):
         code = self.statuses.get(status) if exc_info is None and self.status is None else None
         if code is None:
+            self.block = None    # gunicorn's start_response may add to the headers already taken
             write = super().start_response(status, headers, exc_info)
             self.learn_status(status)
             return write
         self.status, self.status_code = status, code
-        self.process_headers(headers)
+        form = headers.server_form if type(headers) is FrozenHeaders else None
+        if form is not None and form[0] is self.known:
+            # this very list passed process_headers' checks before (it cannot
+            # have changed since, and a name known stays known)
+            self.headers.extend(headers)
+            if form[1] is not None:
+                self.response_length = form[1]
+            self.block = form[2]
+        else:
+            self.process_headers(headers)
+            form = headers.server_form if type(headers) is FrozenHeaders else None
+            if form is not None and form[0] is self.known:
+                self.block = form[2]    # checked just now: formatted once
         # gunicorn's _response_omits_body for a status with a body (learn_status)
         self._omits_body = self.req.method == "HEAD" or code == 304
         self.chunked = self.response_length is None and self.req.version > (1, 0) and not self._omits_body
@@ -265,7 +290,7 @@ class PlainResponse(gunicorn_wsgi.Response):
         name twice, every value printable ASCII with no space at either end:
         what gunicorn passes unchanged), else header by header."""
         try:
-            pairs = dict(headers) if type(headers) is list else None
+            pairs = dict(headers) if type(headers) is list or type(headers) is FrozenHeaders else None
             values = "|".join(pairs.values())           # TypeError if one is not a str
         except (TypeError, ValueError, AttributeError):
             pairs = values = None
@@ -279,11 +304,17 @@ class PlainResponse(gunicorn_wsgi.Response):
         lengths = pairs.keys() & self.length_names
         if len(lengths) > 1:
             return self.process_each(headers)
-        if lengths:
-            self.response_length = int(pairs[lengths.pop()])
+        length = int(pairs[lengths.pop()]) if lengths else None
+        if length is not None:
+            self.response_length = length
         # the app's own pairs: as gunicorn's (name, value) when they are tuples
         # (send_headers formats them); a list of two is formatted by gunicorn's
         self.headers.extend(headers)
+        if type(headers) is FrozenHeaders:
+            try:    # what start_response takes at once the next times this list is answered
+                headers.server_form = (self.known, length, "".join(map(HEADER.__mod__, headers)))
+            except TypeError:
+                pass    # a pair not a tuple: formatted by gunicorn's send_headers each time
 
     def process_each(self, headers):
         known, kept, length = self.known, [], None
@@ -313,10 +344,12 @@ class PlainResponse(gunicorn_wsgi.Response):
             return
         if self.upgrade:
             return super().send_headers()
-        try:
-            headers = "".join(map(HEADER.__mod__, self.headers))
-        except TypeError:      # a pair not a tuple (process_headers keeps the app's)
-            return super().send_headers()
+        headers = self.block
+        if headers is None:
+            try:
+                headers = "".join(map(HEADER.__mod__, self.headers))
+            except TypeError:      # a pair not a tuple (process_headers keeps the app's)
+                return super().send_headers()
         version = self.req.version
         head = HEAD % (version[0], version[1], self.status, self.version, util.http_date(),
                        "close" if self.should_close() else "keep-alive", CHUNKED if self.chunked else "", headers)
@@ -387,7 +420,7 @@ class MkvWorker(GeventWorker):
         self.fast = fast_reading(self.cfg)
         if self.fast:
             self.heads = HeadReader(self.cfg, self.cfg.secure_scheme_headers)
-            self.base_environ = dict(gunicorn_wsgi.base_environ(self.cfg), **{"wsgi.multithread": True})
+            self.base_environ = fast_base_environ(self.cfg)
             self.pre_request_hook, self.post_request_hook = request_hooks(self.cfg, self.log)
             if getattr(util.http_date, "gunicorn_http_date", None) is None:
                 util.http_date = http_date_per_second(util.http_date)

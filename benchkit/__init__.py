@@ -15,4 +15,6 @@ package, is the entry point (its docstring says what each workload measures).
     s3         s3get, s3getrelay, s3put, s3small: the S3 gateway against nginx and the native API
     runner     the rounds of one workload, and its row of the table
     report     the table and the machine line
+    instructions  `python -m benchkit.instructions`: a GET's instructions per answer,
+               mkv's and the bare function's, by cachegrind (no load moves them)
 """

@@ -13,6 +13,7 @@ import pytest
 
 import mkv
 from conftest import ROOT
+from mkvlib.frozenheaders import TAKEN
 from mkvlib.index import Index
 from mkvlib.metrics import Counted
 from mkvlib.settings import Settings
@@ -56,6 +57,28 @@ def test_a_plain_read_has_falcons_very_status_and_headers(lean, method):
     headers = dict(master.answer_plain(falcon.testing.create_environ(path="/lean/balanced", method=method))[1])
     assert headers["key-balance"] == "balanced" and headers["content-md5"] == "ab" * 16
     assert headers["location"].startswith(f"http://{placed[0]}/")
+
+
+def test_a_keys_answer_is_made_once_and_made_anew_the_moment_its_row_changes(lean):
+    app, master, settings = lean
+    key, (one, other) = b"/lean/kept", settings.volumes[:2]
+    record(settings, key, [one], "ab" * 16)
+    environ = dict(falcon.testing.create_environ(path="/lean/kept"), **{TAKEN: True})   # as worker.MkvWorker's
+    answers = [master.answer_plain(dict(environ)) for _ in range(4)]
+    assert all(answer == answer_of(app.falcon_app, dict(environ))[:2] for answer in answers)
+    assert answers[3][1] is answers[2][1]     # kept from the key's second GET on: the worker checks it once
+    plain = master.answer_plain(falcon.testing.create_environ(path="/lean/kept"))[1]
+    assert type(plain) is list and plain == answers[2][1]    # PEP 3333's list, to any other server
+    for md5, volumes in [("cd" * 16, one), ("cd" * 16, other), (None, other)]:   # as a PUT, a move, a rebuild
+        with Index(settings.db).db.write() as db:                              # in another process
+            db.execute("UPDATE keys SET md5 = ?, volumes = ? WHERE key = ?", (md5, volumes, key))
+        for _ in range(3):
+            answer = master.answer_plain(dict(environ))
+            assert answer == answer_of(app.falcon_app, dict(environ))[:2]
+            assert dict(answer[1]).get("content-md5") == md5 and f"http://{volumes}/" in dict(answer[1])["location"]
+    with Index(settings.db).db.write() as db:
+        db.execute("UPDATE keys SET state = 'unlinked' WHERE key = ?", (key,))
+    assert master.answer_plain(dict(environ)) == (mkv.NOT_FOUND, mkv.MISSING_HEADERS)
 
 
 def test_a_read_whose_drawn_replica_is_down_goes_to_one_that_is_up(lean):

@@ -21,9 +21,10 @@ from gunicorn.http.unreader import SocketUnreader
 
 import mkv
 import worker
+from mkvlib.frozenheaders import TAKEN, FrozenHeaders
 
 ADDR, SERVER = ("127.0.0.1", 40000), ("127.0.0.1", 3000)
-OPAQUE = {"wsgi.input", "gunicorn.socket", "wsgi.errors", "wsgi.early_hints", "wsgi.file_wrapper"}
+OPAQUE = {"wsgi.input", "gunicorn.socket", "wsgi.errors", "wsgi.early_hints", "wsgi.file_wrapper", TAKEN}
 
 
 def gunicorn_config():
@@ -34,7 +35,7 @@ def gunicorn_config():
 
 CFG = gunicorn_config()
 HEADS = worker.HeadReader(CFG, CFG.secure_scheme_headers)
-BASE = dict(gunicorn_wsgi.base_environ(CFG), **{"wsgi.multithread": True})
+BASE = worker.fast_base_environ(CFG)
 
 
 def reading(data, read):
@@ -285,7 +286,7 @@ ASKED = b"".join(b"%s %s HTTP/1.%s\r\nHost: x\r\n%s\r\n" % request for request i
 def answering(environ, start_response):
     """mkv's own 302 and 404 (their headers as mkv.py makes them), and a chunked answer."""
     status, headers, body = ANSWERS[environ["PATH_INFO"]]
-    start_response(status, list(headers))
+    start_response(status, headers if type(headers) is FrozenHeaders else list(headers))   # the same list each time
     return list(body)
 
 
@@ -338,6 +339,69 @@ def test_the_workers_answer_heads_are_gunicorns_byte_for_byte(monkeypatch):
     assert served(ASKED, by_mkvs_worker) == expected
     assert {"302 Found", "404 Not Found", "200 OK"} <= worker.PlainResponse.statuses.keys()
     assert {"key-volumes", "content-length", "X-Made-Up"} <= worker.PlainResponse.known.keys()
+
+
+FROZEN_ANSWERS = {"/frozen-found": (mkv.FOUND, FrozenHeaders(FOUND), []),
+                  "/frozen-missing": (mkv.NOT_FOUND, FrozenHeaders(mkv.MISSING_HEADERS), [])}
+ASKED_AGAIN = ASKED.replace(b"/found", b"/frozen-found").replace(b"/missing", b"/frozen-missing")
+
+
+def test_a_frozen_header_list_is_checked_once_then_sent_as_gunicorn_sends_it_each_time(monkeypatch):
+    from gunicorn import util
+    monkeypatch.setattr(util, "http_date", lambda timestamp=None: "Wed, 02 Dec 2026 08:00:00 GMT")
+    monkeypatch.setattr(worker.PlainResponse, "known", {})
+    monkeypatch.setattr(worker.PlainResponse, "statuses", {})
+    monkeypatch.setattr(worker.PlainResponse, "length_names", set())
+    monkeypatch.setitem(ANSWERS, "/frozen-found", FROZEN_ANSWERS["/frozen-found"])
+    monkeypatch.setitem(ANSWERS, "/frozen-missing", FROZEN_ANSWERS["/frozen-missing"])
+    expected = served(ASKED_AGAIN, by_gunicorns_response)
+    assert expected == served(ASKED, by_gunicorns_response)     # a frozen list is a list to gunicorn
+    assert served(ASKED_AGAIN, by_mkvs_worker) == expected
+    frozen = FROZEN_ANSWERS["/frozen-found"][1]
+    form = frozen.server_form     # kept from the first answer, taken at once by the next ones
+    assert form is not None and form[0] is worker.PlainResponse.known and form[1] == 0
+    assert served(ASKED_AGAIN, by_mkvs_worker) == expected and frozen.server_form is form
+
+
+@pytest.mark.parametrize("headers", [
+    [("Location", "http://h/p"), ("Content-Length", "0")],
+    [("X-A", " padded "), ("Content-Length", "0")],           # gunicorn strips the value
+    [("X-A", "a\tb")],                                         # no length: chunked
+    [("X-A", "a\r\nb: c")],                                    # refused
+    [("Connection", "close"), ("X-A", "x")],                  # a hop-by-hop header, dropped
+    [("content-length", "5"), ("Content-Length", "6")],
+])
+def test_a_frozen_header_list_is_kept_or_refused_as_gunicorns_response_does_every_time(headers):
+    frozen = FrozenHeaders(headers)
+
+    def taken(response):
+        try:
+            response.start_response("200 OK", frozen)
+        except Exception as e:
+            return type(e).__name__
+        return response.headers, response.response_length, response.chunked, response.status
+
+    class Req:
+        method, version = "GET", (1, 1)
+    theirs = taken(gunicorn_wsgi.Response(Req(), None, CFG))
+    for _ in range(3):
+        assert taken(worker.PlainResponse(Req(), None, CFG)) == theirs
+
+
+def test_mkvs_worker_tells_the_app_it_takes_a_frozen_header_list():
+    req = worker.FastRequest("GET", "/k", (1, 1), [("HOST", "x")], 0, None, 1, "http")
+    assert worker.fast_environ(req, None, ADDR, SERVER, CFG, BASE)[TAKEN] is True
+    assert TAKEN not in gunicorn_wsgi.base_environ(CFG)    # gunicorn's Response is given plain lists
+
+
+def test_a_frozen_header_list_cannot_change_once_made():
+    frozen = FrozenHeaders([("Content-Length", "0")])
+    for change in (lambda: frozen.append(("X-A", "x")), lambda: frozen.extend([]), lambda: frozen.__setitem__(0, 1),
+                   lambda: frozen.__delitem__(0), lambda: frozen.__init__([("X-A", "x")]), lambda: frozen.__iadd__([]),
+                   lambda: frozen.insert(0, 1), lambda: frozen.pop(), lambda: frozen.clear(), lambda: frozen.sort()):
+        with pytest.raises(TypeError):
+            change()
+    assert frozen == [("Content-Length", "0")] and frozen + [("X-A", "x")] == [("Content-Length", "0"), ("X-A", "x")]
 
 
 HEADER_NAMES = st.sampled_from(["Location", "content-length", "X-A"] * 5 + [
