@@ -63,7 +63,7 @@ class Store:
             return None
         replicas = volumes.split(",")
         volume = replicas[int(random.random() * len(replicas))]
-        if not self.health.may_read(volume.partition("/")[0]):    # volume_host, inline
+        if not self.health.may_read(volume_host(volume)):
             return None
         return volumes, md5, volume
 
@@ -139,13 +139,11 @@ class Store:
                 self._abandon(key, owner, path, tmp, claim, getattr(e, "outcomes", {}), lease)
                 raise
             try:
-                resolved = []
-                if len(claim.notes) > len(volumes):   # else every note is of our own copies
-                    # copies that the replaced record or failed writes left outside the placement
-                    strays = self._strays(claim.notes, volumes)
-                    failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner, lease))
-                    # resolved: gone, or our own copy under another name of its disk
-                    resolved = [v for v in claim.notes if v not in volumes and v not in failed]
+                # copies that the replaced record or failed writes left outside the placement
+                strays = self._strays(claim.notes, volumes)
+                failed = self.volumes.delete_copies(strays, path, fence=lambda: self.fence(key, owner, lease))
+                # resolved: gone, or our own copy under another name of its disk
+                resolved = [v for v in claim.notes if v not in volumes and v not in failed]
                 done = self.index.finish_put(key, owner, md5, size, resolved)
             except BaseException:
                 # every copy landed, but the value is not recorded (the index

@@ -308,13 +308,14 @@ class Volumes:
             raise error
 
     def delete_copies(self, copies, path, fence=None):
-        """Delete a key's file at `path` from each volume of `copies`
-        ({volume: upload name or None}), at once: first the upload (a
-        write's, see upload_name) whose MOVE onto the path may still be on
-        its way, since once the upload is gone no MOVE can land; then the
-        file. Returns {volume: reason} of those not deleted for sure (a
-        volume known down is not asked). fence() right before the files'
-        DELETEs, if given."""
+        """Delete a key's file at `path` from each volume of `copies` ({volume:
+        upload name or None}), at once: first the upload (a write's, see
+        upload_name) whose MOVE onto the path may still be on its way, since
+        once the upload is gone no MOVE can land; then the file. Returns
+        {volume: reason} of those not deleted for sure (a volume known down
+        is not asked). fence() right before the files' DELETEs, if given."""
+        if not copies:
+            return {}      # nearly every PUT: no copy outside its placement
         failed = {v: f"volume {volume_host(v)} is down" for v in copies if self.health.down(volume_host(v))}
         uploads = [v for v in copies if copies[v] and v not in failed]
         for v, error in zip(uploads, self.delete_many([(volume_host(v), upload_name(copies[v], v))
