@@ -180,9 +180,7 @@ class Health:
             self.watched.append(host)
             if self.look is not None:
                 self.look([host])
-        rows = self.table._rows   # Table.get, inline: a GET asks
-        return is_up(ROW.unpack_from(rows.get(host) or self.table.row(host)), time.monotonic(),
-                     self.fresh, self.retry_after)
+        return is_up(self.table.get(host), time.monotonic(), self.fresh, self.retry_after)
 
     def may_ask(self, host):
         """False while `host` is known down; after DOWN_RETRY, True once (a
