@@ -422,15 +422,8 @@ class Index:
         `dropped` for a later delete, and drop the notes of `written` (copies
         this holder just wrote), at once; and with `release`, release the
         lock in the same transaction. False if the lock was lost."""
-        unlock = ", lock_owner = NULL, lock_until = NULL" if release else ""
         with self.db.write() as db:
-            cur = db.execute(f"UPDATE keys SET volumes = ?{unlock} WHERE key = ? AND lock_owner = ?",
-                             (",".join(volumes), key, owner))
-            if cur.rowcount != 1:
-                return False
-            self._unnote(db, key, written)
-            self._note(db, key, dropped)
-            return True
+            return self._switch(db, key, owner, volumes, dropped, written, release)
 
     def note_many(self, notes):
         """Index.note of each (key, volumes, upload name) of `notes`, in one transaction (rebalance's batches)."""
@@ -439,16 +432,23 @@ class Index:
                 self._note(db, key, volumes, tmp)
 
     def switch_many(self, switches, owner):
-        """switch_volumes(..., release=True) of each (key, volumes, dropped, written) in one transaction."""
-        done = []     # the keys switched (the others' locks were lost: nothing changed)
+        """switch_volumes(..., release=True) of each (key, volumes, dropped, written) in one
+        transaction: the keys switched (the others' locks were lost: nothing of theirs changed)."""
         with self.db.write() as db:
-            for key, volumes, dropped, written in switches:
-                if db.execute("UPDATE keys SET volumes = ?, lock_owner = NULL, lock_until = NULL WHERE key = ?"
-                              " AND lock_owner = ?", (",".join(volumes), key, owner)).rowcount == 1:
-                    self._unnote(db, key, written)
-                    self._note(db, key, dropped)
-                    done.append(key)
-        return done
+            return [key for key, volumes, dropped, written in switches
+                    if self._switch(db, key, owner, volumes, dropped, written, True)]
+
+    @classmethod
+    def _switch(cls, db, key, owner, volumes, dropped, written, release):
+        """switch_volumes in the transaction `db`."""
+        unlock = ", lock_owner = NULL, lock_until = NULL" if release else ""
+        cur = db.execute(f"UPDATE keys SET volumes = ?{unlock} WHERE key = ? AND lock_owner = ?",
+                         (",".join(volumes), key, owner))
+        if cur.rowcount != 1:
+            return False
+        cls._unnote(db, key, written)
+        cls._note(db, key, dropped)
+        return True
 
     # -- the identities of the volumes' disks
 
