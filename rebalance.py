@@ -412,6 +412,7 @@ class Rebalance:
         if marked:
             self.progress.message(f"{PROG}: {marked} part(s) of abandoned S3 multipart uploads to remove")
 
+
 def send_copy(volumes, targets, path, download, tmp, fence):
     """put() of what `download` reads to `targets`: (md5, size). A value of
     up to WHOLE_COPY bytes is read whole, checked by fence(md5, size) before
