@@ -19,27 +19,29 @@ _monkey = sys.modules.get("gevent.monkey")
 system_poll = _monkey.get_original("select", "poll") if _monkey is not None else select.poll
 
 
-def readable(conns, timeout):
-    """The Conns of `conns` that have bytes of an answer to read: those
-    with bytes in hand or in their socket now, else the first to get some
-    within `timeout` seconds; [] if none did. The look at once is the
-    system's poll (no greenlet switch); the wait is select.poll as the
-    process has it: gevent's in the master (the worker goes on meanwhile),
-    the system's in a tool."""
-    ready = [c for c in conns if not c.clean()]
-    if ready:
-        return ready
-    by_fd = {c.sock.fileno(): c for c in conns}
-    look = system_poll()
-    for fd in by_fd:
-        look.register(fd, select.POLLIN)
-    got = look.poll(0)
-    if not got and timeout > 0:
-        look = select.poll()
-        for fd in by_fd:
-            look.register(fd, select.POLLIN)
-        got = look.poll(timeout * 1000)
-    return [by_fd[fd] for fd, _ in got if fd in by_fd]
+def gevent_wait(conns, timeout):
+    """Let the worker's other greenlets run until bytes come on one of
+    `conns` or `timeout` seconds pass. Each Conn keeps its read watcher
+    (conn.watcher): started here, stopped before this returns (gevent's
+    own select.poll makes new ones at each call, and costs a volume
+    request of a small PUT about ten times as much)."""
+    from gevent.hub import Waiter, get_hub     # loaded already: the process patched select
+    hub = get_hub()
+    waiter = Waiter(hub)
+    timer = hub.loop.timer(timeout)
+    started = []
+    try:
+        for c in conns:
+            if c.watcher is None:
+                c.watcher = hub.loop.io(c.sock.fileno(), 1)    # 1: readable
+            c.watcher.start(waiter.switch, None)
+            started.append(c.watcher)
+        timer.start(waiter.switch, None)
+        waiter.get()
+    finally:
+        timer.close()
+        for watcher in started:
+            watcher.stop()
 
 
 def arrivals(waiting, timeout, end=None, again=None):
@@ -50,31 +52,47 @@ def arrivals(waiting, timeout, end=None, again=None):
     within `timeout` of the last that did (or by the time.monotonic()
     `end`), so a frozen server costs that once, not once per server. The
     caller reads the answer before it asks for the next; `again(index)`:
-    true if that conn has another answer to come (it is waited for again)."""
-    left = dict(enumerate(waiting))
+    true if that conn has another answer to come (it is waited for again).
+
+    Bytes in a conn's hand come first; else one look of the system's poll
+    (no greenlet switch); else a wait: gevent's under gevent (the worker's
+    other greenlets run meanwhile), the system's poll in a tool."""
+    left = {}              # fd -> (index, conn, started) of those awaited
+    look = system_poll()
+    for k, (conn, started) in enumerate(waiting):
+        fd = conn.sock.fileno()
+        left[fd] = (k, conn, started)
+        look.register(fd, select.POLLIN)
     while left:
-        wait = timeout if end is None else max(end - time.monotonic(), 0.001)
-        if len(left) == 1:    # nothing else to watch meanwhile: a plain receive
-            (k, (conn, started)), = left.items()
+        ready = [fd for fd, (_, conn, _) in left.items() if not conn.clean()]
+        if not ready and len(left) == 1:    # nothing else to watch meanwhile: a plain receive
+            (fd, (k, conn, _)), = left.items()
             try:
-                if conn.clean():
-                    if end is not None:
-                        conn.sock.settimeout(wait)
-                    conn.more()
+                if end is not None:
+                    conn.sock.settimeout(max(end - time.monotonic(), 0.001))
+                conn.more()
             except OSError as e:
                 yield k, None, e
                 return
-            ready = [k]
-        else:
-            by_conn = {id(conn): k for k, (conn, _) in left.items()}
-            ready = [by_conn[id(c)] for c in readable([conn for conn, _ in left.values()], wait)]
-            if not ready:
-                for k in list(left):
+            ready = [fd]
+        elif not ready:
+            wait = timeout if end is None else max(end - time.monotonic(), 0.001)
+            got = look.poll(0)
+            if not got:
+                if select.poll is system_poll:     # no gevent: the system's poll waits
+                    got = look.poll(wait * 1000)
+                else:
+                    gevent_wait([conn for _, conn, _ in left.values()], wait)
+                    got = look.poll(0)
+            if not got:
+                for k, _, _ in list(left.values()):
                     yield k, None, socket.timeout("timed out")
                 return
+            ready = [fd for fd, _ in got]
         now = perf_counter()
-        for k in ready:
-            yield k, now - left[k][1], None
+        for fd in ready:
+            k, conn, started = left[fd]
+            yield k, now - started, None
             if again is None or not again(k):
-                del left[k]
-
+                del left[fd]
+                look.unregister(fd)

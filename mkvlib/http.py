@@ -143,15 +143,18 @@ class Conn:
     """One keep-alive HTTP/1.1 connection to a server, and the bytes read
     from it that no answer has taken yet."""
 
-    __slots__ = ("sock", "buf", "pos", "since", "used", "poller")
+    __slots__ = ("sock", "buf", "pos", "since", "used", "poller", "watcher")
 
     def __init__(self, sock):
         self.sock, self.buf, self.pos = sock, b"", 0
         self.since = time.monotonic()   # when it was last left idle
         self.used = False               # it has answered: a failure now may be the server closing it
         self.poller = None              # made on the first alive()
+        self.watcher = None             # gevent's read watcher, made on the first arrivals.gevent_wait
 
     def close(self):
+        if self.watcher is not None:
+            self.watcher.close()
         self.sock.close()
 
     def clean(self):
