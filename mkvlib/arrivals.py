@@ -1,10 +1,11 @@
 """Answers read as they come, not in the order their requests were sent:
 a fan of requests to several servers (mkvlib.http's Pool.fan, mkvlib.exchange)
 times each server's answer, and a slow or frozen server must not have its
-delay charged to the servers read after it. One poll over the fan's sockets
-while more than one answer is awaited; a plain receive for the last one.
-The same code under gevent (the master: select.poll is gevent's, the worker
-goes on while it waits) and without (the tools: the system's)."""
+delay charged to the servers read after it (nor a frozen server cost a
+timeout per server). One poll over the fan's sockets while more than one
+answer is awaited; a plain receive for the last one. The same code under
+gevent (the master: the wait lets the worker's other greenlets run) and
+without (the tools: the system's poll waits)."""
 import select
 import socket
 import sys
@@ -77,7 +78,7 @@ def arrivals(waiting, timeout, end=None, again=None):
             ready = [fd]
         elif not ready:
             wait = timeout if end is None else max(end - time.monotonic(), 0.001)
-            got = look.poll(0)
+            got = look.poll(0)     # what came already is timed without a greenlet switch
             if not got:
                 if select.poll is system_poll:     # no gevent: the system's poll waits
                     got = look.poll(wait * 1000)

@@ -2,12 +2,11 @@
 loopback that answer late: each server's time is its own, never the wait for
 another server's answer read before it, and the answers still come back in
 the order of the calls."""
-import socket
-import threading
 import time
 
 from mkvlib.exchange import exchange
 from mkvlib.http import Pool, request
+from test_volume_client import fake_volume
 
 SLOW = 0.3        # seconds the slow server waits before each answer
 
@@ -16,8 +15,6 @@ def late_server(delay):
     """A server on a free loopback port that answers every request (heads
     only, pipelined ones in order) with a 200 whose body is its path, `delay`
     seconds after the request came; `delay` None: it never answers."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
     def serve(conn):
         data = b""
         while True:
@@ -32,13 +29,7 @@ def late_server(delay):
             time.sleep(delay)
             path = head.split(b" ")[1]
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
-
-    def accept():
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
-    return f"127.0.0.1:{listener.getsockname()[1]}"
+    return fake_volume(serve)
 
 
 def test_a_fan_times_each_answer_from_its_own_send_not_behind_a_slow_one_read_first():

@@ -7,8 +7,8 @@ import pytest
 from mkvlib.health import LATENCY_BUCKETS
 from mkvlib.placement import key2volume
 from conftest import Cluster, Http, free_port, wait_until
-from holding_proxy import HoldingProxy
 from test_admin import scrape, value
+from test_late_requests import behind_proxy
 
 HELD = 0.3        # seconds the proxy holds a request to the slow volume
 LATENCY = "mkv_volume_request_duration_seconds"
@@ -21,11 +21,7 @@ def slow_first(tmp_path_factory):
     c = Cluster(str(tmp_path_factory.mktemp("latency")), n_volumes=3, replicas=3, subvolumes=2,
                 admin_port=free_port())
     c.admin = f"http://127.0.0.1:{c.settings['admin_port']}"
-    proxy = HoldingProxy(c.volumes[0].port)
-    c.aliases[proxy.port] = c.volumes[0].port
-    names = c.volume_names()
-    names[0] = proxy.name
-    c.restart_master(volumes=names)
+    proxy, names = behind_proxy(c, 0)
     yield c, proxy, names
     proxy.close()
     c.kill()
