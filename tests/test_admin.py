@@ -68,25 +68,31 @@ def test_a_scrape_after_known_traffic_shows_exactly_that_traffic(admin_cluster):
     assert http.get(c.url("/no-such-traffic")).status_code == 404
     assert http.delete(c.url("/traffic0")).status_code == 204
     assert http.put(c.url("/traffic-empty"), data=b"").status_code == 411
+    # a chunked body (no Content-Length) counts the bytes read
+    assert http.put(c.url("/traffic-chunked"), data=iter([b"y" * 200, b"z" * 100])).status_code == 201
+    # a request gunicorn cannot parse never reaches the app: counted all the same
+    with socket.create_connection(("127.0.0.1", c.master.port), timeout=10) as s:
+        s.sendall(b"get /traffic1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
 
-    expected = {("mkv_requests_total", "PUT", "put", "201"): 5, ("mkv_requests_total", "GET", "redirect", "302"): 3,
+    expected = {("mkv_requests_total", "PUT", "put", "201"): 6, ("mkv_requests_total", "GET", "redirect", "302"): 3,
                 ("mkv_requests_total", "GET", "404", "404"): 1, ("mkv_requests_total", "DELETE", "delete", "204"): 1,
-                ("mkv_requests_total", "PUT", "put", "411"): 1}
+                ("mkv_requests_total", "PUT", "put", "411"): 1, ("mkv_requests_total", "-", "server", "400"): 1}
 
     def deltas(after):
         got = {(n, m, k, s): value(after, n, method=m, kind=k, status=s) - value(before, n, method=m, kind=k, status=s)
                for n, m, k, s in expected}
         return got, value(after, "mkv_bytes_received_total") - value(before, "mkv_bytes_received_total")
     # each worker hands its counts over once a second: wait for both
-    wait_until(lambda: deltas(scrape(c)) == (expected, 500), 5, "the traffic in a scrape")
+    wait_until(lambda: deltas(scrape(c)) == (expected, 800), 5, "the traffic in a scrape")
     after = scrape(c)
 
     def d(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
-    assert d("mkv_request_duration_seconds_count", kind="put") == 6
+    assert d("mkv_request_duration_seconds_count", kind="put") == 7
     assert d("mkv_request_duration_seconds_count", kind="redirect") == 3
-    assert value(after, "mkv_keys") == value(before, "mkv_keys") + 4
-    assert value(after, "mkv_value_bytes") == value(before, "mkv_value_bytes") + 400
+    assert value(after, "mkv_keys") == value(before, "mkv_keys") + 5
+    assert value(after, "mkv_value_bytes") == value(before, "mkv_value_bytes") + 700
     assert all(value(after, "mkv_volume_keys", volume=v) == value(after, "mkv_keys") for v in c.volume_names())
     assert value(after, "mkv_locks_held") == 0 and value(after, "mkv_index_bytes") > 0
     assert all(value(after, "mkv_volume_up", volume=v) == 1 for v in c.volume_names())
