@@ -113,6 +113,9 @@ def on_starting(server):
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
+    if server.cfg.keepalive <= 0:
+        sys.exit("mkv: --keep-alive 0 would leave no time limit on a request's head "
+                 "(connections.py, docs/limits.md): give it seconds, 30 by default")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
 
