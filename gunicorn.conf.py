@@ -130,7 +130,11 @@ def start_run_folder(settings):
     import admin
     from mkvlib import counts, logs, runfolder
     logs.use_format(settings.log_format)
-    runfolder.prepare(settings.db)
+    try:
+        runfolder.prepare(settings.db)
+    except runfolder.MasterRunning as e:
+        sys.exit(f"mkv: a master (pid {e.pid}) already runs on MKV_DB {settings.db}: one master per index; "
+                 "stop it first (gunicorn's USR2 upgrade is not supported: docs/operations.md)")
     counts.install(settings.db)
     try:
         admin.listen(settings)

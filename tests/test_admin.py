@@ -271,3 +271,49 @@ def test_a_worker_forked_during_a_readiness_check_can_write_the_index(tmp_path):
     p = subprocess.run([sys.executable, "-c", FORK_DURING_A_READINESS_CHECK, db], cwd=ROOT,
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def second_master(c, *flags):
+    """gunicorn mkv:app on c's index and volumes, another port: (exit status, stderr)."""
+    env = dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(), MKV_REPLICAS="3",
+               MKV_SUBVOLUMES="2", MKV_ADMIN_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{free_port()}", *flags,
+                        "mkv:app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return p.returncode, p.stderr
+
+
+def still_sees_its_volumes(c):
+    """The running master's page and readiness still see every volume up."""
+    time.sleep(PROBE_FRESH + 0.5)      # what a lost view of the volumes would show by now
+    assert requests.get(c.admin + "/health/ready", timeout=10).status_code == 200
+    assert all(value(scrape(c), "mkv_volume_up", volume=v) == 1 for v in c.volume_names())
+
+
+def test_a_second_master_on_the_same_index_is_refused_and_the_first_keeps_its_view(admin_cluster):
+    c = admin_cluster
+    code, stderr = second_master(c)
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if line.startswith("mkv:")]
+    assert len(lines) == 1 and f"a master (pid {c.master.proc.pid}) already runs on MKV_DB" in lines[0], stderr
+    still_sees_its_volumes(c)
+
+
+def test_gunicorns_usr2_upgrade_is_refused_with_one_line_and_the_master_keeps_its_view(private_cluster):
+    from conftest import master_server
+    c = private_cluster(n_volumes=3, replicas=3, subvolumes=2, admin_port=free_port())
+    c.admin = f"http://127.0.0.1:{c.settings['admin_port']}"
+    c.master.stop()
+    # USR2 re-executes the arbiter's argv: `python -m gunicorn` would come back with gunicorn's
+    # own folder first on sys.path (its http package hides the standard one), so the script
+    master = master_server(c.workdir, c.volume_names(), c.master.port, workers=1, **c.settings)
+    master.argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn")] + master.argv[3:]
+    c.master = master.start()
+    still_sees_its_volumes(c)
+    os.kill(c.master.proc.pid, signal.SIGUSR2)
+
+    def refused():
+        with open(c.master.log_path, "rb") as f:
+            return b"already runs on MKV_DB" in f.read()
+    wait_until(refused, 30, "the new arbiter to refuse the start")
+    still_sees_its_volumes(c)
+    assert Http().put(c.url("/after-usr2"), data=b"v").status_code == 201
