@@ -28,6 +28,7 @@ import logging
 import resource
 import socket
 
+from mkvlib.metrics import count_server_answer
 from mkvlib.settings import Settings
 
 FD_RESERVE = 64          # open files a worker keeps for itself (log, index, pipes)
@@ -109,7 +110,9 @@ def drop(sock):
 
 
 def refuse(sock):
-    """A one-line 503 and the end of the connection, without reading a byte."""
+    """A one-line 503 and the end of the connection, without reading a byte
+    (counted as kind "server": no app saw it)."""
+    count_server_answer(503)
     head = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nRetry-After: 1\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n\r\n" % len(BUSY_LINE))
     try:

@@ -50,13 +50,16 @@ def write_error_line(sock, status_int, reason, mesg):
     in the request line, 414 for a request line over 4094 bytes, 431, 417...),
     through gunicorn.util.write_error, whose body is an HTML page. This takes
     its place: the same status line and Connection: close, and gunicorn's
-    message as one line of text/plain, like every other error of mkv. The
+    message as one line of text/plain, like every other error of mkv; and
+    counts it (kind "server" in mkv_requests_total: the app never saw it). The
     workers look write_error up in gunicorn.util at each call and fork from
     the arbiter, which reads this file first, so it holds under worker.py's
     MkvWorker (whose requests outside its plain subset gunicorn parses) and
     with `-k gevent` on the command line (not under gevent_pywsgi, which
     parses HTTP itself).
     """
+    from mkvlib.metrics import count_server_answer
+    count_server_answer(status_int)
     line = (mesg or reason).encode("unicode_escape").decode("ascii")   # one line, ASCII
     if len(line) > ERROR_LINE_MAX:
         line = line[:ERROR_LINE_MAX - 3] + "..."
@@ -110,6 +113,9 @@ def on_starting(server):
     if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
         sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
                  f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
+    if server.cfg.keepalive <= 0:
+        sys.exit("mkv: --keep-alive 0 would leave no time limit on a request's head "
+                 "(connections.py, docs/limits.md): give it seconds, 30 by default")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
 
@@ -124,7 +130,11 @@ def start_run_folder(settings):
     import admin
     from mkvlib import counts, logs, runfolder
     logs.use_format(settings.log_format)
-    runfolder.prepare(settings.db)
+    try:
+        runfolder.prepare(settings.db)
+    except runfolder.MasterRunning as e:
+        sys.exit(f"mkv: a master (pid {e.pid}) already runs on MKV_DB {settings.db}: one master per index; "
+                 "stop it first (gunicorn's USR2 upgrade is not supported: docs/operations.md)")
     counts.install(settings.db)
     try:
         admin.listen(settings)

@@ -72,18 +72,22 @@ def request_key(req) -> bytes:
 
 
 def parse_query(query_string):
-    """The query as a dict; falcon.HTTPBadRequest for anything we do not know.
+    """(the query's known parameters as a dict, the names of the others).
+    A GET or HEAD of a key ignores the others, as the original does (clients
+    add cache-busting ones); a listing and the writes refuse them (Resource).
     Names and values are text (UTF-8, '+' is a space, as parse_qsl reads them),
     except `start`: the raw bytes it percent-encodes, since a key need not be
-    UTF-8 ('+' still a space, so a UTF-8 start reads as it always did)."""
-    query = {}
+    UTF-8 ('+' still a space, so a UTF-8 start reads as it always did).
+    falcon.HTTPBadRequest for a known parameter given twice."""
+    query, unknown = {}, []
     for pair in query_string.split("&"):
         if not pair:
             continue
         name, _, value = pair.partition("=")
         name = unquote_plus(name, errors="replace")
         if name not in QUERIES:
-            raise falcon.HTTPBadRequest(title=f"unknown query parameter: {name[:100]}")
+            unknown.append(name)
+            continue
         if name in query:
             raise falcon.HTTPBadRequest(title=f"query parameter given twice: {name}")
         if name == "start":
@@ -91,7 +95,7 @@ def parse_query(query_string):
             query[name] = unquote_to_bytes(value.replace("+", " ").encode("latin-1"))
         else:
             query[name] = unquote_plus(value, errors="replace")
-    return query
+    return query, unknown
 
 
 def parse_limit(value):
@@ -206,9 +210,11 @@ class Master:
         if handler is None:
             raise falcon.HTTPMethodNotAllowed(list(self.HANDLERS), title=f"method {req.method} not allowed")
         key = request_key(req)
-        query = parse_query(req.query_string) if req.query_string else {}
-        if query and handler != "on_get":
+        query, unknown = parse_query(req.query_string) if req.query_string else ({}, ())
+        if (query or unknown) and handler != "on_get":
             raise falcon.HTTPBadRequest(title=f"{req.method} takes no query")
+        if unknown and ("list" in query or "unlinked" in query):
+            raise falcon.HTTPBadRequest(title=f"unknown query parameter: {unknown[0][:100]}")
         if handler != "on_get" and not self.authorized(req.env):
             raise Unauthorized(f"{req.method} needs the header {SECRET_HEADER}: MKV_SECRET")
         getattr(self, handler)(req, resp, key, query)

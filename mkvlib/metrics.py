@@ -37,6 +37,39 @@ KIND_OF_METHOD = {"PUT": "put", "DELETE": "delete", "UNLINK": "unlink"}
 VOLUME_IN_REASON = re.compile(r"volume ([^\s:]+:\d+)")
 S3_ERROR = re.compile(r"<Code>([^<]*)</Code>\s*<Message>([^<]*)</Message>")
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SERVER_KIND = "server"   # answers the HTTP server gave itself (method "-"): see count_server_answer
+
+# status -> answers given in this process without the app since the last
+# hand-over: gunicorn's to a request it could not parse (400, 414, 431...),
+# the connection budget's 503, gunicorn's 500 for an app that raised
+SERVER_ANSWERS = collections.Counter()
+
+
+def count_server_answer(status):
+    """Count an answer no app saw (gunicorn.conf.py's write_error_line,
+    connections.refuse): method "-", kind "server"."""
+    SERVER_ANSWERS[status] += 1
+
+
+class CountedInput:
+    """A chunked request body (no Content-Length), with the bytes read from
+    it counted for mkv_bytes_received."""
+
+    def __init__(self, stream):
+        self.stream, self.got = stream, 0
+
+    def read(self, size=-1):
+        data = self.stream.read(size)
+        self.got += len(data)
+        return data
+
+    def readline(self, size=-1):
+        data = self.stream.readline(size)
+        self.got += len(data)
+        return data
+
+    def __iter__(self):
+        return iter(self.readline, b"")
 
 
 def content_length(headers):
@@ -136,6 +169,10 @@ class Counted:
             seen.append(status)
             seen.append(headers)
             return start_response(status, headers, exc_info)
+        length = environ.get("CONTENT_LENGTH")
+        chunked = None
+        if not length and environ.get("HTTP_TRANSFER_ENCODING"):
+            chunked = environ["wsgi.input"] = CountedInput(environ["wsgi.input"])
         self.in_flight += 1
         try:
             body = self.app(environ, start)
@@ -143,10 +180,9 @@ class Counted:
             self.in_flight -= 1
         seconds = perf_counter() - started
         status, sent = (int(seen[0][:3]), content_length(seen[1])) if seen else (500, 0)
-        length = environ.get("CONTENT_LENGTH")
+        got = chunked.got if chunked is not None else int(length) if length and length.isdigit() else 0
         method = environ["REQUEST_METHOD"]
-        self.tally.add((method, kind_of(environ, status), status), seconds,
-                       int(length) if length and length.isdigit() else 0, sent)
+        self.tally.add((method, kind_of(environ, status), status), seconds, got, sent)
         if status >= 400 and status != 404:
             self.failed(environ, status, body, seconds)
         return body
@@ -195,6 +231,8 @@ class Counted:
             time.sleep(FLUSH_EVERY)
             try:
                 tally, self.tally = self.tally, Tally()     # no yield between: nothing lost
+                for status in list(SERVER_ANSWERS):
+                    tally.row(("-", SERVER_KIND, status))[0] += SERVER_ANSWERS.pop(status)
                 exported.add(tally, self.in_flight, health.take_counts(), health.take_latency())
                 if self.failures and self.failures[-1] is not shown:
                     shown = self.failures[-1]
@@ -246,6 +284,8 @@ class Exported:
             for i, n in enumerate(row[4:]):
                 total[1 + i] += n
         for kind, total in kinds.items():
+            if not any(total[1:]):     # the server's own answers: no time taken
+                continue
             observe_many(self.duration.labels(kind), total[0], total[1:])
         self.in_flight.set(in_flight)
         for (host, ok), n in volume_counts.items():

@@ -7,8 +7,9 @@ so that a tool started by hand finds its master's.
 
     health/    one row of times per volume (mkvlib.health.Table)
     metrics/   prometheus_client's multiprocess files (every worker, the tools)
-    pid        the arbiter's pid: a later start removes the folder of a master
-               that died without removing it (SIGKILL)
+    pid        the arbiter's pid and start time: a later start removes the
+               folder of a master that died without removing it (SIGKILL),
+               and refuses to start beside one that runs
 """
 import hashlib
 import os
@@ -27,46 +28,80 @@ def run_folder(db):
     return os.path.join(base, f"mkv-{digest}")
 
 
-def alive(pid):
-    """True if process `pid` runs (not a zombie)."""
+def started_at(pid):
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat's
+    22nd field), None if it does not run (a zombie does not): with the pid,
+    it names one process, even after the pid is reused."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def alive(pid):
+    """True if process `pid` runs (not a zombie)."""
+    return started_at(pid) is not None
+
+
+def owner(folder):
+    """The pid of the running master that made `folder`, else None."""
+    try:
+        with open(os.path.join(folder, "pid")) as f:
+            words = f.read().split()
+        pid = int(words[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    started = started_at(pid)
+    if started is None or len(words) > 1 and words[1] != started:
+        return None
+    return pid
+
+
+class MasterRunning(Exception):
+    """Another master runs on this index: its run folder is not ours to empty."""
+
+    def __init__(self, pid):
+        super().__init__(pid)
+        self.pid = pid
 
 
 def remove_dead(base):
     """Remove the run folders under `base` of masters that are gone."""
     for name in os.listdir(base):
-        pid_file = os.path.join(base, name, "pid")
-        if name.startswith("mkv-") and os.path.isfile(pid_file):
-            try:
-                with open(pid_file) as f:
-                    pid = int(f.read())
-            except (OSError, ValueError):
-                continue
-            if not alive(pid):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        folder = os.path.join(base, name)
+        if name.startswith("mkv-") and os.path.isfile(os.path.join(folder, "pid")) and owner(folder) is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def prepare(db, env=os.environ):
     """Empty the run folder (what a master that stopped left there) and make
-    it anew; set the variables its workers find it by. Returns the folder."""
+    it anew; set the variables its workers find it by. Returns the folder.
+    MasterRunning if a master that still runs made it: a second master on
+    one index (a mistake, or gunicorn's USR2 upgrade) would take the running
+    one's view of its volumes and its counts away (its page said every
+    volume down, and so did its readiness)."""
     folder = run_folder(db)
+    running = owner(folder)
+    if running is not None and running != os.getpid():
+        raise MasterRunning(running)
     shutil.rmtree(folder, ignore_errors=True)
     remove_dead(os.path.dirname(folder))
     for sub in ("health", "metrics"):
         os.makedirs(os.path.join(folder, sub), mode=0o700)
     with open(os.path.join(folder, "pid"), "w") as f:
-        f.write(str(os.getpid()))
+        f.write(f"{os.getpid()} {started_at(os.getpid())}")
     env[SHARED_ENV] = os.path.join(folder, "health")
     env[METRICS_ENV] = os.path.join(folder, "metrics")
     return folder
 
 
 def remove(db):
-    shutil.rmtree(run_folder(db), ignore_errors=True)
+    """Remove this master's run folder (not another's that runs on `db`)."""
+    folder = run_folder(db)
+    if owner(folder) in (os.getpid(), None):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def join_master(db, env=os.environ):

@@ -68,25 +68,31 @@ def test_a_scrape_after_known_traffic_shows_exactly_that_traffic(admin_cluster):
     assert http.get(c.url("/no-such-traffic")).status_code == 404
     assert http.delete(c.url("/traffic0")).status_code == 204
     assert http.put(c.url("/traffic-empty"), data=b"").status_code == 411
+    # a chunked body (no Content-Length) counts the bytes read
+    assert http.put(c.url("/traffic-chunked"), data=iter([b"y" * 200, b"z" * 100])).status_code == 201
+    # a request gunicorn cannot parse never reaches the app: counted all the same
+    with socket.create_connection(("127.0.0.1", c.master.port), timeout=10) as s:
+        s.sendall(b"get /traffic1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
 
-    expected = {("mkv_requests_total", "PUT", "put", "201"): 5, ("mkv_requests_total", "GET", "redirect", "302"): 3,
+    expected = {("mkv_requests_total", "PUT", "put", "201"): 6, ("mkv_requests_total", "GET", "redirect", "302"): 3,
                 ("mkv_requests_total", "GET", "404", "404"): 1, ("mkv_requests_total", "DELETE", "delete", "204"): 1,
-                ("mkv_requests_total", "PUT", "put", "411"): 1}
+                ("mkv_requests_total", "PUT", "put", "411"): 1, ("mkv_requests_total", "-", "server", "400"): 1}
 
     def deltas(after):
         got = {(n, m, k, s): value(after, n, method=m, kind=k, status=s) - value(before, n, method=m, kind=k, status=s)
                for n, m, k, s in expected}
         return got, value(after, "mkv_bytes_received_total") - value(before, "mkv_bytes_received_total")
     # each worker hands its counts over once a second: wait for both
-    wait_until(lambda: deltas(scrape(c)) == (expected, 500), 5, "the traffic in a scrape")
+    wait_until(lambda: deltas(scrape(c)) == (expected, 800), 5, "the traffic in a scrape")
     after = scrape(c)
 
     def d(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
-    assert d("mkv_request_duration_seconds_count", kind="put") == 6
+    assert d("mkv_request_duration_seconds_count", kind="put") == 7
     assert d("mkv_request_duration_seconds_count", kind="redirect") == 3
-    assert value(after, "mkv_keys") == value(before, "mkv_keys") + 4
-    assert value(after, "mkv_value_bytes") == value(before, "mkv_value_bytes") + 400
+    assert value(after, "mkv_keys") == value(before, "mkv_keys") + 5
+    assert value(after, "mkv_value_bytes") == value(before, "mkv_value_bytes") + 700
     assert all(value(after, "mkv_volume_keys", volume=v) == value(after, "mkv_keys") for v in c.volume_names())
     assert value(after, "mkv_locks_held") == 0 and value(after, "mkv_index_bytes") > 0
     assert all(value(after, "mkv_volume_up", volume=v) == 1 for v in c.volume_names())
@@ -265,3 +271,49 @@ def test_a_worker_forked_during_a_readiness_check_can_write_the_index(tmp_path):
     p = subprocess.run([sys.executable, "-c", FORK_DURING_A_READINESS_CHECK, db], cwd=ROOT,
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def second_master(c, *flags):
+    """gunicorn mkv:app on c's index and volumes, another port: (exit status, stderr)."""
+    env = dict(os.environ, MKV_VOLUMES=",".join(c.volume_names()), MKV_DB=c.db(), MKV_REPLICAS="3",
+               MKV_SUBVOLUMES="2", MKV_ADMIN_PORT=str(free_port()))
+    p = subprocess.run([sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{free_port()}", *flags,
+                        "mkv:app"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return p.returncode, p.stderr
+
+
+def still_sees_its_volumes(c):
+    """The running master's page and readiness still see every volume up."""
+    time.sleep(PROBE_FRESH + 0.5)      # what a lost view of the volumes would show by now
+    assert requests.get(c.admin + "/health/ready", timeout=10).status_code == 200
+    assert all(value(scrape(c), "mkv_volume_up", volume=v) == 1 for v in c.volume_names())
+
+
+def test_a_second_master_on_the_same_index_is_refused_and_the_first_keeps_its_view(admin_cluster):
+    c = admin_cluster
+    code, stderr = second_master(c)
+    assert code == 1
+    lines = [line for line in stderr.splitlines() if line.startswith("mkv:")]
+    assert len(lines) == 1 and f"a master (pid {c.master.proc.pid}) already runs on MKV_DB" in lines[0], stderr
+    still_sees_its_volumes(c)
+
+
+def test_gunicorns_usr2_upgrade_is_refused_with_one_line_and_the_master_keeps_its_view(private_cluster):
+    from conftest import master_server
+    c = private_cluster(n_volumes=3, replicas=3, subvolumes=2, admin_port=free_port())
+    c.admin = f"http://127.0.0.1:{c.settings['admin_port']}"
+    c.master.stop()
+    # USR2 re-executes the arbiter's argv: `python -m gunicorn` would come back with gunicorn's
+    # own folder first on sys.path (its http package hides the standard one), so the script
+    master = master_server(c.workdir, c.volume_names(), c.master.port, workers=1, **c.settings)
+    master.argv = [os.path.join(os.path.dirname(sys.executable), "gunicorn")] + master.argv[3:]
+    c.master = master.start()
+    still_sees_its_volumes(c)
+    os.kill(c.master.proc.pid, signal.SIGUSR2)
+
+    def refused():
+        with open(c.master.log_path, "rb") as f:
+            return b"already runs on MKV_DB" in f.read()
+    wait_until(refused, 30, "the new arbiter to refuse the start")
+    still_sees_its_volumes(c)
+    assert Http().put(c.url("/after-usr2"), data=b"v").status_code == 201

@@ -188,8 +188,18 @@ def test_list_with_a_bad_limit_is_400(cluster, http):
 
 # ---------------------------------------------------------------- bad input
 
-def test_unknown_query_is_400(cluster, http, key):
-    r = http.get(cluster.url(key + "?frobnicate"))
+def test_a_get_or_head_of_a_key_ignores_query_parameters_it_does_not_know(cluster, http, key):
+    assert http.put(cluster.url(key), data=b"v").status_code == 201
+    plain = http.get(cluster.url(key))
+    for query in ("?_=1701", "?v=2&v=3", "?frobnicate", "?cache+buster=%ff"):
+        r = http.get(cluster.url(key + query))
+        assert r.status_code == 302 and r.headers["Key-Volumes"] == plain.headers["Key-Volumes"], query
+        assert http.head(cluster.url(key + query)).status_code == 302
+    assert http.get(cluster.url("/no-such-key-at-all?_=1")).status_code == 404
+
+
+def test_a_listing_refuses_a_query_parameter_it_does_not_know(cluster, http, key):
+    r = http.get(cluster.url(key + "?list&frobnicate"))
     assert r.status_code == 400 and "frobnicate" in r.text
 
 
@@ -230,7 +240,7 @@ def test_body_shorter_than_content_length_stores_nothing(cluster, key):
 
 def test_errors_are_one_line_without_traceback(cluster, http, key):
     http.put(cluster.url(key), data=b"v")
-    for r in [http.put(cluster.url(key), data=b"v"), http.get(cluster.url(key + "?x=1")),
+    for r in [http.put(cluster.url(key), data=b"v"), http.get(cluster.url(key + "?list&x=1")),
               http.request("PATCH", cluster.url(key))]:
         assert r.status_code < 500
         assert len(r.text.strip().splitlines()) == 1 and "Traceback" not in r.text

@@ -120,7 +120,7 @@ def client(tmp_path):
 
 
 @pytest.mark.parametrize("query, says", [
-    ("bogus", "unknown query parameter: bogus"),
+    ("list&bogus", "unknown query parameter: bogus"),
     ("list&list", "given twice"),
     ("list&unlinked", "not both"),
     ("limit=3", "go with ?list"),

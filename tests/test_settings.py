@@ -89,6 +89,13 @@ def test_master_whose_workers_may_stall_past_a_lease_does_not_start(tmp_path, ti
     assert "Traceback" not in output
 
 
+def test_a_master_with_no_time_limit_on_a_request_head_does_not_start(tmp_path):
+    code, output = run_master({"MKV_VOLUMES": VOLS, "MKV_DB": str(tmp_path / "i.sqlite3")},
+                              flags=("--keep-alive", "0"))
+    assert code == 1 and "--keep-alive 0 would leave no time limit on a request's head" in output
+    assert "Traceback" not in output
+
+
 def test_master_creates_the_index_and_its_folder(tmp_path):
     from conftest import start_master, start_volume
     v = start_volume(str(tmp_path / "v"))

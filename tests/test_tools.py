@@ -114,7 +114,7 @@ def assert_converged(cluster, data, volumes, removed=(), replicas=3, subvolumes=
 
 class Reader(threading.Thread):
     """GETs random keys through the master (following the redirect) until
-    stopped; counts the reads that did not return the value."""
+    stopped; keeps the reads that did not return the value: (key, why, when)."""
 
     def __init__(self, cluster, data):
         super().__init__(daemon=True)
@@ -136,7 +136,7 @@ class Reader(threading.Thread):
                     ok, why = False, repr(e)
                 self.reads += 1
                 if not ok:
-                    self.failures.append((key, why))
+                    self.failures.append((key, why, time.monotonic()))
 
     def __enter__(self):
         self.start()
