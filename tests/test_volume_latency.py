@@ -6,6 +6,7 @@ import pytest
 
 from mkvlib.health import LATENCY_BUCKETS
 from mkvlib.placement import key2volume
+from mkvlib.upload import WHOLE_MAX
 from conftest import Cluster, Http, free_port, wait_until
 from test_admin import scrape, value
 from test_late_requests import behind_proxy
@@ -41,10 +42,11 @@ def test_every_answer_of_a_volume_to_puts_and_deletes_is_timed(slow_first):
     before = scrape(c)
     for i in range(10):
         assert http.put(c.url(f"/timed{i}"), data=b"t" * 100).status_code == 201
-    for i in range(10):
-        assert http.delete(c.url(f"/timed{i}")).status_code == 204
+    assert http.put(c.url("/timed-large"), data=b"L" * (WHOLE_MAX + 1)).status_code == 201   # streamed
+    for key in [f"/timed{i}" for i in range(10)] + ["/timed-large"]:
+        assert http.delete(c.url(key)).status_code == 204
     # each PUT: its upload and its MOVE on every volume; each DELETE: one request
-    wait_until(lambda: all(counts(scrape(c), v)[0] - counts(before, v)[0] >= 30 for v in names), 5,
+    wait_until(lambda: all(counts(scrape(c), v)[0] - counts(before, v)[0] >= 11 * 3 for v in names), 5,
                "the traffic timed in a scrape")
 
 
