@@ -1,14 +1,16 @@
 """Several requests to a server on one keep-alive connection, sent in one
 go and answered in order (HTTP/1.1 pipelining, which nginx serves): a
-small PUT's upload and the MOVE of it (exchange: Volumes.upload_and_move),
+small PUT's upload and the MOVE of it (exchange: mkvlib.volumes.upload_and_move),
 and many GETs of listings (pipelines: rebuild's Volumes.listdirs)."""
 import socket
 import time
+from time import perf_counter
 
+from mkvlib.arrivals import arrivals
 from mkvlib.http import NoAnswer, Unreachable, request, send_all
 
 
-def exchange(pool, calls, timeout=None):
+def exchange(pool, calls, timeout=None, times=None):
     """Several requests to each server on one connection, sent in one
     go (pipelined: a server answers one connection's requests in order):
     `calls` [(host, data, n)], `data` the bytes of n requests. Every
@@ -19,9 +21,12 @@ def exchange(pool, calls, timeout=None):
     said it would (then it ran none of the rest: HTTP/1.1 forbids it),
     else Unreachable (nothing sent) or NoAnswer (the rest may have run).
     `timeout`: for all the answers of a call together (default: the
-    pool's)."""
+    pool's). Answers are read as they come, whichever server's
+    (http.arrivals). `times`, a list if given: set to, per call, the
+    seconds from its send to the first bytes of each answer that came."""
     timeout = timeout or pool.timeout
     out = [([], None) for _ in calls]
+    took = [[] for _ in calls]
     sent = []
     for i, (host, data, n) in enumerate(calls):
         try:
@@ -31,26 +36,36 @@ def exchange(pool, calls, timeout=None):
             continue
         try:
             conn.sock.settimeout(timeout)
+            started = perf_counter()
             send_all(conn.sock, data)
         except OSError as e:
             conn.close()
             out[i] = ([], NoAnswer(host, e))
             continue
-        sent.append((i, host, n, conn))
+        sent.append((i, host, n, conn, started))
     end = time.monotonic() + timeout
-    for i, host, n, conn in sent:
-        answers, keep = out[i][0], True
-        try:
-            while keep and len(answers) < n:
+    awaited = [True] * len(sent)     # answers still to come on sent[k]'s connection
+    for k, seconds, error in arrivals([(s[3], s[4]) for s in sent], timeout, end, awaited.__getitem__):
+        i, host, n, conn, _ = sent[k]
+        answers = out[i][0]
+        if error is None:
+            try:
                 conn.sock.settimeout(max(end - time.monotonic(), 0.001))
                 status, body, keep = conn.answer()
-                conn.used = True
-                answers.append((status, body))
-        except (OSError, ValueError) as e:
+            except (OSError, ValueError) as e:
+                error = e
+        if error is not None:
             conn.close()
-            out[i] = (answers, NoAnswer(host, e))
+            out[i], awaited[k] = (answers, NoAnswer(host, error)), False
             continue
-        pool.give(host, conn, keep)
+        conn.used = True
+        answers.append((status, body))
+        took[i].append(seconds)
+        if not keep or len(answers) == n:
+            awaited[k] = False
+            pool.give(host, conn, keep)
+    if times is not None:
+        times[:] = took
     return out
 
 

@@ -19,6 +19,7 @@ import mmap
 import os
 import struct
 import time
+from bisect import bisect_left
 from urllib.parse import quote
 
 log = logging.getLogger("mkv")
@@ -35,12 +36,36 @@ ANSWER_TIMES = struct.Struct("2d")   # a row's first two times: ANSWERED, FAILED
 TIME = struct.Struct("d")
 SHARED_ENV = "MKV_HEALTH_DIR"   # set by the master's start (gunicorn.conf.py) for its workers
 COUNTS = collections.Counter()   # (host, answered?) -> requests since take_counts(), for the metrics
+# seconds from a request's send to its answer's head: loopback nginx answers in
+# about 0.1 ms, a LAN's in a few; the timeouts are 1 to 10 s
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
+# host -> [answers, seconds, a count per latency bucket] since take_latency()
+LATENCY = {}
 
 
 def take_counts():
     """The requests to each volume since the last call: {(host, ok): n}."""
     taken = dict(COUNTS)
     COUNTS.clear()
+    return taken
+
+
+def took(host, seconds):
+    """A volume answered `seconds` after the request was sent (a few plain
+    adds: every request of a write comes here)."""
+    row = LATENCY.get(host)
+    if row is None:
+        row = LATENCY[host] = [0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+    row[0] += 1
+    row[1] += seconds
+    row[2 + bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
+
+def take_latency():
+    """The answer times of each volume since the last call: {host: took()'s row}."""
+    global LATENCY
+    taken, LATENCY = LATENCY, {}
     return taken
 
 
@@ -131,8 +156,11 @@ class Health:
             log.warning("volume %s is down, skipping it for %.0f s: %s", host, self.retry_after, reason)
         self.table.set(host, FAILED, now)
 
-    def answered(self, host):
+    def answered(self, host, seconds=None):
+        """`host` answered a request, `seconds` after it was sent (if known)."""
         COUNTS[host, True] += 1
+        if seconds is not None:
+            took(host, seconds)
         if self.table.answer_now(host, time.monotonic()):
             log.warning("volume %s is back up", host)
 

@@ -11,21 +11,17 @@ took 73 us this way and 574 us through urllib3's PoolManager. Under gevent
 the sockets are gevent's, so a call waits without blocking the worker; in
 the tools' threads they are the standard library's."""
 import fcntl
+import itertools
 import re
 import select
 import socket
 import struct
-import sys
 import termios
 import time
+from time import perf_counter
 from urllib.parse import quote
 
-# the system's poll, not gevent's: a look that never waits needs no greenlet
-# switch. gevent is not imported for it (a tool never patches anything, and
-# importing gevent is a fifth of a tool's start-up): a process that has
-# patched select has gevent.monkey loaded, and gets the original from it.
-_monkey = sys.modules.get("gevent.monkey")
-_poll = _monkey.get_original("select", "poll") if _monkey is not None else select.poll
+from mkvlib.arrivals import arrivals, system_poll
 
 KEEPALIVE_IDLE = 30.0      # seconds we reuse an idle socket to a volume (nginx keeps it 75 s)
 SEND_SLICE = 256 << 10     # bytes of an upload a server must take within the socket's timeout
@@ -147,15 +143,18 @@ class Conn:
     """One keep-alive HTTP/1.1 connection to a server, and the bytes read
     from it that no answer has taken yet."""
 
-    __slots__ = ("sock", "buf", "pos", "since", "used", "poller")
+    __slots__ = ("sock", "buf", "pos", "since", "used", "poller", "watcher")
 
     def __init__(self, sock):
         self.sock, self.buf, self.pos = sock, b"", 0
         self.since = time.monotonic()   # when it was last left idle
         self.used = False               # it has answered: a failure now may be the server closing it
         self.poller = None              # made on the first alive()
+        self.watcher = None             # gevent's read watcher, made on the first arrivals.gevent_wait
 
     def close(self):
+        if self.watcher is not None:
+            self.watcher.close()
         self.sock.close()
 
     def clean(self):
@@ -168,7 +167,7 @@ class Conn:
         if time.monotonic() - self.since >= KEEPALIVE_IDLE or not self.clean():
             return False
         if self.poller is None:
-            self.poller = _poll()
+            self.poller = system_poll()
             self.poller.register(self.sock.fileno(), select.POLLIN)
         try:
             # nothing to read: a close (an end of file), bytes nobody asked for or an error would be
@@ -341,24 +340,6 @@ class Conn:
                 raise NoAnswer(host, e) from None
             raise Refused(host, status, body) from None
 
-    def head_after_body(self, timeout):
-        """head() of the answer to a request whose body we sent, waiting
-        `timeout` from the server's last progress: while bytes of ours that
-        it has not taken yet (TIOCOUTQ: a megabyte or more in socket buffers)
-        go down, it is slow, not frozen."""
-        self.sock.settimeout(timeout)
-        left = unsent(self.sock)
-        while True:
-            try:
-                return self.head()    # a timeout takes nothing from self.buf: it can be asked again
-            except socket.timeout:
-                now = unsent(self.sock)
-                # all taken (a frozen server's kernel takes what fits, then
-                # nothing): no progress to wait for
-                if left is None or now is None or not 0 < now < left:
-                    raise
-                left = now
-
 
 class Pool:
     """Idle keep-alive connections per server ("host:port"), and the calls
@@ -406,22 +387,27 @@ class Pool:
         else:
             conn.close()
 
-    def fan(self, method, calls, timeout=None):
+    def fan(self, method, calls, timeout=None, times=None):
         """Requests without a body, one to each (host, path, extra header
         lines) of `calls`, all at once without a thread each: every request
-        is sent, then every answer read, so a frozen server costs `timeout`
-        once, not once per server. Returns, in order, (status, body) or the
-        error (Unreachable, NoAnswer). A connection that the server closed
-        while it was idle is replaced, once, for requests that change
-        nothing (GET, HEAD)."""
+        is sent, then the answers read as they come (arrivals), so a frozen
+        server costs `timeout` once, not once per server. Returns, in order,
+        (status, body) or the error (Unreachable, NoAnswer). A connection
+        that the server closed while it was idle is replaced, once, for
+        requests that change nothing (GET, HEAD). `times`, a list if given:
+        set to, per call, the seconds from its send to the first bytes of
+        its answer (None where none came): each server's own, never the
+        wait for another's answer."""
         timeout = timeout or self.timeout
         # a write is never sent twice: the first may have reached the server,
         # and run later than the second (conn.alive() finds most idle closes)
         repeatable = method in ("GET", "HEAD")
         results = [None] * len(calls)
+        if times is not None:
+            times[:] = results
         todo = [(i, host, request(method, host, path, headers)) for i, (host, path, headers) in enumerate(calls)]
         for attempt in (1, 2):
-            sent = []
+            sent, failed = [], []
             for i, host, data in todo:
                 try:
                     conn = self.take(host, new=attempt == 2)
@@ -430,12 +416,15 @@ class Pool:
                     continue
                 try:
                     conn.sock.settimeout(timeout)
+                    started = perf_counter()
                     send_all(conn.sock, data)
-                    sent.append((i, host, data, conn, None))
+                    sent.append((i, host, data, conn, started))
                 except OSError as e:
-                    sent.append((i, host, data, conn, e))
+                    failed.append(((i, host, data, conn, None), None, e))
             todo = []
-            for i, host, data, conn, error in sent:
+            came = ((sent[k], seconds, error) for k, seconds, error in
+                    arrivals([(s[3], s[4]) for s in sent], timeout))
+            for (i, host, data, conn, _), seconds, error in itertools.chain(failed, came):
                 if error is None:
                     try:
                         status, body, keep = conn.answer(to_head=method == "HEAD")
@@ -451,19 +440,26 @@ class Pool:
                 conn.used = True
                 self.give(host, conn, keep)
                 results[i] = (status, body)
+                if times is not None:
+                    times[i] = seconds
             if not todo:
                 return results
 
-    def open(self, host, path, timeout, headers=b""):
+    def open(self, host, path, timeout, headers=b"", times=None):
         """A streaming GET: (status, Reader) for a 200 (or a 206: a Range in
-        `headers`), else (status, body). Unreachable or NoAnswer if no answer came."""
+        `headers`), else (status, body). Unreachable or NoAnswer if no answer
+        came. `times`, a list if given: the seconds from the send to the
+        answer's head are appended to it."""
         data = request("GET", host, path, headers)
         for attempt in (1, 2):
             conn = self.take(host, new=attempt == 2)
             try:
                 conn.sock.settimeout(timeout)
+                started = perf_counter()
                 send_all(conn.sock, data)
                 status, low, keep = conn.head()
+                if times is not None:
+                    times.append(perf_counter() - started)
                 if status in (200, 206):
                     reader = Reader(self, host, conn, low, keep)
                 else:

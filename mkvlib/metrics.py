@@ -233,7 +233,7 @@ class Counted:
                 tally, self.tally = self.tally, Tally()     # no yield between: nothing lost
                 for status in list(SERVER_ANSWERS):
                     tally.row(("-", SERVER_KIND, status))[0] += SERVER_ANSWERS.pop(status)
-                exported.add(tally, self.in_flight, health.take_counts())
+                exported.add(tally, self.in_flight, health.take_counts(), health.take_latency())
                 if self.failures and self.failures[-1] is not shown:
                     shown = self.failures[-1]
                     write_atomically(failures_file, json.dumps(list(self.failures)))
@@ -265,8 +265,13 @@ class Exported:
                                        "(the prober's included), as the master saw them", ["volume"])
         self.volume_errors = Counter("mkv_volume_errors", "requests to a volume that failed (no answer)",
                                      ["volume"])
+        self.volume_latency = Histogram(
+            "mkv_volume_request_duration_seconds", "seconds from the master's send of a request to a volume "
+            "to the first bytes of its answer (the prober's, fanned and pipelined requests, a GET's head; "
+            "for an upload, from its last byte sent), each volume's own; failed requests not included",
+            ["volume"], buckets=health.LATENCY_BUCKETS)
 
-    def add(self, tally, in_flight, volume_counts):
+    def add(self, tally, in_flight, volume_counts, volume_latency=None):
         kinds = {}
         for (method, kind, status), row in tally.rows.items():
             self.requests.labels(method, kind, str(status)).inc(row[0])
@@ -281,14 +286,21 @@ class Exported:
         for kind, total in kinds.items():
             if not any(total[1:]):     # the server's own answers: no time taken
                 continue
-            child = self.duration.labels(kind)
-            for i, n in enumerate(total[1:]):     # prometheus_client has no bulk observe
-                if n:
-                    child._buckets[i].inc(n)
-            child._sum.inc(total[0])
+            observe_many(self.duration.labels(kind), total[0], total[1:])
         self.in_flight.set(in_flight)
         for (host, ok), n in volume_counts.items():
             (self.volume_requests if ok else self.volume_errors).labels(host).inc(n)
+        for host, row in (volume_latency or {}).items():     # health.took()'s rows
+            observe_many(self.volume_latency.labels(host), row[1], row[2:])
+
+
+def observe_many(child, seconds, per_bucket):
+    """Add to a Histogram's child a count per bucket and their sum in seconds
+    at once (prometheus_client has no bulk observe)."""
+    for i, n in enumerate(per_bucket):
+        if n:
+            child._buckets[i].inc(n)
+    child._sum.inc(seconds)
 
 
 def counted(app, boot=None):

@@ -5,6 +5,7 @@ function is the many-paths form of a Volumes call, with its answers read
 the same way (mkvlib.volumes) and the same rule for writes: a MOVE or
 DELETE is never sent twice, carries a deadline, and one left unanswered
 makes the call return only once that deadline has passed (Volumes.settle)."""
+from mkvlib import health
 from mkvlib.errors import VolumeError
 from mkvlib.exchange import pipelines
 from mkvlib.http import request
@@ -59,7 +60,7 @@ def read_many(volumes, calls):
 
 
 def upload_and_move_many(volumes, puts, deadline):
-    """Volumes.upload_and_move of several paths: `puts` [(volume, upload
+    """volumes.upload_and_move() of several paths: `puts` [(volume, upload
     name, the head of its PUT, the value, path)]; a server runs its
     connection's requests in order, each MOVE after its own upload.
     Returns, in order, (upload, move) of each, as upload_and_move()."""
@@ -69,16 +70,18 @@ def upload_and_move_many(volumes, puts, deadline):
         move = request("MOVE", host, name, volumes.move_headers(volume, path) + deadline_headers(deadline))
         by_host.setdefault(host, []).append((i, (head, value, move)))
     # one copy of the values: into each server's one send
+    times = []
     got = volumes.exchange_writes([(host, b"".join(part for _, parts in asked for part in parts), 2 * len(asked))
-                          for host, asked in by_host.items()], deadline)
+                                   for host, asked in by_host.items()], deadline, times)
     out = [None] * len(puts)
-    for (host, asked), (answers, error) in zip(by_host.items(), got):
+    for (host, asked), (answers, error), took in zip(by_host.items(), got, times):
         for j, (i, _) in enumerate(asked):
             mine = answers[2 * j:2 * j + 2]    # this upload's answer and its MOVE's, as far as they came
             if not mine and error is None:     # it closed the connection before this upload: not run
                 out[i] = (VolumeError(f"volume {host} closed the connection before an upload"), None)
             else:
-                out[i] = upload_and_move_result(volumes, host, mine, None if len(mine) == 2 else error)
+                out[i] = upload_and_move_result(volumes, host, mine, None if len(mine) == 2 else error,
+                                                took[2 * j:2 * j + 2])
     volumes.settle_unanswered(got, deadline)
     return out
 
@@ -96,11 +99,15 @@ def delete_many(volumes, calls, fence=None):
     for i, (volume, path) in enumerate(calls):
         host, there = on_host(volume, path)
         by_host.setdefault(host, []).append((i, request("DELETE", host, there, late)))
-    got = volumes.exchange_writes([(h, b"".join(r for _, r in asked), len(asked)) for h, asked in by_host.items()], deadline)
+    times = []
+    got = volumes.exchange_writes([(h, b"".join(r for _, r in asked), len(asked)) for h, asked in by_host.items()],
+                                  deadline, times)
     out = [None] * len(calls)
-    for (host, asked), (answers, error) in zip(by_host.items(), got):
+    for (host, asked), (answers, error), took in zip(by_host.items(), got, times):
         if answers:
             volumes.health.answered(host)
+        for seconds in took:
+            health.took(host, seconds)
         for j, (i, _) in enumerate(asked):
             if j < len(answers):
                 status, body = answers[j]

@@ -3,13 +3,16 @@ TMP_DIR), then, once all are complete and the writer's fence holds, each
 MOVEd onto the key's path (Volumes.moves). Only the MOVE touches the path,
 so an upload a frozen volume finishes late stays an upload."""
 import hashlib
+import socket
+from time import perf_counter
 
 from mkvlib import pipelined
 from mkvlib.errors import MoveUnknown, VolumeError
-from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request
+from mkvlib.arrivals import arrivals
+from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request, unsent
 from mkvlib.http import target as http_target
 from mkvlib.placement import new_tmp, upload_name, volume_host
-from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, write_deadline
+from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, upload_and_move, write_deadline
 
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 WHOLE_MAX = 64 << 10       # bytes of a value in hand that put_whole() sends with its MOVE behind it
@@ -95,7 +98,7 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     trip to each volume instead of two: its md5 and size are known before a
     byte is sent, so fence(md5, size) comes first, and then each volume gets
     its upload and the MOVE of it onto `path` in one send
-    (Volumes.upload_and_move). A MOVE whose upload failed has nothing to
+    (mkvlib.volumes.upload_and_move). A MOVE whose upload failed has nothing to
     move: that volume's path is not touched. A MOVE that found a file at
     the path (412), that came too late (410), or that the volume did not
     run is sent again as put() sends it, once every upload is complete.
@@ -116,7 +119,7 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     head = b"Content-Length: %d\r\n%s" % (size, volumes.write_headers)
     puts = {v: (names[v], request("PUT", volume_host(v), names[v], head) + value) for v in targets}
     try:
-        results = volumes.upload_and_move(puts, path, deadline)
+        results = upload_and_move(volumes, puts, path, deadline)
     except BaseException as e:
         e.outcomes = {v: UNKNOWN for v in targets}   # cut off with its MOVEs out: any may land
         raise
@@ -183,7 +186,7 @@ def move_window(volumes):
 
 
 def _whole_outcomes(targets, results):
-    """What Volumes.upload_and_move's results say: ({volume: LANDED or
+    """What upload_and_move()'s results say: ({volume: LANDED or
     UNKNOWN}, {volume: error}, {volume: delete a file at the path first?}
     of the uploads that are complete and not moved)."""
     outcomes, errors, unmoved = {}, {}, {}
@@ -241,6 +244,7 @@ class Upload:
             http_target(names[v]), self.hosts[v].encode(), framing, volumes.write_headers) for v in replicas}
         self.conns = {}
         self.sent = set()         # volumes that got the whole body
+        self.ended = {}           # volume -> perf_counter() after the last bytes were sent to it
 
     def run(self, chunks):
         """(md5 hex, size) once every upload is complete."""
@@ -263,6 +267,7 @@ class Upload:
         host = self.hosts[v]
         try:
             self.conns[v].send(host, self.heads.pop(v, b"") + data)
+            self.ended[v] = perf_counter()     # the answer's wait is timed from the last
         except NoAnswer as e:
             raise self.volumes.failed(host, e.cause, what="failed during upload") from None
         except Refused as e:
@@ -316,13 +321,16 @@ class Upload:
         self.volumes.delete_uploads({v: self.names[v] for v in self.sent})
 
     def _answers(self):
-        """Every volume's answer to its upload; raises the first error in
-        placement order, once the uploads that did complete are deleted."""
-        errors, done = {}, []
-        for v in self.replicas:
-            host, conn = self.hosts[v], self.conns[v]
+        """Every volume's answer to its upload, read as they come; raises
+        the first error in placement order, once the uploads that did
+        complete are deleted."""
+        errors, done, conns = {}, [], self.conns
+        for v, seconds, error in self._heads():
+            host, conn = self.hosts[v], conns[v]
             try:
-                status, low, keep = conn.head_after_body(self.volumes.op_timeout)
+                if error is not None:
+                    raise error
+                status, low, keep = conn.head()
                 body = conn.body(status, low)
             except (OSError, ValueError) as e:
                 conn.close()
@@ -330,7 +338,7 @@ class Upload:
                 continue
             conn.used = True
             self.volumes.pool.give(host, conn, keep)
-            self.volumes.health.answered(host)
+            self.volumes.health.answered(host, seconds)
             if status in (201, 204):
                 done.append(v)
             else:
@@ -338,3 +346,26 @@ class Upload:
         if errors:
             self.volumes.delete_uploads({v: self.names[v] for v in done})
             raise next(errors[v] for v in self.replicas if v in errors)
+
+    def _heads(self):
+        """(volume, seconds, None) of each volume as its answer comes (its
+        wait from the last byte sent), or (volume, None, the error): a volume
+        that had nothing to say for op_timeout seconds, and took none of our
+        bytes that its kernel held (TIOCOUTQ: a megabyte or more in socket
+        buffers) meanwhile, is frozen; one that took some is slow, and
+        waited for again."""
+        waiting = list(self.replicas)
+        left = {v: unsent(self.conns[v].sock) for v in waiting}
+        while waiting:
+            slow = []
+            for k, seconds, error in arrivals([(self.conns[v], self.ended[v]) for v in waiting],
+                                              self.volumes.op_timeout):
+                v = waiting[k]
+                if isinstance(error, socket.timeout):
+                    now = unsent(self.conns[v].sock)
+                    if left[v] is not None and now is not None and 0 < now < left[v]:
+                        left[v] = now
+                        slow.append(v)
+                        continue
+                yield v, seconds, error
+            waiting = slow

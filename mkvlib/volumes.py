@@ -10,6 +10,7 @@ import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
 from mkvlib.exchange import exchange, pipelines
+from mkvlib import health
 from mkvlib.health import DOWN_RETRY, Health
 from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason, request
 from mkvlib.http import target as http_target
@@ -124,12 +125,12 @@ class Volumes:
         second's rounding in nginx, and skew). settle() waits for that."""
         self.unsettled_until = max(self.unsettled_until, deadline + 1 + CLOCK_SKEW)
 
-    def exchange_writes(self, calls, deadline):
+    def exchange_writes(self, calls, deadline, times=None):
         """exchange() of [(host, data, n)] whose requests include MOVEs or
-        DELETEs carrying `deadline`: cut off (GreenletExit, say) while they
-        were out, they may still run."""
+        DELETEs carrying `deadline` (and `times`, as exchange() fills it):
+        cut off (GreenletExit, say) while they were out, they may still run."""
         try:
-            return exchange(self.pool, calls, timeout=self.op_timeout)
+            return exchange(self.pool, calls, timeout=self.op_timeout, times=times)
         except BaseException:
             self.may_run_until(deadline)
             raise
@@ -152,21 +153,22 @@ class Volumes:
             timeout = min(timeout, WRITE_TIMEOUT_MAX)
             deadline = deadline or write_deadline(timeout)
             late = deadline_headers(deadline)
+        times = []     # each answer's, as fan() measures it
         try:
-            got = self.pool.fan(method, [on_host(v, p) + (h + late,) for v, p, h in calls], timeout)
+            got = self.pool.fan(method, [on_host(v, p) + (h + late,) for v, p, h in calls], timeout, times)
         except BaseException:
             if late:   # cut off (GreenletExit, say) while its requests were out: they may still run
                 self.may_run_until(deadline)
             raise
         out = []
-        for (volume, _, _), result in zip(calls, got):
+        for (volume, _, _), result, seconds in zip(calls, got, times):
             host = volume_host(volume)
             if isinstance(result, Unreachable):
                 result = self.failed(host, result.cause, mark)
             elif isinstance(result, NoAnswer):
                 result = self.failed(host, result.cause, mark, f"did not answer {method}", kind)
             else:
-                self.health.answered(host)
+                self.health.answered(host, seconds)
             out.append(result)
         if late and any(isinstance(r, NoAnswer) for r in got):
             self.may_run_until(deadline)    # sent and unanswered: it may still run
@@ -233,13 +235,14 @@ class Volumes:
         .close()); None if the file is missing. `headers`: extra header
         lines (a Range: the Download then holds that part, a 206)."""
         host, there = on_host(volume, path)
+        times = []
         try:
-            status, got = self.pool.open(host, there, TRANSFER_TIMEOUT, headers)
+            status, got = self.pool.open(host, there, TRANSFER_TIMEOUT, headers, times)
         except Unreachable as e:
             raise self.failed(host, e.cause) from None
         except NoAnswer as e:
             raise self.failed(host, e.cause, what="did not answer GET") from None
-        self.health.answered(host)
+        self.health.answered(host, times[0])
         if status in (200, 206):
             return Download(got)
         if status == 404:
@@ -357,26 +360,6 @@ class Volumes:
             out.append(result)
         return out
 
-    def upload_and_move(self, uploads, path, deadline):
-        """Each volume's upload and the MOVE of it onto `path` (never over a
-        file, as moves() sends it, with `deadline`) in one send, pipelined
-        on one connection, all volumes at once: `uploads` {volume: (upload
-        name, the bytes of its PUT)}. Returns, in that order, (upload, move)
-        of each: its (status, body), None if the volume did not run it (it
-        closed the connection after the upload's answer, as it said it
-        would), or the error: VolumeDown for an upload (unanswered, it may
-        still complete), MoveUnknown for a MOVE (unanswered, it may still
-        land). Returns only once no MOVE it sent can still run (settle)."""
-        calls = []
-        for volume, (name, put) in uploads.items():
-            host = volume_host(volume)
-            move = request("MOVE", host, name, self.move_headers(volume, path) + deadline_headers(deadline))
-            calls.append((host, put + move, 2))
-        got = self.exchange_writes(calls, deadline)
-        out = [upload_and_move_result(self, volume_host(v), *g) for v, g in zip(uploads, got)]
-        self.settle_unanswered(got, deadline)
-        return out
-
     def move_headers(self, volume, path, overwrite=False):
         host, there = on_host(volume, path)
         return b"Destination: %s\r\nOverwrite: %s\r\n%s" % (http_target(there), b"T" if overwrite else b"F",
@@ -429,12 +412,37 @@ class Volumes:
             raise refused(volume, "MOVE", status, body)
 
 
-def upload_and_move_result(volumes, host, answers, error):
-    """(upload, move) of one volume, from exchange()'s (answers, error)."""
+def upload_and_move(volumes, uploads, path, deadline):
+    """Each volume's upload and the MOVE of it onto `path` (never over a
+    file, as Volumes.moves() sends it, with `deadline`) in one send,
+    pipelined on one connection, all volumes at once: `uploads` {volume:
+    (upload name, the bytes of its PUT)}. Returns, in that order, (upload,
+    move) of each: its (status, body), None if the volume did not run it
+    (it closed the connection after the upload's answer, as it said it
+    would), or the error: VolumeDown for an upload (unanswered, it may
+    still complete), MoveUnknown for a MOVE (unanswered, it may still
+    land). Returns only once no MOVE it sent can still run (settle)."""
+    calls = []
+    for volume, (name, put) in uploads.items():
+        host = volume_host(volume)
+        move = request("MOVE", host, name, volumes.move_headers(volume, path) + deadline_headers(deadline))
+        calls.append((host, put + move, 2))
+    times = []
+    got = volumes.exchange_writes(calls, deadline, times)
+    out = [upload_and_move_result(volumes, volume_host(v), *g, t) for v, g, t in zip(uploads, got, times)]
+    volumes.settle_unanswered(got, deadline)
+    return out
+
+
+def upload_and_move_result(volumes, host, answers, error, times=()):
+    """(upload, move) of one volume, from exchange()'s (answers, error) and
+    `times`, the seconds each answer took."""
     if isinstance(error, Unreachable):
         return volumes.failed(host, error.cause), None
     if answers:
         volumes.health.answered(host)
+    for seconds in times:
+        health.took(host, seconds)
     if error is None:
         return answers[0], answers[1] if len(answers) > 1 else None
     # the volume is marked down once, by what it did not answer first
