@@ -172,8 +172,12 @@ class Health:
         of any process had no answer (not for a volume that was not up yet
         when the master started)."""
         row = self.table.get(host)
-        self.table.set(host, PROBED, time.monotonic())
-        self.answered(host)
+        now = time.monotonic()
+        self.table.set(host, PROBED, now)
+        # answered(), but not counted again: the look's request was, where
+        # its answer was read (Volumes._fan)
+        if self.table.answer_now(host, now):
+            log.warning("volume %s is back up", host)
         return row[MISSED] > row[PROBED] > 0
 
     def unheard(self, host):

@@ -257,7 +257,8 @@ class Exported:
                                 ["method", "kind", "status"])
         self.duration = Histogram("mkv_request_duration_seconds", "time to answer a request, by kind",
                                   ["kind"], buckets=BUCKETS)
-        self.bytes_in = Counter("mkv_bytes_received", "request body bytes received (Content-Length)")
+        self.bytes_in = Counter("mkv_bytes_received", "request body bytes received (Content-Length, or as read "
+                                "from a chunked body)")
         self.bytes_out = Counter("mkv_bytes_sent", "response body bytes sent (Content-Length)")
         self.in_flight = Gauge("mkv_requests_in_flight", "requests being answered now",
                                multiprocess_mode="livesum")

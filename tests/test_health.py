@@ -72,3 +72,22 @@ def test_a_start_removes_the_run_folder_of_a_master_that_died_and_keeps_a_live_o
         (folder / "pid").write_text(str(pid))
     runfolder.remove_dead(str(base))
     assert not dead.exists() and live.exists()
+
+
+def test_a_probers_look_counts_once_in_the_volumes_requests(tmp_path):
+    from conftest import start_volume
+    from mkvlib import health
+    from mkvlib.index import Index
+    from mkvlib.prober import Prober
+    from mkvlib.volumes import Volumes
+    v = start_volume(str(tmp_path / "v"))
+    host = f"127.0.0.1:{v.port}"
+    try:
+        volumes = Volumes(timeout=5)
+        prober = Prober(Index(str(tmp_path / "i.sqlite3")), volumes, [host])
+        health.take_counts(), health.take_latency()
+        prober.look()
+        assert health.take_counts() == {(host, True): 1}
+        assert health.take_latency()[host][0] == 1
+    finally:
+        v.stop()
