@@ -51,15 +51,17 @@ def write_error_line(sock, status_int, reason, mesg):
     through gunicorn.util.write_error, whose body is an HTML page. This takes
     its place: the same status line and Connection: close, and gunicorn's
     message as one line of text/plain, like every other error of mkv; and
-    counts it (kind "server" in mkv_requests_total: the app never saw it). The
+    counts it (kind "server" in mkv_requests_total: the app never saw it),
+    but a 500 (an app that raised: counted under its own kind). The
     workers look write_error up in gunicorn.util at each call and fork from
     the arbiter, which reads this file first, so it holds under worker.py's
     MkvWorker (whose requests outside its plain subset gunicorn parses) and
     with `-k gevent` on the command line (not under gevent_pywsgi, which
     parses HTTP itself).
     """
-    from mkvlib.metrics import count_server_answer
-    count_server_answer(status_int)
+    if status_int != 500:   # gunicorn's 500 is for an app that raised: mkvlib.metrics.Counted counted it
+        from mkvlib.metrics import count_server_answer
+        count_server_answer(status_int)
     line = (mesg or reason).encode("unicode_escape").decode("ascii")   # one line, ASCII
     if len(line) > ERROR_LINE_MAX:
         line = line[:ERROR_LINE_MAX - 3] + "..."

@@ -41,7 +41,8 @@ SERVER_KIND = "server"   # answers the HTTP server gave itself (method "-"): see
 
 # status -> answers given in this process without the app since the last
 # hand-over: gunicorn's to a request it could not parse (400, 414, 431...),
-# the connection budget's 503, gunicorn's 500 for an app that raised
+# the connection budget's 503 (not gunicorn's 500 for an app that raised:
+# Counted counts that one under the request's kind)
 SERVER_ANSWERS = collections.Counter()
 
 
@@ -176,16 +177,25 @@ class Counted:
         self.in_flight += 1
         try:
             body = self.app(environ, start)
+        except Exception:
+            # gunicorn answers it 500 itself (write_error_line counts no 500:
+            # a body that fails after this returned was counted here already)
+            self.count(environ, started, "500", None, length, chunked)
+            raise
         finally:
             self.in_flight -= 1
-        seconds = perf_counter() - started
-        status, sent = (int(seen[0][:3]), content_length(seen[1])) if seen else (500, 0)
-        got = chunked.got if chunked is not None else int(length) if length and length.isdigit() else 0
-        method = environ["REQUEST_METHOD"]
-        self.tally.add((method, kind_of(environ, status), status), seconds, got, sent)
+        status, _ = self.count(environ, started, seen[0] if seen else "500", seen[1] if seen else None,
+                               length, chunked)
         if status >= 400 and status != 404:
-            self.failed(environ, status, body, seconds)
+            self.failed(environ, status, body, perf_counter() - started)
         return body
+
+    def count(self, environ, started, status, headers, length, chunked):
+        """Add a request the app answered to the tally: (status code, body bytes sent)."""
+        code, sent = int(status[:3]), content_length(headers) if headers else 0
+        got = chunked.got if chunked is not None else int(length) if length and length.isdigit() else 0
+        self.tally.add((environ["REQUEST_METHOD"], kind_of(environ, code), code), perf_counter() - started, got, sent)
+        return code, sent
 
     def _quick_row(self, environ, method, status):
         code = int(status[:3])

@@ -132,3 +132,17 @@ def test_an_unexpected_error_is_500_in_one_line_without_a_traceback(client, stor
     store.fail = RuntimeError("boom")
     r = client.simulate_get("/k")
     assert r.status_code == 500 and r.text == "internal error (RuntimeError); see the master's log\n"
+
+
+def test_a_request_whose_app_raises_is_counted_once_as_a_500_of_its_kind():
+    from mkvlib.metrics import Counted
+
+    def app(environ, start_response):
+        raise RuntimeError("a bug")
+    counted = Counted(app)
+    environ = {"REQUEST_METHOD": "PUT", "PATH_INFO": "/k", "CONTENT_LENGTH": "3"}
+    with pytest.raises(RuntimeError):
+        counted(environ, lambda status, headers, exc_info=None: None)
+    (key, row), = counted.tally.rows.items()
+    assert key == ("PUT", "put", 500) and row[0] == 1 and row[2] == 3    # one request, its 3 bytes
+    assert counted.in_flight == 0
