@@ -104,6 +104,13 @@ def on_starting(server):
         check_named_once(settings.volumes, answering)   # one disk under two names
     except SettingsError as e:
         sys.exit(f"mkv: {e}")
+    # checked before the run folder is made: a start that stops here leaves nothing behind
+    if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
+        sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
+                 f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
+    if server.cfg.keepalive <= 0:
+        sys.exit("mkv: --keep-alive 0 would leave no time limit on a request's head "
+                 "(connections.py, docs/limits.md): give it seconds, 30 by default")
     warn_at_start(server, settings, answering)
     if serves_the_master(server):
         start_run_folder(settings)
@@ -112,12 +119,6 @@ def on_starting(server):
         logs.use_format(settings.log_format)   # the run folder and the listener are the master's:
         runfolder.join_master(settings.db)     # the gateway counts into its metrics, if it runs,
         runfolder.join_health(settings.db)     # and shares its view of the volumes' health
-    if not 0 < server.cfg.timeout <= TIMEOUT_MAX:
-        sys.exit(f"mkv: --timeout {server.cfg.timeout}: a worker that stops must be killed within "
-                 f"{TIMEOUT_MAX:.0f} s, before a key's {LOCK_LEASE:.0f} s lease runs out (1 to {TIMEOUT_MAX:.0f})")
-    if server.cfg.keepalive <= 0:
-        sys.exit("mkv: --keep-alive 0 would leave no time limit on a request's head "
-                 "(connections.py, docs/limits.md): give it seconds, 30 by default")
     server.log.info("mkv: %d volume(s), %d replica(s), %d subvolume(s), index %s",
                     len(settings.volumes), settings.replicas, settings.subvolumes, settings.db)
 

@@ -45,18 +45,25 @@ def alive(pid):
     return started_at(pid) is not None
 
 
-def owner(folder):
-    """The pid of the running master that made `folder`, else None."""
+def pid_file(folder):
+    """(pid, start time or None: a pid file of an older mkv) of the master
+    that made `folder`; None if it has no pid file it can read."""
     try:
         with open(os.path.join(folder, "pid")) as f:
             words = f.read().split()
-        pid = int(words[0])
+        return int(words[0]), (words[1] if len(words) > 1 else None)
     except (OSError, ValueError, IndexError):
         return None
-    started = started_at(pid)
-    if started is None or len(words) > 1 and words[1] != started:
+
+
+def owner(folder):
+    """The pid of the running master that made `folder`, else None."""
+    made_by = pid_file(folder)
+    if made_by is None:
         return None
-    return pid
+    pid, started = made_by
+    now = started_at(pid)
+    return pid if now is not None and started in (None, now) else None
 
 
 class MasterRunning(Exception):
@@ -71,7 +78,8 @@ def remove_dead(base):
     """Remove the run folders under `base` of masters that are gone."""
     for name in os.listdir(base):
         folder = os.path.join(base, name)
-        if name.startswith("mkv-") and os.path.isfile(os.path.join(folder, "pid")) and owner(folder) is None:
+        # a pid file that does not read (being written, say) is left alone
+        if name.startswith("mkv-") and pid_file(folder) is not None and owner(folder) is None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -90,8 +98,9 @@ def prepare(db, env=os.environ):
     remove_dead(os.path.dirname(folder))
     for sub in ("health", "metrics"):
         os.makedirs(os.path.join(folder, sub), mode=0o700)
-    with open(os.path.join(folder, "pid"), "w") as f:
-        f.write(f"{os.getpid()} {started_at(os.getpid())}")
+    with open(os.path.join(folder, "pid.new"), "w") as f:      # whole or not there: another
+        f.write(f"{os.getpid()} {started_at(os.getpid())}")     # master's start may read it
+    os.replace(os.path.join(folder, "pid.new"), os.path.join(folder, "pid"))
     env[SHARED_ENV] = os.path.join(folder, "health")
     env[METRICS_ENV] = os.path.join(folder, "metrics")
     return folder

@@ -70,8 +70,11 @@ def test_a_start_removes_the_run_folder_of_a_master_that_died_and_keeps_a_live_o
     for folder, pid in ((dead, 2 ** 22 + 1), (live, os.getpid())):   # above pid_max: never a process
         folder.mkdir(parents=True)
         (folder / "pid").write_text(str(pid))
+    being_made = base / "mkv-being-made"     # its master has not written its pid yet
+    being_made.mkdir()
+    (being_made / "pid").write_text("")
     runfolder.remove_dead(str(base))
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and being_made.exists()
 
 
 def test_a_probers_look_counts_once_in_the_volumes_requests(tmp_path):
