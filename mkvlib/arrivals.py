@@ -5,7 +5,13 @@ delay charged to the servers read after it (nor a frozen server cost a
 timeout per server). One poll over the fan's sockets while more than one
 answer is awaited; a plain receive for the last one. The same code under
 gevent (the master: the wait lets the worker's other greenlets run) and
-without (the tools: the system's poll waits)."""
+without (the tools: the system's poll waits).
+
+A connection is handed over on the first bytes of its answer, and its
+caller reads that answer whole before asking for the next: a server that
+sends part of an answer and then stalls holds the others up until its
+socket's timeout, and their times include that wait (as before this
+module; nginx sends a small answer in one piece)."""
 import select
 import socket
 import sys
@@ -77,9 +83,10 @@ def arrivals(waiting, timeout, end=None, again=None):
                 return
             ready = [fd]
         elif not ready:
-            wait = timeout if end is None else max(end - time.monotonic(), 0.001)
+            until = time.monotonic() + timeout if end is None else end
             got = look.poll(0)     # what came already is timed without a greenlet switch
-            if not got:
+            while not got and time.monotonic() < until:    # a wake-up with nothing to read waits on
+                wait = max(until - time.monotonic(), 0.001)
                 if select.poll is system_poll:     # no gevent: the system's poll waits
                     got = look.poll(wait * 1000)
                 else:

@@ -22,7 +22,7 @@ def exchange(pool, calls, timeout=None, times=None):
     else Unreachable (nothing sent) or NoAnswer (the rest may have run).
     `timeout`: for all the answers of a call together (default: the
     pool's). Answers are read as they come, whichever server's
-    (http.arrivals). `times`, a list if given: set to, per call, the
+    (mkvlib.arrivals). `times`, a list if given: set to, per call, the
     seconds from its send to the first bytes of each answer that came."""
     timeout = timeout or pool.timeout
     out = [([], None) for _ in calls]

@@ -164,6 +164,13 @@ class Health:
         if self.table.answer_now(host, time.monotonic()):
             log.warning("volume %s is back up", host)
 
+    def answered_each(self, host, times):
+        """`host` answered the pipelined requests of one connection, each
+        after the seconds in `times`: counted as one answer, each timed."""
+        for seconds in times:
+            took(host, seconds)
+        self.answered(host)
+
     # -- what the prober tells
 
     def heard(self, host):

@@ -396,8 +396,8 @@ class Pool:
         that the server closed while it was idle is replaced, once, for
         requests that change nothing (GET, HEAD). `times`, a list if given:
         set to, per call, the seconds from its send to the first bytes of
-        its answer (None where none came): each server's own, never the
-        wait for another's answer."""
+        its answer (None where none came): each server's own, not the wait
+        for another's answer (but for one that stalls mid-answer: arrivals)."""
         timeout = timeout or self.timeout
         # a write is never sent twice: the first may have reached the server,
         # and run later than the second (conn.alive() finds most idle closes)

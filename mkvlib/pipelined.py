@@ -5,7 +5,6 @@ function is the many-paths form of a Volumes call, with its answers read
 the same way (mkvlib.volumes) and the same rule for writes: a MOVE or
 DELETE is never sent twice, carries a deadline, and one left unanswered
 makes the call return only once that deadline has passed (Volumes.settle)."""
-from mkvlib import health
 from mkvlib.errors import VolumeError
 from mkvlib.exchange import pipelines
 from mkvlib.http import request
@@ -105,9 +104,7 @@ def delete_many(volumes, calls, fence=None):
     out = [None] * len(calls)
     for (host, asked), (answers, error), took in zip(by_host.items(), got, times):
         if answers:
-            volumes.health.answered(host)
-        for seconds in took:
-            health.took(host, seconds)
+            volumes.health.answered_each(host, took)
         for j, (i, _) in enumerate(asked):
             if j < len(answers):
                 status, body = answers[j]

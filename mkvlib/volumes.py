@@ -10,7 +10,6 @@ import time
 
 from mkvlib.errors import MoveUnknown, VolumeDown, VolumeError
 from mkvlib.exchange import exchange, pipelines
-from mkvlib import health
 from mkvlib.health import DOWN_RETRY, Health
 from mkvlib.http import NoAnswer, Pool, Unreachable, nginx_reason, reason, request
 from mkvlib.http import target as http_target
@@ -242,7 +241,7 @@ class Volumes:
             raise self.failed(host, e.cause) from None
         except NoAnswer as e:
             raise self.failed(host, e.cause, what="did not answer GET") from None
-        self.health.answered(host, times[0])
+        self.health.answered(host, times[-1])   # the attempt that was answered
         if status in (200, 206):
             return Download(got)
         if status == 404:
@@ -440,9 +439,7 @@ def upload_and_move_result(volumes, host, answers, error, times=()):
     if isinstance(error, Unreachable):
         return volumes.failed(host, error.cause), None
     if answers:
-        volumes.health.answered(host)
-    for seconds in times:
-        health.took(host, seconds)
+        volumes.health.answered_each(host, times)
     if error is None:
         return answers[0], answers[1] if len(answers) > 1 else None
     # the volume is marked down once, by what it did not answer first

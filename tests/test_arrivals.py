@@ -65,3 +65,28 @@ def test_an_exchange_times_each_answer_of_each_server_from_the_send():
     assert SLOW <= times[0][0] < times[0][1]     # the server answers them one after the other
     assert times[0][1] >= 2 * SLOW
     assert max(times[1]) < SLOW / 2, times
+
+
+UNDER_GEVENT = """
+from gevent import monkey; monkey.patch_all()     # as a gunicorn gevent worker does, before anything else
+import select, sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
+from mkvlib import arrivals
+assert select.poll is not arrivals.system_poll    # the wait is gevent's: arrivals.gevent_wait
+import test_arrivals
+for name in sys.argv[2:]:
+    getattr(test_arrivals, name)()
+    print(name, "passed", flush=True)
+"""
+
+
+def test_the_same_fans_and_exchanges_under_gevent():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    names = ["test_a_fan_times_each_answer_from_its_own_send_not_behind_a_slow_one_read_first",
+             "test_a_fan_with_two_frozen_servers_costs_its_timeout_once",
+             "test_an_exchange_times_each_answer_of_each_server_from_the_send"]
+    p = subprocess.run([sys.executable, "-c", UNDER_GEVENT, ROOT, *names], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.count(" passed") == len(names), p.stdout + p.stderr
