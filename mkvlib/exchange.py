@@ -1,6 +1,6 @@
 """Several requests to a server on one keep-alive connection, sent in one
 go and answered in order (HTTP/1.1 pipelining, which nginx serves): a
-small PUT's upload and the MOVE of it (exchange: mkvlib.volumes.upload_and_move),
+small PUT's upload and the MOVE of it (exchange: mkvlib.pipelined.upload_and_move_many),
 and many GETs of listings (pipelines: rebuild's Volumes.listdirs)."""
 import socket
 import time

@@ -59,10 +59,17 @@ def read_many(volumes, calls):
 
 
 def upload_and_move_many(volumes, puts, deadline):
-    """volumes.upload_and_move() of several paths: `puts` [(volume, upload
-    name, the head of its PUT, the value, path)]; a server runs its
+    """Each upload and the MOVE of it onto its path (never over a file, as
+    Volumes.moves() sends it, with `deadline`), each server's pipelined on
+    one connection in one send, all servers at once: `puts` [(volume,
+    upload name, the head of its PUT, the value, path)]; a server runs its
     connection's requests in order, each MOVE after its own upload.
-    Returns, in order, (upload, move) of each, as upload_and_move()."""
+    Returns, in order, (upload, move) of each: its (status, body), None if
+    the volume did not run it (it closed the connection after the upload's
+    answer, as it said it would), or the error: VolumeDown for an upload
+    (unanswered, it may still complete), MoveUnknown for a MOVE
+    (unanswered, it may still land). Returns only once no MOVE it sent can
+    still run (settle)."""
     by_host = {}
     for i, (volume, name, head, value, path) in enumerate(puts):
         host = volume_host(volume)

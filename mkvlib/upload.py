@@ -12,7 +12,7 @@ from mkvlib.arrivals import arrivals
 from mkvlib.http import NoAnswer, Refused, Unreachable, nginx_reason, request, unsent
 from mkvlib.http import target as http_target
 from mkvlib.placement import new_tmp, upload_name, volume_host
-from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, upload_and_move, write_deadline
+from mkvlib.volumes import CLOCK_SKEW, WRITE_TIMEOUT_MAX, refused, write_deadline
 
 OFFLOAD_MIN = 256 << 10    # bytes of a chunk worth hashing in another thread (Volumes.offload)
 WHOLE_MAX = 64 << 10       # bytes of a value in hand that put_whole() sends with its MOVE behind it
@@ -98,7 +98,7 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
     trip to each volume instead of two: its md5 and size are known before a
     byte is sent, so fence(md5, size) comes first, and then each volume gets
     its upload and the MOVE of it onto `path` in one send
-    (mkvlib.volumes.upload_and_move). A MOVE whose upload failed has nothing to
+    (mkvlib.pipelined.upload_and_move_many). A MOVE whose upload failed has nothing to
     move: that volume's path is not touched. A MOVE that found a file at
     the path (412), that came too late (410), or that the volume did not
     run is sent again as put() sends it, once every upload is complete.
@@ -117,9 +117,9 @@ def put_whole(volumes, targets, path, value, tmp=None, fence=None):
         e.outcomes = {}      # nothing sent
         raise
     head = b"Content-Length: %d\r\n%s" % (size, volumes.write_headers)
-    puts = {v: (names[v], request("PUT", volume_host(v), names[v], head) + value) for v in targets}
+    puts = [(v, names[v], request("PUT", volume_host(v), names[v], head), value, path) for v in targets]
     try:
-        results = upload_and_move(volumes, puts, path, deadline)
+        results = pipelined.upload_and_move_many(volumes, puts, deadline)
     except BaseException as e:
         e.outcomes = {v: UNKNOWN for v in targets}   # cut off with its MOVEs out: any may land
         raise
@@ -186,7 +186,7 @@ def move_window(volumes):
 
 
 def _whole_outcomes(targets, results):
-    """What upload_and_move()'s results say: ({volume: LANDED or
+    """What pipelined.upload_and_move_many()'s results say: ({volume: LANDED or
     UNKNOWN}, {volume: error}, {volume: delete a file at the path first?}
     of the uploads that are complete and not moved)."""
     outcomes, errors, unmoved = {}, {}, {}

@@ -411,28 +411,6 @@ class Volumes:
             raise refused(volume, "MOVE", status, body)
 
 
-def upload_and_move(volumes, uploads, path, deadline):
-    """Each volume's upload and the MOVE of it onto `path` (never over a
-    file, as Volumes.moves() sends it, with `deadline`) in one send,
-    pipelined on one connection, all volumes at once: `uploads` {volume:
-    (upload name, the bytes of its PUT)}. Returns, in that order, (upload,
-    move) of each: its (status, body), None if the volume did not run it
-    (it closed the connection after the upload's answer, as it said it
-    would), or the error: VolumeDown for an upload (unanswered, it may
-    still complete), MoveUnknown for a MOVE (unanswered, it may still
-    land). Returns only once no MOVE it sent can still run (settle)."""
-    calls = []
-    for volume, (name, put) in uploads.items():
-        host = volume_host(volume)
-        move = request("MOVE", host, name, volumes.move_headers(volume, path) + deadline_headers(deadline))
-        calls.append((host, put + move, 2))
-    times = []
-    got = volumes.exchange_writes(calls, deadline, times)
-    out = [upload_and_move_result(volumes, volume_host(v), *g, t) for v, g, t in zip(uploads, got, times)]
-    volumes.settle_unanswered(got, deadline)
-    return out
-
-
 def upload_and_move_result(volumes, host, answers, error, times=()):
     """(upload, move) of one volume, from exchange()'s (answers, error) and
     `times`, the seconds each answer took."""
