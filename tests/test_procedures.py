@@ -14,6 +14,7 @@ import urllib.parse
 import requests
 
 from conftest import ROOT, Http, free_port, volume_server, wait_until
+from test_admin import volume_states
 from test_tools import Reader, assert_converged, data_files, make_keys, put_all, quoted, run_tool, summary
 
 DOC = os.path.join(ROOT, "docs", "operations.md")
@@ -69,8 +70,7 @@ def ops_cluster(private_cluster, n_volumes):
 
 def page_states(c):
     """{volume: up|down} as the status page (plain HTML) shows them."""
-    html = requests.get(c.admin + "/", timeout=10).text
-    return dict(re.findall(r'data-volume="([^"]+)" data-state="(up|down)"', html))
+    return volume_states(requests.get(c.admin + "/", timeout=10).text)
 
 
 def page_says(c, volume, text):
