@@ -26,6 +26,7 @@ class Scrape(Get):
         super().setup()
         if not self.b.admin_url():
             raise RuntimeError("the bench cluster has no admin listener")
+        self.cpu_seconds, self.scrapes, self.cpu_note = 0.0, 0, None    # the arbiter's, over every round
 
     def mkv(self):
         stop, scrapes = threading.Event(), []
@@ -51,15 +52,15 @@ class Scrape(Get):
 
     def note_cpu(self, seconds, scrapes):
         """One note for every round so far (the CPU clock ticks in 10 ms)."""
-        total = getattr(self, "cpu", None) or [0.0, 0, None]
-        self.cpu = [total[0] + seconds, total[1] + scrapes, total[2]]
-        if total[2] in self.notes:
-            self.notes.remove(total[2])
-        if self.cpu[1]:
-            per_scrape = self.cpu[0] / self.cpu[1]
-            self.cpu[2] = (f"{self.cpu[1]} scrapes, {per_scrape * 1000:.1f} ms of the arbiter's CPU each: "
-                           f"{per_scrape / SCRAPE_EVERY / os.cpu_count():.2%} of the machine's CPU")
-            self.notes.append(self.cpu[2])
+        self.cpu_seconds += seconds
+        self.scrapes += scrapes
+        if self.cpu_note in self.notes:
+            self.notes.remove(self.cpu_note)
+        if self.scrapes:
+            per_scrape = self.cpu_seconds / self.scrapes
+            self.cpu_note = (f"{self.scrapes} scrapes, {per_scrape * 1000:.1f} ms of the arbiter's CPU each: "
+                             f"{per_scrape / SCRAPE_EVERY / os.cpu_count():.2%} of the machine's CPU")
+            self.notes.append(self.cpu_note)
 
     def limit(self):
         return self.served(wrk(self.b.cluster().url(self.path), self.b.duration, tally=True), self.expect)
